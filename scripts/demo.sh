@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# `make demo`: the project's main job on the embedded model (no downloads), output under out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ICD=.venv/bin/icd
+$ICD demo --out out
+$ICD world case --kind color --seed 1000000001 --out out/case --force

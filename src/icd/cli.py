@@ -1,0 +1,288 @@
+"""The `icd` command line. Run `icd <command> --help` for each command's options and examples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """examples:
+  icd world case --kind color --seed 3 --out out/case3
+  icd world grid --n 16 -o out/grid.png
+  icd generate "a large red circle on a gray background" --seed 0 --steps 50 --guidance 3 -o out/gen.png
+  icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
+      -o out/recon.png --json
+  icd train teacher --config configs/embedded.toml
+"""
+
+
+class CLIError(Exception):
+    """An ordinary user mistake: reported in one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from icd.imageio import ImageError
+    from icd.models.base import PromptError
+    from icd.models.embedded import ModelError
+    from icd.train.config import ConfigError
+    from icd.world import CaptionError
+
+    return (CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------------------------- world
+
+
+def cmd_world_case(args) -> None:
+    import numpy as np
+
+    from icd import world
+    from icd.imageio import save_image
+
+    case = world.make_case(args.kind, args.seed)
+    out = Path(args.out)
+    names = ["source.png", "target.png", "mask.png", "case.json"]
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not args.force:
+        raise CLIError(f"{out} already holds {', '.join(existing)} (use --force to overwrite)")
+    save_image(case.source, out / "source.png")
+    save_image(case.target, out / "target.png")
+    save_image((case.mask.astype(np.uint8) * 255), out / "mask.png")
+    from icd.train.checkpoint import write_text_atomic
+
+    write_text_atomic(out / "case.json", json.dumps(case.metadata(), indent=1) + "\n")
+    print(f"{case.kind} edit: {case.source_prompt!r} -> {case.target_prompt!r}; wrote {out}/")
+
+
+def cmd_world_grid(args) -> None:
+    from icd import world
+    from icd.imageio import check_output, save_image
+    from icd.plotting import captioned_grid
+
+    check_output(args.output, force=args.force)
+    scenes = [world.sample_scene(args.seed_start + i, max_objects=args.max_objects) for i in range(args.n)]
+    grid = captioned_grid([world.render(s) for s in scenes], [s.caption for s in scenes], scale=args.scale)
+    save_image(grid, args.output)
+    print(f"wrote {args.output} ({args.n} scenes)")
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def cmd_train(args) -> None:
+    from icd.train.config import load_config
+
+    if args.component == "vae":
+        from icd.train.vae import VAEConfig as Cfg
+        from icd.train.vae import train_vae as run
+    elif args.component == "judge":
+        from icd.train.judge import JudgeConfig as Cfg
+        from icd.train.judge import train_judge as run
+    else:
+        from icd.train.teacher import TeacherConfig as Cfg
+        from icd.train.teacher import train_teacher as run
+    cfg = load_config(Cfg, args.config, args.component, args.set or [])
+    result = run(cfg, resume=not args.no_resume)
+    print(result)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def _load(args):
+    import torch
+
+    from icd.models.embedded import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model)
+
+
+def cmd_generate(args) -> None:
+    from icd.imageio import check_output, save_image, to_uint8
+    from icd.plotting import hstack
+
+    check_output(args.output, force=args.force)
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    model = _load(args)
+    model.check_prompts([args.prompt])
+    t0 = time.perf_counter()
+    model.counter.reset()
+    images = to_uint8(__import__("icd.sampling", fromlist=["generate"]).generate(
+        model, [args.prompt] * args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, tau=args.tau))
+    seconds = time.perf_counter() - t0
+    save_image(hstack(list(images)), args.output)
+    report = {"prompt": args.prompt, "n": args.n, "steps": args.steps, "guidance": args.guidance, "tau": args.tau,
+              "nfe": model.counter.calls, "seconds": round(seconds, 3), "output": str(args.output)}
+    summary = f"wrote {args.output} ({model.counter.calls} UNet calls, {seconds:.2f} s)"
+    print(json.dumps(report) if args.json else summary)
+
+
+def cmd_invert(args) -> None:
+    import numpy as np
+    import torch
+
+    from icd.editing.inversion import ddim_decode, ddim_invert
+    from icd.imageio import check_output, fit_image, load_image, psnr, save_image, to_uint8
+
+    check_output(args.output, force=args.force, inputs=(args.image,))
+    image = load_image(args.image)
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    model = _load(args)
+    model.check_prompts([args.prompt])
+    image = fit_image(image, model.image_size, args.fit)
+    source = np.asarray(image)[None]
+    t0 = time.perf_counter()
+    model.counter.reset()
+    cond = model.encode_prompt([args.prompt])
+    z0 = model.encode_images(source)
+    inversion = ddim_invert(model, z0, cond, [args.prompt], steps=args.steps)
+    t1 = time.perf_counter()
+    z0_hat = ddim_decode(model, inversion, cond, guidance=args.guidance, tau=args.tau)
+    recon = to_uint8(model.decode_latents(z0_hat))
+    t2 = time.perf_counter()
+    if not np.isfinite(z0_hat.numpy()).all() or not torch.isfinite(inversion.noise).all():
+        raise CLIError("the inversion produced NaN/Inf values")
+    save_image(recon[0], args.output)
+    report = {"method": args.method, "steps": args.steps, "nfe": model.counter.calls,
+              "seconds_invert": round(t1 - t0, 4), "seconds_decode": round(t2 - t1, 4), "seconds": round(t2 - t0, 4),
+              "psnr": round(float(psnr(source, recon)[0]), 3), "image": str(args.image), "output": str(args.output)}
+    print(json.dumps(report) if args.json else
+          f"wrote {args.output}: PSNR {report['psnr']:.2f} dB, {report['nfe']} UNet calls, {report['seconds']:.2f} s")
+
+
+def cmd_demo(args) -> None:
+    """Generate, invert and reconstruct a held-out world image on the embedded model; write out/demo.png."""
+    from icd import world
+    from icd.editing.inversion import ddim_decode, ddim_invert
+    from icd.imageio import psnr, save_image, to_uint8
+    from icd.plotting import captioned_grid
+    from icd.sampling import generate
+
+    model = _load(args)
+    out = Path(args.out)
+    case = world.make_case("color", world.EVAL_SEED_START + args.seed)
+    source = case.source[None]
+    t0 = time.perf_counter()
+    model.counter.reset()
+    cond = model.encode_prompt([case.source_prompt])
+    inversion = ddim_invert(model, model.encode_images(source), cond, [case.source_prompt], steps=args.steps)
+    recon = to_uint8(model.decode_latents(ddim_decode(model, inversion, cond)))
+    t_inv, nfe_inv = time.perf_counter() - t0, model.counter.calls
+    model.counter.reset()
+    t0 = time.perf_counter()
+    generated = to_uint8(generate(model, [case.target_prompt], seed=args.seed, steps=args.steps,
+                                  guidance=args.guidance))
+    t_gen, nfe_gen = time.perf_counter() - t0, model.counter.calls
+    grid = captioned_grid(
+        [case.source, recon[0], generated[0]],
+        [f"source: {case.source_prompt}", f"DDIM {args.steps}+{args.steps} reconstruction, "
+         f"{float(psnr(source, recon)[0]):.1f} dB", f"generated (w={args.guidance:g}): {case.target_prompt}"],
+        cols=3, scale=4, text_lines=4)
+    save_image(grid, out / "demo.png")
+    quality = float(psnr(source, recon)[0])
+    print(f"inversion + reconstruction: {nfe_inv} UNet calls, {t_inv:.2f} s, PSNR {quality:.2f} dB")
+    print(f"generation: {nfe_gen} UNet calls, {t_gen:.2f} s")
+    print(f"wrote {out / 'demo.png'}  (source | reconstruction | generated)")
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icd import world
+    from icd.imageio import FITS
+
+    p = argparse.ArgumentParser(prog="icd", description="Invertible consistency distillation: fast text-guided "
+                                "image editing with latent diffusion models.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("world", help="the synthetic shapes world: edit cases and sample grids")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="WHAT")
+    case = wsub.add_parser("case", help="write one ground-truth edit case (source, target, mask, case.json)")
+    case.add_argument("--kind", required=True, choices=world.EDIT_KINDS)
+    case.add_argument("--seed", type=int, required=True)
+    case.add_argument("--out", required=True, help="output folder")
+    case.add_argument("--force", action="store_true", help="overwrite existing files")
+    case.set_defaults(func=cmd_world_case)
+    grid = wsub.add_parser("grid", help="a grid of sample scenes with their captions")
+    grid.add_argument("--n", type=int, default=16)
+    grid.add_argument("--seed-start", type=int, default=world.EVAL_SEED_START)
+    grid.add_argument("--max-objects", type=int, default=2, choices=[1, 2, 3])
+    grid.add_argument("--scale", type=int, default=3, help="pixel magnification")
+    grid.add_argument("-o", "--output", required=True)
+    grid.add_argument("--force", action="store_true")
+    grid.set_defaults(func=cmd_world_grid)
+
+    t = sub.add_parser("train", help="train a component of the embedded model from a TOML config")
+    t.add_argument("component", choices=["vae", "judge", "teacher"])
+    t.add_argument("--config", required=True, help="TOML file with a table named after the component")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in out_dir")
+    t.set_defaults(func=cmd_train)
+
+    def common(sp):
+        sp.add_argument("--model", default="embedded", help="'embedded' or a diffusers pipeline folder")
+        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    g = sub.add_parser("generate", help="text-to-image with DDIM and classifier-free guidance")
+    g.add_argument("prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=3.0, help="guidance code w = CFG scale - 1 (0: unguided)")
+    g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
+    g.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1), side by side")
+    g.add_argument("-o", "--output", required=True)
+    common(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("invert", help="invert an image to noise and reconstruct it")
+    i.add_argument("image")
+    i.add_argument("--prompt", required=True, help="caption of the image (the source prompt)")
+    i.add_argument("--method", default="ddim", choices=["ddim"])
+    i.add_argument("--steps", type=int, default=50)
+    i.add_argument("--guidance", type=float, default=0.0, help="guidance code w for the decoding pass")
+    i.add_argument("--tau", type=float, default=None)
+    i.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    i.add_argument("-o", "--output", required=True)
+    common(i)
+    i.set_defaults(func=cmd_invert)
+    d = sub.add_parser("demo", help="run the project's main job on the embedded model and write out/demo.png")
+    d.add_argument("--out", default="out")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--guidance", type=float, default=3.0, help="guidance code w for the generated image")
+    d.add_argument("--model", default="embedded")
+    d.add_argument("--threads", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"icd: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inversion and editing: DDIM / iCD inversion, Prompt-to-Prompt, MasaCtrl, prompt swap."""

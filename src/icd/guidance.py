@@ -1,0 +1,46 @@
+"""Guidance: the guidance code, its embedding, and dynamic classifier-free guidance (method.md §1, §6, §7).
+
+Convention: every API takes the guidance **code** ``w = CFG - 1`` (unguided is w = 0; "CFG 8" is w = 7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cfg_to_code(scale: float) -> float:
+    """Classical CFG scale -> guidance code w = scale - 1."""
+    return scale - 1.0
+
+
+def code_to_cfg(w: float) -> float:
+    """Guidance code w -> classical CFG scale 1 + w."""
+    return w + 1.0
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = 512) -> torch.Tensor:
+    """e(w): sinusoidal embedding of 1000 w in [sin | cos] order (method.md §6; the LCM guidance embedding).
+
+    f_k = exp(-ln(10000) k / (dim/2 - 1)), e(w) = [sin(1000 w f_k), cos(1000 w f_k)], k = 0..dim/2-1.
+    w: [B] -> [B, dim] float32. e(0) = [0 ... 0, 1 ... 1].
+    """
+    if dim % 2:
+        raise ValueError(f"embedding dim must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    angles = 1000.0 * w.float().reshape(-1, 1) * freqs.to(w.device)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def dynamic_guidance(t: int | torch.Tensor, w: torch.Tensor | float, tau: float | None) -> torch.Tensor:
+    """Dynamic CFG (paper §3.4): w(t) = 0 if t / 1000 > tau else w; per sample.
+
+    `w` is a float or a [B] tensor; `tau` None disables (constant guidance). Returns a float tensor shaped like w.
+    """
+    w = torch.as_tensor(w, dtype=torch.float32)
+    if tau is None:
+        return w
+    t = torch.as_tensor(t)
+    return torch.where(t.float() / 1000.0 > tau, torch.zeros_like(w), w)

@@ -1,0 +1,137 @@
+"""Image input/output with clear errors: validated loading, resize policies, atomic writes that never clobber.
+
+Loading accepts anything Pillow reads. RGBA / LA are composited on white, palette and grayscale images are converted
+to RGB, 16-bit images are scaled to 8 bit. Non-square images follow a documented policy (`fit`):
+
+- ``resize``: stretch to size x size (the reference implementation's behaviour);
+- ``center-crop``: scale the short side to `size`, crop the centre square;
+- ``pad``: scale the long side to `size`, pad with the edge colour to a square.
+
+Errors raise `ImageError` with a one-line message (missing file, directory, empty, truncated or corrupt file, too
+many pixels).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Fit = Literal["resize", "center-crop", "pad"]
+FITS: tuple[str, ...] = ("resize", "center-crop", "pad")
+MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or written."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB, or raise `ImageError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"expected an image file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image file is empty: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): {path}")
+                im.load()
+                return to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image refused as a decompression bomb: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot read image {path}: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (alpha composited on white, 16-bit scaled)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def fit_image(im: Image.Image, size: int, fit: Fit = "resize") -> Image.Image:
+    """Make `im` a size x size RGB image following policy `fit` (see module docstring)."""
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; choose from {', '.join(FITS)}")
+    if im.size == (size, size):
+        return im
+    if fit == "resize":
+        return im.resize((size, size), Image.BICUBIC)
+    if fit == "center-crop":
+        return ImageOps.fit(im, (size, size), Image.BICUBIC)
+    scale = size / max(im.size)
+    inner = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+    arr = np.asarray(inner)
+    top, left = (size - inner.height) // 2, (size - inner.width) // 2
+    padded = np.pad(arr, ((top, size - inner.height - top), (left, size - inner.width - left), (0, 0)), mode="edge")
+    return Image.fromarray(padded)
+
+
+def check_output(path: str | Path, *, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Validate an output path before any work: never an input, never an existing file without `force`."""
+    path = Path(path)
+    for inp in inputs:
+        if Path(inp).exists() and path.exists() and path.resolve() == Path(inp).resolve():
+            raise ImageError(f"refusing to overwrite the input file {inp}")
+    if path.is_dir():
+        raise ImageError(f"output path is a directory: {path}")
+    if path.exists() and not force:
+        raise ImageError(f"output exists: {path} (use --force to overwrite)")
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ImageError(f"unsupported output extension {path.suffix!r} (use .png, .jpg, .webp or .bmp)")
+    return path
+
+
+def save_image(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write atomically (temporary file in the same folder, then rename); creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ImageError(f"cannot write {path}: {e}") from None
+    return path
+
+
+def to_uint8(x) -> np.ndarray:
+    """float tensor [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3]."""
+    arr = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(arr)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, ceiling: float = 100.0) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images [N,H,W,3]; exact matches are clamped to `ceiling` (method.md §11.8)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        val = 10.0 * np.log10(255.0**2 / mse)
+    return np.minimum(val, ceiling)

@@ -1,0 +1,80 @@
+"""Deterministic DDIM between any two integer times, and the loops built on it (method.md §2, §4).
+
+Every network here is an `EpsModel`: ``model(x_t, t, cond) -> eps_hat``. Loops take explicit timestep lists and
+run in either direction: a descending list samples (noise -> data), an ascending list inverts (data -> noise),
+with the noise always evaluated at the step's starting point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from icd.schedule import NoiseSchedule, _bcast
+
+
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sigma_t eps) / alpha_t."""
+    return (x_t - _bcast(sigma_t, x_t) * eps) / _bcast(alpha_t, x_t)
+
+
+def ddim_jump(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t_from: torch.Tensor | int,
+    t_to: torch.Tensor | int,
+    schedule: NoiseSchedule,
+    *,
+    hard_zero: bool = True,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from `t_from` to `t_to`, either direction (method.md §2; paper eq. 3).
+
+    x0_hat = (x_t - sigma_t eps) / alpha_t, then x_s = alpha_s x0_hat + sigma_s eps.
+    With `hard_zero`, time 0 is clean data (alpha = 1, sigma = 0): a jump to 0 returns x0_hat and a jump from 0 treats
+    x as x0. For t_from == t_to > 0 the jump is the identity for any eps (the boundary condition). Computed in fp32
+    (at least) whatever the dtype of the inputs; returned in x_t's dtype.
+    """
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x, e = x_t.to(dtype), eps.to(dtype)
+    a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=hard_zero)
+    a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=hard_zero)
+    x0 = eps_to_x0(x, e, a_t, s_t)
+    return (_bcast(a_s, x) * x0 + _bcast(s_s, x) * e).to(x_t.dtype)
+
+
+def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance with guidance code w = CFG - 1 (Meng et al. 2023): eps_c + w (eps_c - eps_u).
+
+    `w` is a float or a per-sample [B] tensor; w = 0 returns the conditional prediction.
+    """
+    w = torch.as_tensor(w, dtype=eps_cond.dtype, device=eps_cond.device)
+    return eps_cond + _bcast(w, eps_cond) * (eps_cond - eps_uncond)
+
+
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def ddim_loop(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    schedule: NoiseSchedule,
+    *,
+    callback: Callable[[int, int, int, torch.Tensor], torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run DDIM jumps timesteps[0] -> timesteps[1] -> ... with eps evaluated at each starting point.
+
+    `eps_fn(x, t)` returns the noise prediction for the whole batch at integer time t. `callback(i, t_from, t_to,
+    x_to)` may return a replacement latent (used by editors). Returns the final latent and every visited latent
+    (including the start).
+    """
+    visited = [x]
+    for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        eps = eps_fn(x, int(t_from))
+        x = ddim_jump(x, eps, int(t_from), int(t_to), schedule)
+        if callback is not None:
+            replaced = callback(i, int(t_from), int(t_to), x)
+            x = x if replaced is None else replaced
+        visited.append(x)
+    return x, visited

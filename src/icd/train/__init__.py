@@ -1,0 +1,1 @@
+"""Training: typed configs, data, checkpoints and the loops for every trained component."""

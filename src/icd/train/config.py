@@ -1,0 +1,101 @@
+"""Typed training configs: frozen dataclasses loaded from TOML with `--set key=value` overrides.
+
+A TOML file holds one table per config name, e.g.::
+
+    [vae]
+    steps = 3000
+    lr = 1e-3
+
+Unknown keys and wrongly typed values raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's fields."""
+
+
+def _coerce(cls: type, name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            raise ConfigError(f"{cls.__name__}.{name}: expected {annotation.__name__}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(cls, name, v, item) for v in value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(cls, name, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{cls.__name__}.{name}: {value!r} does not match {annotation}")
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build config `cls` from a mapping, checking names and types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(cls, k, v, hints[k]) for k, v in data.items()})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a TOML value (bare words are taken as strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override must look like key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(cls: type[C], path: str | Path | None, section: str, overrides: list[str] = ()) -> C:
+    """Load table `section` of TOML file `path` (or the defaults) into `cls`, then apply `overrides`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        if section not in doc:
+            raise ConfigError(f"{path}: no [{section}] table (found: {', '.join(doc) or 'none'})")
+        data.update(doc[section])
+    data.update(parse_override(o) for o in overrides)
+    return from_dict(cls, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

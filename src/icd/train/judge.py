@@ -1,0 +1,111 @@
+"""Train the judge (`icd.judge`) on degraded world renders with up to three objects."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from icd import judge as J
+from icd import world
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import to_dict
+from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.train.vae import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    out_dir: str = "runs/judge"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3  # AdamW, cosine decay to lr_min
+    lr_min: float = 1e-5
+    weight_decay: float = 1e-4
+    n_images: int = 40000  # renders with 1-3 objects, seeds 500_000_000 + i (disjoint from teacher data)
+    clean_fraction: float = 0.25  # share of each batch left undegraded
+    n_eval: int = 2000  # held-out renders for the final accuracy report
+    checkpoint_every: int = 500
+    log_every: int = 50
+    threads: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise ValueError(f"JudgeConfig.clean_fraction must be in [0, 1], got {self.clean_fraction}")
+
+
+SEED_START = 500_000_000
+
+
+@torch.no_grad()
+def evaluate(model: J.Judge, n: int, *, degraded: bool, seed: int = 0) -> dict:
+    images, captions = world_dataset(n, seed_start=world.EVAL_SEED_START, max_objects=3)
+    x = to_tensor(images)
+    if degraded:
+        x = J.degrade(x, step_generator(seed, -1, stream=7))
+    scorer = J.JudgeScorer(model)
+    return J.attribute_accuracy(scorer.read(x), [world.parse_caption(c) for c in captions])
+
+
+def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    images, captions = world_dataset(cfg.n_images, seed_start=SEED_START, max_objects=3, cache_dir=out.parent / "cache")
+    attrs = [world.parse_caption(c) for c in captions]
+    torch.manual_seed(cfg.seed)
+    model = J.Judge()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, modules={"judge": model}, optimizers={"judge": opt})["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.csv", "a" if step else "w", newline="") as f:
+        writer = csv.writer(f)
+        if not step:
+            writer.writerow(["step", "loss", "objects", "background", "count", "lr", "seconds"])
+        bar = tqdm(total=cfg.steps, initial=step, desc="train judge", unit="step")
+        t0 = time.time()
+        while step < cfg.steps:
+            model.train()
+            gen = step_generator(cfg.seed, step)
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+            x = to_tensor(images[idx.numpy()])
+            n_clean = int(round(cfg.clean_fraction * cfg.batch_size))
+            strength = torch.rand(1, generator=gen).item() * 0.5 + 0.75
+            x[n_clean:] = J.degrade(x[n_clean:], gen, strength)
+            tgt = J.targets([attrs[i] for i in idx.tolist()])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            losses = J.judge_loss(model(x), tgt)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+                vals = [losses[k].item() for k in ("loss", "objects", "background", "count")]
+                writer.writerow([step, *vals, lr_at(step, cfg), round(time.time() - t0, 1)])
+                f.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out, step, modules={"judge": model}, optimizers={"judge": opt},
+                                extra={"config": to_dict(cfg)})
+        bar.close()
+    model.eval()
+    report = {"clean": evaluate(model, cfg.n_eval, degraded=False),
+              "degraded": evaluate(model, cfg.n_eval, degraded=True)}
+    from safetensors.torch import save_file
+
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out / "judge.safetensors"))
+    log.info("judge accuracy: %s", report)
+    return report

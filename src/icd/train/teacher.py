@@ -1,0 +1,192 @@
+"""Train the embedded text-to-image teacher: CLIP text encoder + UNet on VAE latents of world renders.
+
+Objective (epsilon prediction, SD's scaled_linear schedule, uniform t in 0..999)::
+
+    eps = n + offset_noise * o,   n ~ N(0, I) [B,4,16,16],  o ~ N(0, I) [B,4,1,1]
+    L   = E_t[ min(SNR_t, gamma) / SNR_t * || eps_theta(alpha_t z0 + sigma_t eps, t, c) - eps ||^2 ]
+
+- *Offset noise* (from step 0) fixes embedded-notes pitfall 1: with SD's non-zero terminal SNR a flat background
+  colour survives in the noise mean at t = 999, and a model trained on pure Gaussian noise learns to read the
+  background from it instead of from the prompt. The per-channel offset makes the noise mean uninformative.
+- *Min-SNR-gamma* weighting (Hang et al. 2023, gamma = 5) speeds up convergence.
+- *Caption dropout* (10 %): the caption is replaced by the empty prompt, so classifier-free guidance works.
+- EMA weights of UNet and text encoder are exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from icd.models import tiny
+from icd.schedule import NoiseSchedule
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import to_dict
+from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.train.vae import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    out_dir: str = "runs/teacher"  # checkpoints, log.csv and final/ (a diffusers StableDiffusionPipeline folder)
+    vae_path: str = "runs/vae/final"  # trained VAE (diffusers format)
+    seed: int = 0
+    steps: int = 7000
+    batch_size: int = 64
+    lr: float = 5e-4  # AdamW; linear warm-up then cosine decay to lr_min
+    lr_min: float = 1e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    offset_noise: float = 0.1  # std of the per-channel constant added to the noise (0 disables)
+    snr_gamma: float = 5.0  # min-SNR-gamma loss weighting (0 disables)
+    caption_dropout: float = 0.1  # probability of training on the empty prompt
+    ema_decay: float = 0.999
+    n_images: int = 60000  # world seeds 0..n_images-1 (1-2 objects)
+    max_objects: int = 2
+    checkpoint_every: int = 500
+    log_every: int = 50
+    threads: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"TeacherConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.offset_noise < 0:
+            raise ValueError(f"TeacherConfig.offset_noise must be >= 0, got {self.offset_noise}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("TeacherConfig.steps and batch_size must be positive")
+
+
+def teacher_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise plus a per-sample, per-channel constant of std `offset` (offset noise)."""
+    eps = torch.randn(shape, generator=generator)
+    if offset > 0:
+        eps = eps + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return eps
+
+
+def diffusion_loss(unet, text_encoder, z0, ids, t, eps, schedule: NoiseSchedule, snr_gamma: float
+                   ) -> dict[str, torch.Tensor]:
+    """Epsilon-prediction MSE with optional min-SNR-gamma weighting."""
+    x_t = schedule.add_noise(z0, eps, t)
+    tokens = text_encoder(ids)[0]
+    pred = unet(x_t, t, encoder_hidden_states=tokens).sample
+    per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        snr = schedule.snr(t).float()
+        weight = torch.clamp(snr, max=snr_gamma) / snr
+    else:
+        weight = torch.ones_like(per_sample)
+    return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean()}
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+
+
+@torch.no_grad()
+def encode_dataset(vae, images, batch: int = 500) -> torch.Tensor:
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="encode latents", leave=False):
+        out.append(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean)
+    # .contiguous(): oneDNN may return channels-last tensors, and a different memory format changes the rounding
+    # of later convolutions (a resumed run would then differ from an uninterrupted one)
+    return (torch.cat(out) * vae.config.scaling_factor).contiguous()
+
+
+def load_latents(cfg: TeacherConfig, vae, cache: Path):
+    images, captions = world_dataset(cfg.n_images, max_objects=cfg.max_objects, cache_dir=cache)
+    vae_id = Path(cfg.vae_path).resolve().as_posix().replace("/", "_")
+    path = cache / f"latents-{cfg.n_images}-{cfg.max_objects}-{vae_id}.safetensors"
+    if path.is_file():
+        z = load_file(str(path))["z0"]
+    else:
+        z = encode_dataset(vae, images)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"z0": z.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return z, captions
+
+
+def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
+    from diffusers import AutoencoderKL
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
+    z_all, captions = load_latents(cfg, vae, out.parent / "cache")
+    tokenizer = tiny.build_tokenizer(out / "tokenizer")
+    ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tiny.MAX_LENGTH, return_tensors="pt").input_ids
+    schedule = NoiseSchedule.scaled_linear()
+
+    torch.manual_seed(cfg.seed)
+    text_encoder, unet = tiny.build_text_encoder(tokenizer), tiny.build_unet()
+    ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
+    step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, modules=modules, optimizers={"teacher": opt})["step"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+
+    def lr_now(s: int) -> float:
+        return cfg.lr * (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else lr_at(s, cfg)
+
+    unet.train()
+    text_encoder.train()
+    with open(out / "log.csv", "a" if step else "w", newline="") as f:
+        writer = csv.writer(f)
+        if not step:
+            writer.writerow(["step", "loss", "mse", "lr", "seconds"])
+        bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", unit="step")
+        t0 = time.time()
+        while step < cfg.steps:
+            # 1. Per-step draws, a pure function of (seed, step)
+            gen = step_generator(cfg.seed, step)
+            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
+            t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=gen)
+            eps = teacher_noise(tuple(z_all[idx].shape), cfg.offset_noise, gen)
+            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+            ids = torch.where(drop[:, None], empty_ids.expand(cfg.batch_size, -1), ids_all[idx])
+            # 2. Loss, backward, clip, step
+            for group in opt.param_groups:
+                group["lr"] = lr_now(step)
+            losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t, eps, schedule, cfg.snr_gamma)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            # 3. EMA (warm-up: decay grows from 0.1 to ema_decay)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            ema_update(ema_unet, unet, decay)
+            ema_update(ema_text, text_encoder, decay)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+                writer.writerow([step, losses["loss"].item(), losses["mse"].item(), lr_now(step - 1),
+                                 round(time.time() - t0, 1)])
+                f.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out, step, modules=modules, optimizers={"teacher": opt},
+                                extra={"config": to_dict(cfg)})
+        bar.close()
+    return tiny.save_pipeline(out / "final", tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet)

@@ -1,0 +1,125 @@
+"""Train the embedded model's `AutoencoderKL` on world renders.
+
+Loss: MSE + l1_weight * L1 on pixels in [-1, 1] + kl_weight * KL(posterior || N(0, I)), as a plain autoencoder
+with a small KL term (SD's VAE adds LPIPS and a GAN loss, which flat-coloured shapes do not need). After training
+the latent scaling factor is measured as SD did: 1 / std of the posterior means over held-out images.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from icd import world
+from icd.models import tiny
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import to_dict
+from icd.train.data import step_generator, to_tensor, world_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    out_dir: str = "runs/vae"  # checkpoints, log.csv and final/ (diffusers format)
+    seed: int = 0  # model init and every per-step draw
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 16
+    lr: float = 1e-3  # AdamW, cosine decay to lr_min
+    lr_min: float = 1e-5
+    l1_weight: float = 0.5
+    kl_weight: float = 1e-6
+    n_images: int = 20000  # training renders: world seeds 0..n_images-1
+    n_scale_images: int = 2000  # held-out renders used to measure the latent scaling factor
+    checkpoint_every: int = 250
+    log_every: int = 25
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "n_images", "checkpoint_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VAEConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Cosine decay from cfg.lr to cfg.lr_min over cfg.steps."""
+    import math
+
+    frac = min(step / max(cfg.steps, 1), 1.0)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
+
+
+def vae_loss(vae, x: torch.Tensor, cfg: VAEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    recon = vae.decode(z).sample
+    mse = torch.mean((recon - x) ** 2)
+    l1 = torch.mean(torch.abs(recon - x))
+    kl = posterior.kl().mean() / x[0].numel()
+    return {"loss": mse + cfg.l1_weight * l1 + cfg.kl_weight * kl, "mse": mse, "l1": l1, "kl": kl}
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, n: int, batch: int = 200) -> float:
+    images, _ = world_dataset(n, seed_start=world.EVAL_SEED_START)
+    means = [vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, n, batch)]
+    return float(1.0 / torch.cat(means).std())
+
+
+def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    images, _ = world_dataset(cfg.n_images, cache_dir=out.parent / "cache")
+    torch.manual_seed(cfg.seed)
+    vae = tiny.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, modules={"vae": vae}, optimizers={"vae": opt})["step"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+    log_path = out / "log.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    new_log = not log_path.exists() or step == 0
+    with open(log_path, "w" if new_log else "a", newline="") as f:
+        writer = csv.writer(f)
+        if new_log:
+            writer.writerow(["step", "loss", "mse", "l1", "kl", "psnr", "lr", "seconds"])
+        bar = tqdm(total=cfg.steps, initial=step, desc="train vae", unit="step")
+        t0 = time.time()
+        while step < cfg.steps:
+            gen = step_generator(cfg.seed, step)
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).numpy()
+            x = to_tensor(images[idx])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            losses = vae_loss(vae, x, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                psnr = float(10 * torch.log10(4.0 / losses["mse"].detach()))  # range [-1, 1] has peak-to-peak 2
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", psnr=f"{psnr:.2f}")
+                vals = [losses[k].item() for k in ("loss", "mse", "l1", "kl")]
+                writer.writerow([step, *vals, psnr, lr_at(step, cfg), round(time.time() - t0, 1)])
+                f.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out, step, modules={"vae": vae}, optimizers={"vae": opt},
+                                extra={"config": to_dict(cfg)})
+        bar.close()
+    vae.eval()
+    scale = measure_scaling_factor(vae, cfg.n_scale_images)
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "final")
+    log.info("latent scaling factor %.5f; VAE saved to %s", scale, out / "final")
+    return out / "final"

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("ICD_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set ICD_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """A randomly initialised pipeline folder with the embedded architecture (no training, no download)."""
+    from icd.models import tiny
+
+    return tiny.build_random_pipeline(tmp_path_factory.mktemp("random_model") / "model", seed=0)

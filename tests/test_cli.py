@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from icd.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_world_case_writes_the_four_files(tmp_path, capsys):
+    code, out, _ = run(["world", "case", "--kind", "shape", "--seed", "4", "--out", str(tmp_path / "c")], capsys)
+    assert code == 0
+    meta = json.loads((tmp_path / "c" / "case.json").read_text())
+    assert set(meta) >= {"source_prompt", "target_prompt", "blend_words", "kind", "seed"}
+    mask = np.asarray(Image.open(tmp_path / "c" / "mask.png"))
+    src, tgt = (np.asarray(Image.open(tmp_path / "c" / n)) for n in ("source.png", "target.png"))
+    np.testing.assert_array_equal(mask > 0, np.any(src != tgt, axis=-1))
+    code, _, err = run(["world", "case", "--kind", "shape", "--seed", "4", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--force" in err
+
+
+def test_world_grid(tmp_path, capsys):
+    code, _, _ = run(["world", "grid", "--n", "4", "-o", str(tmp_path / "g.png")], capsys)
+    assert code == 0 and Image.open(tmp_path / "g.png").size[0] > 0
+
+
+def _assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icd: error:"), err
+    assert needle in lines[0]
+
+
+def test_invert_bad_inputs(tmp_path, capsys, random_model_dir):
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    prompt = "a large red circle on a gray background"
+    base = ["--model", str(random_model_dir), "--prompt", prompt, "-o", str(tmp_path / "r.png")]
+    code, _, err = run(["invert", str(tmp_path / "missing.png"), *base], capsys)
+    _assert_one_line_error(code, err, "not found")
+    code, _, err = run(["invert", str(tmp_path / "corrupt.png"), *base], capsys)
+    _assert_one_line_error(code, err, "cannot read image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    bad = ["--model", str(random_model_dir), "--prompt", "a large red zebra on a gray background",
+           "-o", str(tmp_path / "r.png")]
+    code, _, err = run(["invert", str(tmp_path / "ok.png"), *bad], capsys)
+    _assert_one_line_error(code, err, "zebra")
+    code, _, err = run(["invert", str(tmp_path / "ok.png"), "--model", str(tmp_path / "nomodel"), "--prompt", prompt,
+                        "-o", str(tmp_path / "r.png")], capsys)
+    _assert_one_line_error(code, err, "model folder not found")
+    code, _, err = run(["invert", str(tmp_path / "ok.png"), "--model", str(random_model_dir), "--prompt", prompt,
+                        "-o", str(tmp_path / "ok.png"), "--force"], capsys)
+    _assert_one_line_error(code, err, "overwrite the input")
+
+
+def test_generate_unknown_word_and_empty_prompt(tmp_path, capsys, random_model_dir):
+    code, _, err = run(["generate", "a large red circel on a gray background", "--model", str(random_model_dir),
+                        "-o", str(tmp_path / "g.png")], capsys)
+    _assert_one_line_error(code, err, "circle")  # suggests the closest known word
+    code, _, err = run(["generate", "   ", "--model", str(random_model_dir), "-o", str(tmp_path / "g.png")], capsys)
+    _assert_one_line_error(code, err, "empty")
+
+
+def test_invert_json_reports_counted_nfe(tmp_path, capsys, random_model_dir):
+    from icd import world
+
+    Image.fromarray(world.render(world.sample_scene(3))).save(tmp_path / "in.png")
+    code, out, _ = run(["invert", str(tmp_path / "in.png"), "--prompt", world.sample_scene(3).caption, "--steps", "5",
+                        "--model", str(random_model_dir), "-o", str(tmp_path / "r.png"), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["nfe"] == 10 and report["method"] == "ddim"
+    assert np.isfinite(report["psnr"]) and report["seconds"] > 0
+    assert (tmp_path / "r.png").is_file()
+
+
+def test_console_script_help_and_bad_subcommand():
+    res = subprocess.run([sys.executable, "-m", "icd.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "examples" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "icd.cli", "frobnicate"], capture_output=True, text=True)
+    assert res.returncode == 2
+
+
+@pytest.mark.parametrize("bad", [["train", "vae", "--config", "nope.toml"], ["world", "case", "--kind", "size"]])
+def test_usage_errors_exit_2(bad, capsys):
+    try:
+        code = main(bad)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    assert code == 2

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import ConfigError, load_config
+from icd.train.teacher import TeacherConfig
+from icd.train.vae import VAEConfig
+
+
+def test_config_loads_toml_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[vae]\nsteps = 10\nlr = 1\n')
+    cfg = load_config(VAEConfig, path, "vae", ["batch_size=4", "out_dir=runs/x"])
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.out_dir) == (10, 1.0, 4, "runs/x")
+
+
+@pytest.mark.parametrize("text, needle", [("[vae]\nstepz = 3\n", "stepz"), ("[vae]\nsteps = 'many'\n", "steps"),
+                                          ("[other]\n", "[vae]"), ("[vae\n", "invalid TOML")])
+def test_config_errors_name_the_problem(tmp_path, text, needle):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config(VAEConfig, path, "vae")
+
+
+def test_config_validation_in_post_init():
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TeacherConfig(caption_dropout=1.5)
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 1, modules={"m": model}, optimizers={"o": opt}, extra={"note": "x"})
+    model2, opt2 = torch.nn.Linear(4, 3), None
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    state = load_checkpoint(latest_checkpoint(tmp_path), modules={"m": model2}, optimizers={"o": opt2})
+    assert state["step"] == 1 and state["extra"] == {"note": "x"}
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    for k in s1:
+        for name in s1[k]:
+            assert torch.equal(torch.as_tensor(s1[k][name]), torch.as_tensor(s2[k][name]))
+    files = sorted(p.name for p in (tmp_path / "step-000001").iterdir())
+    assert files == ["model.m.safetensors", "optim.o.safetensors", "state.json"]
+    json.loads((tmp_path / "step-000001" / "state.json").read_text())
+
+
+def test_checkpoints_keep_the_newest_and_leave_no_temporaries(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, modules={"m": model}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000002", "step-000003"]
+    assert latest_checkpoint(tmp_path).name == "step-000003"

@@ -11,7 +11,7 @@ def test_modes_are_converted_to_rgb(tmp_path):
         "rgba.png": Image.fromarray(arr, "RGBA"),
         "gray.png": Image.fromarray(arr[..., 0], "L"),
         "palette.png": Image.fromarray(arr[..., :3], "RGB").convert("P"),
-        "g16.png": Image.fromarray((arr[..., 0].astype(np.uint16) * 257), "I;16"),
+        "g16.png": Image.fromarray(arr[..., 0].astype(np.uint16) * 257),
     }
     for name, im in cases.items():
         im.save(tmp_path / name)

@@ -129,7 +129,7 @@ class LatentDiffusion:
         else:
             if not isinstance(images, np.ndarray):
                 images = np.stack([np.asarray(im.convert("RGB")) for im in images])
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            x = torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                                                 align_corners=False, antialias=True).clamp(-1, 1)

@@ -1,0 +1,1 @@
+"""Distillation objectives: guidance distillation and invertible consistency distillation (losses only)."""

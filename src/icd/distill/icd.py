@@ -1,0 +1,99 @@
+"""The four iCD training losses (method.md §5; paper eqs. 2, 4, 5). Each returns a dict of named tensors.
+
+Notation: ``reverse(x, t, cond, w)`` / ``forward(x, t, cond)`` are the students' eps functions (the shared base with
+the R or F adapter active), ``teacher(x, t, cond, w)`` is the guidance-distilled base with adapters disabled. All
+four losses of a sample share one noise draw ``eps``. The functions never touch optimizers; gradient routing is the
+caller's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from icd.boundaries import Boundaries
+from icd.losses import pseudo_huber
+from icd.models.base import Cond
+from icd.schedule import NoiseSchedule
+from icd.solver import ddim_jump
+
+GRID_STEP = 20  # DDIM-50 grid spacing: g_k = 19 + 20 k
+GuidedEps = Callable[[torch.Tensor, torch.Tensor, Cond, torch.Tensor], torch.Tensor]  # (x, t, cond, w) -> eps
+UnguidedEps = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, t, cond) -> eps
+
+
+def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,
+               n: torch.Tensor, w: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
+               huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Reverse consistency distillation L_CD^R (method.md §5.1). n: grid index in 0..49 per sample."""
+    # 1. t_hi on the DDIM-50 grid, t_lo one teacher step below; 2. the boundary below t_lo
+    t_hi = 19 + GRID_STEP * n
+    t_lo = (t_hi - GRID_STEP).clamp(min=0)
+    s = boundaries.reverse_target(t_lo)
+    # 4.-5. noise real data, online student jump (gradient)
+    x_hi = schedule.add_noise(z0, eps, t_hi)
+    y = ddim_jump(x_hi, reverse(x_hi, t_hi, cond, w), t_hi, s, schedule)
+    with torch.no_grad():
+        # 6. teacher DDIM step with the student's w (schedule's abar_0 at t_lo = 0, method.md §4)
+        x_lo = ddim_jump(x_hi, teacher(x_hi, t_hi, cond, w), t_hi, t_lo, schedule, hard_zero=False)
+        # 7. target: identity when t_lo is the boundary, else the same student from x_lo (never evaluated at t = s)
+        y_target = x_lo.clone()
+        rows = (t_lo != s).nonzero().flatten()
+        if len(rows):
+            eps_lo = reverse(x_lo[rows], t_lo[rows], cond.index(rows), w[rows])
+            y_target[rows] = ddim_jump(x_lo[rows], eps_lo, t_lo[rows], s[rows], schedule)
+    return {"cd_reverse": pseudo_huber(y, y_target, huber_c)}
+
+
+def forward_cd(forward: UnguidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,
+               n: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
+               huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Forward consistency distillation L_CD^F (method.md §5.2), always unguided. n: grid index in 0..48."""
+    t_lo = 19 + GRID_STEP * n
+    t_hi = t_lo + GRID_STEP
+    s = boundaries.forward_target(t_hi)
+    zero = torch.zeros(z0.shape[0], device=z0.device)
+    x_lo = schedule.add_noise(z0, eps, t_lo)
+    y = ddim_jump(x_lo, forward(x_lo, t_lo, cond), t_lo, s, schedule)
+    with torch.no_grad():
+        x_hi = ddim_jump(x_lo, teacher(x_lo, t_lo, cond, zero), t_lo, t_hi, schedule)  # DDIM inversion step
+        y_target = x_hi.clone()
+        rows = (t_hi != s).nonzero().flatten()
+        if len(rows):
+            eps_hi = forward(x_hi[rows], t_hi[rows], cond.index(rows))
+            y_target[rows] = ddim_jump(x_hi[rows], eps_hi, t_hi[rows], s[rows], schedule)
+    return {"cd_forward": pseudo_huber(y, y_target, huber_c)}
+
+
+def segment_ends(j: torch.Tensor, boundaries: Boundaries) -> tuple[torch.Tensor, torch.Tensor]:
+    """(l, u) = (E_R[j] or `start` when it is 0, E_F[j]) per sample (method.md §5.3)."""
+    lower = torch.tensor(boundaries.reverse, device=j.device)[j]
+    upper = torch.tensor(boundaries.forward, device=j.device)[j]
+    return lower.clamp(min=boundaries.start), upper
+
+
+def forward_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
+                     eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
+                     huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+    """L_f: forward(reverse(x_u)) ~ x_u; trains F only, R runs without gradient (paper eq. 4)."""
+    lower, upper = segment_ends(j, boundaries)
+    zero = torch.zeros(z0.shape[0], device=z0.device)
+    x_u = schedule.add_noise(z0, eps, upper)
+    with torch.no_grad():
+        x_l = ddim_jump(x_u, reverse(x_u, upper, cond, zero), upper, lower, schedule)
+    x_u_hat = ddim_jump(x_l, forward(x_l, lower, cond), lower, upper, schedule)
+    return {"preserve_forward": pseudo_huber(x_u_hat, x_u, huber_c)}
+
+
+def reverse_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
+                     eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
+                     huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+    """L_r: reverse(forward(x_l)) ~ x_l; trains R only, F runs without gradient (paper eq. 4)."""
+    lower, upper = segment_ends(j, boundaries)
+    zero = torch.zeros(z0.shape[0], device=z0.device)
+    x_l = schedule.add_noise(z0, eps, lower)
+    with torch.no_grad():
+        x_u = ddim_jump(x_l, forward(x_l, lower, cond), lower, upper, schedule)
+    x_l_hat = ddim_jump(x_u, reverse(x_u, upper, cond, zero), upper, lower, schedule)
+    return {"preserve_reverse": pseudo_huber(x_l_hat, x_l, huber_c)}

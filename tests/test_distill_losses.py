@@ -79,3 +79,32 @@ def test_pseudo_huber_is_near_l1_for_small_c():
     a, b = torch.zeros(100), torch.linspace(-1, 1, 100)
     assert abs(pseudo_huber(a, b, 1e-3).item() - (a - b).abs().mean().item()) < 2e-3
     assert pseudo_huber(a, a).item() == 0.0
+
+
+def test_guidance_student_starts_equal_to_the_conditional_teacher():
+    from icd.distill.guidance import guidance_loss, init_student_from_teacher
+    from icd.guidance import guidance_embedding
+    from icd.models import tiny
+
+    torch.manual_seed(0)
+    teacher = tiny.build_unet().eval()
+    student = init_student_from_teacher(teacher).eval()
+    x, t, tokens = torch.randn(3, 4, 16, 16), torch.tensor([10, 500, 999]), torch.randn(3, 20, 64)
+    w = torch.tensor([0.0, 2.0, 7.0])
+    with torch.no_grad():
+        a = teacher(x, t, tokens).sample
+        b = student(x, t, tokens, timestep_cond=guidance_embedding(w)).sample
+    torch.testing.assert_close(a, b)
+
+    def teacher_eps(x, t, cond):
+        return teacher(x, t, cond.tokens).sample
+
+    def student_eps(x, t, cond, w):
+        return student(x, t, cond.tokens, timestep_cond=guidance_embedding(w)).sample
+
+    cond, uncond = Cond(tokens=tokens), Cond(tokens=torch.randn(3, 20, 64))
+    z0 = torch.randn(3, 4, 16, 16)
+    zero = guidance_loss(student_eps, teacher_eps, z0, cond, uncond, torch.randn_like(z0), t, torch.zeros(3), S)
+    assert zero["guidance"].item() < 1e-10  # w = 0: the student already equals the conditional teacher
+    guided = guidance_loss(student_eps, teacher_eps, z0, cond, uncond, torch.randn_like(z0), t, w, S)
+    assert guided["guidance"].item() > 1e-6

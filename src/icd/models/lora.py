@@ -1,0 +1,102 @@
+"""The two iCD LoRA adapters on one frozen UNet: add, switch, save and load (method.md §5.5, style.md §5).
+
+- Adapter names are ``rev_cd`` (reverse, noise -> image) and ``fwd_cd`` (forward, image -> noise); peft rejects
+  ``forward`` as a name.
+- The teacher is the same UNet with adapters disabled (`use(unet, None)`), so no second copy exists.
+- peft's `set_adapter` turns ``requires_grad`` off on the inactive adapter; a graph that runs both adapters would then
+  silently give the first one no gradient. `use(..., trainable=True)` therefore re-enables gradients on every LoRA
+  parameter after each switch.
+- Each adapter is saved to its own safetensors file (peft key format) next to a JSON config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+REVERSE = "rev_cd"
+FORWARD = "fwd_cd"
+ADAPTERS = (REVERSE, FORWARD)
+LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+
+
+def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str] = LORA_TARGETS,
+                 names: Sequence[str] = ADAPTERS, seed: int = 0) -> None:
+    """Add one LoRA adapter per name (same rank/alpha/targets); base weights are frozen."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    for name in names:
+        torch.manual_seed(seed + names.index(name))
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+        unet.add_adapter(config, adapter_name=name)
+    set_trainable(unet, names)
+
+
+def lora_parameters(unet, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of adapter `name` (LoRA A and B matrices)."""
+    return [p for n, p in unet.named_parameters() if ".lora_" in n and n.endswith(f".{name}.weight")]
+
+
+def set_trainable(unet, names: Sequence[str]) -> None:
+    for name in names:
+        for p in lora_parameters(unet, name):
+            p.requires_grad_(True)
+
+
+def use(unet, name: str | None, *, trainable: Sequence[str] = ()) -> None:
+    """Activate adapter `name` (None: the teacher, adapters disabled); keep `trainable` adapters trainable."""
+    if name is None:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+        unet.set_adapter(name)
+    set_trainable(unet, trainable)
+
+
+def adapter_state_dict(unet, name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
+
+
+def save_adapters(unet, directory: str | Path, metadata: dict, names: Sequence[str] = ADAPTERS) -> dict[str, Path]:
+    """Write ``<name>.safetensors`` per adapter and ``adapters.json`` (metadata + file names), atomically."""
+    from safetensors.torch import save_file
+
+    from icd.train.checkpoint import write_text_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in names:
+        path = directory / f"{name}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(adapter_state_dict(unet, name), str(tmp), metadata={"adapter": name})
+        tmp.replace(path)
+        files[name] = path
+    write_text_atomic(directory / "adapters.json",
+                      json.dumps({**metadata, "files": {n: p.name for n, p in files.items()}}, indent=1) + "\n")
+    return files
+
+
+def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
+    """Load adapters saved by `save_adapters` into a UNet that has them (e.g. after `add_adapters`)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "adapters.json").read_text())
+    for name in names:
+        state = load_file(str(directory / meta["files"][name]))
+        result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter {name}: unexpected keys for this UNet, e.g. {unexpected[:3]}")
+    return meta

@@ -51,3 +51,43 @@ def world_dataset(n: int, *, seed_start: int = 0, max_objects: int = 2, cache_di
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """Short sha256 of a file's bytes (cache keys that change when weights change)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+    """uint8 renders -> clean latents z0 = posterior mean x scaling factor, contiguous float32.
+
+    .contiguous(): oneDNN may return channels-last tensors, and a different memory format changes the rounding of
+    later convolutions (a resumed run would then differ from an uninterrupted one).
+    """
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="encode latents", leave=False):
+        out.append(vae.encode(to_tensor(images[i : i + batch]).to(vae.dtype)).latent_dist.mean.float())
+    return (torch.cat(out) * vae.config.scaling_factor).contiguous()
+
+
+def world_latents(vae, vae_key: str, n: int, *, max_objects: int = 2, cache_dir: str | Path | None = None,
+                  seed_start: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Latents and captions of world seeds ``seed_start ..``, cached per VAE (`vae_key`, e.g. a weight digest)."""
+    from safetensors.torch import load_file, save_file
+
+    images, captions = world_dataset(n, seed_start=seed_start, max_objects=max_objects, cache_dir=cache_dir)
+    name = f"latents-{seed_start}-{n}-{max_objects}-{vae_key}.safetensors"
+    path = None if cache_dir is None else Path(cache_dir) / name
+    if path is not None and path.is_file():
+        return load_file(str(path))["z0"], captions
+    z = encode_images(vae, images)
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"z0": z}, str(tmp))
+        tmp.replace(path)
+    return z, captions

@@ -1,0 +1,126 @@
+"""`icd train guidance`: distil two-pass classifier-free guidance into one UNet call (method.md §6).
+
+The student is the teacher UNet plus a zero-initialised 512-d `cond_proj` (guidance embedding e(w)); all UNet
+weights and `cond_proj` are trained with an L2 loss against the teacher's CFG output, w drawn uniformly from the
+configured set, t uniform in 0..999, x_t from world latents. The text encoder and VAE stay frozen. The result is
+the teacher's pipeline folder with the distilled UNet in ``unet_guidance/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from icd.distill.guidance import guidance_loss, init_student_from_teacher
+from icd.models.base import Cond
+from icd.models.embedded import load_model, resolve_model_path
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import to_dict
+from icd.train.data import file_digest, step_generator, world_latents
+from icd.train.vae import lr_at
+
+log = logging.getLogger(__name__)
+GUIDANCE_SUBFOLDER = "unet_guidance"
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    out_dir: str = "runs/guidance"
+    teacher: str = "embedded"  # pipeline folder of the two-pass CFG teacher ("embedded" = the shipped model)
+    seed: int = 0
+    w_set: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)  # guidance codes w = CFG - 1, sampled uniformly
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4  # AdamW, cosine decay to lr_min
+    lr_min: float = 1e-6
+    n_images: int = 60000
+    max_objects: int = 2
+    checkpoint_every: int = 250
+    log_every: int = 25
+    threads: int = 0
+
+    def __post_init__(self):
+        if not self.w_set or any(w < 0 for w in self.w_set):
+            raise ValueError(f"GuidanceConfig.w_set must be a non-empty list of codes >= 0, got {self.w_set}")
+        if 0.0 not in self.w_set:
+            raise ValueError("GuidanceConfig.w_set must contain 0 (unguided), which iCD's forward model uses")
+
+
+def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_model(cfg.teacher)
+    vae_file = next((resolve_model_path(cfg.teacher) / "vae").glob("*.safetensors"))
+    z_all, captions = world_latents(teacher.vae, file_digest(vae_file), cfg.n_images, max_objects=cfg.max_objects,
+                                    cache_dir=out.parent / "cache")
+    chunks = [captions[i : i + 1000] for i in range(0, len(captions), 1000)]
+    tokens_all = torch.cat([teacher.encode_prompt(chunk).tokens for chunk in chunks])
+    uncond_tokens = teacher.encode_prompt([""]).tokens
+    torch.manual_seed(cfg.seed)
+    student = init_student_from_teacher(teacher.unet)
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, modules={"student": student}, optimizers={"student": opt})["step"]
+    w_set = torch.tensor(cfg.w_set, dtype=torch.float32)
+
+    def teacher_eps(x, t, cond):
+        return teacher.unet(x, t, encoder_hidden_states=cond.tokens).sample
+
+    def student_eps(x, t, cond, w):
+        from icd.guidance import guidance_embedding
+
+        return student(x, t, encoder_hidden_states=cond.tokens, timestep_cond=guidance_embedding(w)).sample
+
+    with open(out / "log.csv", "a" if step else "w", newline="") as f:
+        writer = csv.writer(f)
+        if not step:
+            writer.writerow(["step", "loss", "lr", "seconds"])
+        bar = tqdm(total=cfg.steps, initial=step, desc="train guidance", unit="step")
+        t0 = time.time()
+        while step < cfg.steps:
+            # 1. per-step draws: images, t, w, noise (a pure function of seed and step)
+            gen = step_generator(cfg.seed, step)
+            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
+            t = torch.randint(0, teacher.schedule.num_timesteps, (cfg.batch_size,), generator=gen)
+            w = w_set[torch.randint(len(w_set), (cfg.batch_size,), generator=gen)]
+            eps = torch.randn(z_all[idx].shape, generator=gen)
+            cond = Cond(tokens=tokens_all[idx])
+            uncond = Cond(tokens=uncond_tokens.expand(cfg.batch_size, -1, -1))
+            # 2. loss, backward, clip, step
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            losses = guidance_loss(student_eps, teacher_eps, z_all[idx], cond, uncond, eps, t, w, teacher.schedule)
+            opt.zero_grad(set_to_none=True)
+            losses["guidance"].backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{losses['guidance'].item():.5f}")
+                writer.writerow([step, losses["guidance"].item(), lr_at(step - 1, cfg), round(time.time() - t0, 1)])
+                f.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out, step, modules={"student": student}, optimizers={"student": opt},
+                                extra={"config": to_dict(cfg)})
+        bar.close()
+    final = out / "final"
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(resolve_model_path(cfg.teacher), tmp)
+    student.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final

@@ -8,22 +8,20 @@ the teacher's pipeline folder with the distilled UNet in ``unet_guidance/``.
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from icd.distill.guidance import guidance_loss, init_student_from_teacher
+from icd.guidance import guidance_embedding
 from icd.models.base import Cond
 from icd.models.embedded import load_model, resolve_model_path
-from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from icd.train.config import to_dict
+from icd.train.checkpoint import atomic_directory
 from icd.train.data import file_digest, step_generator, world_latents
+from icd.train.runner import TrainingRun
 from icd.train.vae import lr_at
 
 log = logging.getLogger(__name__)
@@ -69,29 +67,21 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
     student = init_student_from_teacher(teacher.unet)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, modules={"student": student}, optimizers={"student": opt})["step"]
+    run = TrainingRun(out, desc="train guidance", total_steps=cfg.steps, columns=["guidance", "lr"],
+                      modules={"student": student}, optimizers={"student": opt}, config=cfg,
+                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, resume=resume)
     w_set = torch.tensor(cfg.w_set, dtype=torch.float32)
 
     def teacher_eps(x, t, cond):
         return teacher.unet(x, t, encoder_hidden_states=cond.tokens).sample
 
     def student_eps(x, t, cond, w):
-        from icd.guidance import guidance_embedding
-
         return student(x, t, encoder_hidden_states=cond.tokens, timestep_cond=guidance_embedding(w)).sample
 
-    with open(out / "log.csv", "a" if step else "w", newline="") as f:
-        writer = csv.writer(f)
-        if not step:
-            writer.writerow(["step", "loss", "lr", "seconds"])
-        bar = tqdm(total=cfg.steps, initial=step, desc="train guidance", unit="step")
-        t0 = time.time()
-        while step < cfg.steps:
+    with run:
+        while not run.done:
             # 1. per-step draws: images, t, w, noise (a pure function of seed and step)
-            gen = step_generator(cfg.seed, step)
+            gen = step_generator(cfg.seed, run.step)
             idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
             t = torch.randint(0, teacher.schedule.num_timesteps, (cfg.batch_size,), generator=gen)
             w = w_set[torch.randint(len(w_set), (cfg.batch_size,), generator=gen)]
@@ -99,28 +89,16 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
             cond = Cond(tokens=tokens_all[idx])
             uncond = Cond(tokens=uncond_tokens.expand(cfg.batch_size, -1, -1))
             # 2. loss, backward, clip, step
+            lr = lr_at(run.step, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             losses = guidance_loss(student_eps, teacher_eps, z_all[idx], cond, uncond, eps, t, w, teacher.schedule)
             opt.zero_grad(set_to_none=True)
             losses["guidance"].backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.set_postfix(loss=f"{losses['guidance'].item():.5f}")
-                writer.writerow([step, losses["guidance"].item(), lr_at(step - 1, cfg), round(time.time() - t0, 1)])
-                f.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out, step, modules={"student": student}, optimizers={"student": opt},
-                                extra={"config": to_dict(cfg)})
-        bar.close()
-    final = out / "final"
-    tmp = out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(resolve_model_path(cfg.teacher), tmp)
-    student.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+            run.end_step({"guidance": losses["guidance"].item(), "lr": lr})
+    with atomic_directory(out / "final") as tmp:
+        shutil.copytree(resolve_model_path(cfg.teacher), tmp, dirs_exist_ok=True)
+        student.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
+    return out / "final"

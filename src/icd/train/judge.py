@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from icd import judge as J
 from icd import world
-from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from icd.train.config import to_dict
 from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.train.runner import TrainingRun
 from icd.train.vae import lr_at
 
 log = logging.getLogger(__name__)
@@ -64,48 +60,35 @@ def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = J.Judge()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, modules={"judge": model}, optimizers={"judge": opt})["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "log.csv", "a" if step else "w", newline="") as f:
-        writer = csv.writer(f)
-        if not step:
-            writer.writerow(["step", "loss", "objects", "background", "count", "lr", "seconds"])
-        bar = tqdm(total=cfg.steps, initial=step, desc="train judge", unit="step")
-        t0 = time.time()
-        while step < cfg.steps:
+    run = TrainingRun(out, desc="train judge", total_steps=cfg.steps,
+                      columns=["loss", "objects", "background", "count", "lr"], modules={"judge": model},
+                      optimizers={"judge": opt}, config=cfg, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=resume)
+    with run:
+        while not run.done:
             model.train()
-            gen = step_generator(cfg.seed, step)
+            gen = step_generator(cfg.seed, run.step)
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
             x = to_tensor(images[idx.numpy()])
             n_clean = int(round(cfg.clean_fraction * cfg.batch_size))
             strength = torch.rand(1, generator=gen).item() * 0.5 + 0.75
             x[n_clean:] = J.degrade(x[n_clean:], gen, strength)
             tgt = J.targets([attrs[i] for i in idx.tolist()])
+            lr = lr_at(run.step, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             losses = J.judge_loss(model(x), tgt)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
-                vals = [losses[k].item() for k in ("loss", "objects", "background", "count")]
-                writer.writerow([step, *vals, lr_at(step, cfg), round(time.time() - t0, 1)])
-                f.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out, step, modules={"judge": model}, optimizers={"judge": opt},
-                                extra={"config": to_dict(cfg)})
-        bar.close()
+            run.end_step({**{k: v.item() for k, v in losses.items()}, "lr": lr})
     model.eval()
     report = {"clean": evaluate(model, cfg.n_eval, degraded=False),
               "degraded": evaluate(model, cfg.n_eval, degraded=True)}
     from safetensors.torch import save_file
 
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out / "judge.safetensors"))
+    tmp = out / "judge.safetensors.tmp"
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out / "judge.safetensors")
     log.info("judge accuracy: %s", report)
     return report

@@ -16,22 +16,18 @@ Objective (epsilon prediction, SD's scaled_linear schedule, uniform t in 0..999)
 from __future__ import annotations
 
 import copy
-import csv
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from icd.models import tiny
 from icd.schedule import NoiseSchedule
-from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from icd.train.config import to_dict
-from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.train.checkpoint import atomic_directory
+from icd.train.data import file_digest, step_generator, world_latents
+from icd.train.runner import TrainingRun
 from icd.train.vae import lr_at
 
 log = logging.getLogger(__name__)
@@ -96,30 +92,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(p.detach(), 1.0 - decay)
 
 
-@torch.no_grad()
-def encode_dataset(vae, images, batch: int = 500) -> torch.Tensor:
-    out = []
-    for i in tqdm(range(0, len(images), batch), desc="encode latents", leave=False):
-        out.append(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean)
-    # .contiguous(): oneDNN may return channels-last tensors, and a different memory format changes the rounding
-    # of later convolutions (a resumed run would then differ from an uninterrupted one)
-    return (torch.cat(out) * vae.config.scaling_factor).contiguous()
-
-
-def load_latents(cfg: TeacherConfig, vae, cache: Path):
-    images, captions = world_dataset(cfg.n_images, max_objects=cfg.max_objects, cache_dir=cache)
-    vae_id = Path(cfg.vae_path).resolve().as_posix().replace("/", "_")
-    path = cache / f"latents-{cfg.n_images}-{cfg.max_objects}-{vae_id}.safetensors"
-    if path.is_file():
-        z = load_file(str(path))["z0"]
-    else:
-        z = encode_dataset(vae, images)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"z0": z.contiguous()}, str(tmp))
-        tmp.replace(path)
-    return z, captions
-
-
 def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     from diffusers import AutoencoderKL
 
@@ -128,7 +100,9 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
-    z_all, captions = load_latents(cfg, vae, out.parent / "cache")
+    vae_key = file_digest(next(Path(cfg.vae_path).glob("*.safetensors")))
+    z_all, captions = world_latents(vae, vae_key, cfg.n_images, max_objects=cfg.max_objects,
+                                    cache_dir=out.parent / "cache")
     tokenizer = tiny.build_tokenizer(out / "tokenizer")
     ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
                         return_tensors="pt").input_ids
@@ -141,52 +115,38 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, modules=modules, optimizers={"teacher": opt})["step"]
-        log.info("resumed from %s (step %d)", ckpt, step)
+    run = TrainingRun(out, desc="train teacher", total_steps=cfg.steps, columns=["loss", "mse", "lr"],
+                      modules=modules, optimizers={"teacher": opt}, config=cfg, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=resume)
 
     def lr_now(s: int) -> float:
         return cfg.lr * (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else lr_at(s, cfg)
 
     unet.train()
     text_encoder.train()
-    with open(out / "log.csv", "a" if step else "w", newline="") as f:
-        writer = csv.writer(f)
-        if not step:
-            writer.writerow(["step", "loss", "mse", "lr", "seconds"])
-        bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", unit="step")
-        t0 = time.time()
-        while step < cfg.steps:
+    with run:
+        while not run.done:
             # 1. Per-step draws, a pure function of (seed, step)
-            gen = step_generator(cfg.seed, step)
+            gen = step_generator(cfg.seed, run.step)
             idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
             t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=gen)
             eps = teacher_noise(tuple(z_all[idx].shape), cfg.offset_noise, gen)
             drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
             ids = torch.where(drop[:, None], empty_ids.expand(cfg.batch_size, -1), ids_all[idx])
             # 2. Loss, backward, clip, step
+            lr = lr_now(run.step)
             for group in opt.param_groups:
-                group["lr"] = lr_now(step)
+                group["lr"] = lr
             losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t, eps, schedule, cfg.snr_gamma)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             # 3. EMA (warm-up: decay grows from 0.1 to ema_decay)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
             ema_update(ema_unet, unet, decay)
             ema_update(ema_text, text_encoder, decay)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
-                writer.writerow([step, losses["loss"].item(), losses["mse"].item(), lr_now(step - 1),
-                                 round(time.time() - t0, 1)])
-                f.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out, step, modules=modules, optimizers={"teacher": opt},
-                                extra={"config": to_dict(cfg)})
-        bar.close()
-    return tiny.save_pipeline(out / "final", tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet)
+            run.end_step({"loss": losses["loss"].item(), "mse": losses["mse"].item(), "lr": lr})
+    with atomic_directory(out / "final") as tmp:
+        tiny.save_pipeline(tmp, tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet)
+    return out / "final"

@@ -7,20 +7,18 @@ the latent scaling factor is measured as SD did: 1 / std of the posterior means 
 
 from __future__ import annotations
 
-import csv
 import logging
-import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from icd import world
 from icd.models import tiny
-from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from icd.train.config import to_dict
+from icd.train.checkpoint import atomic_directory
 from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.train.runner import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,6 @@ class VAEConfig:
 
 def lr_at(step: int, cfg) -> float:
     """Cosine decay from cfg.lr to cfg.lr_min over cfg.steps."""
-    import math
-
     frac = min(step / max(cfg.steps, 1), 1.0)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
@@ -80,46 +76,29 @@ def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     vae = tiny.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, modules={"vae": vae}, optimizers={"vae": opt})["step"]
-        log.info("resumed from %s (step %d)", ckpt, step)
-    log_path = out / "log.csv"
-    out.mkdir(parents=True, exist_ok=True)
-    new_log = not log_path.exists() or step == 0
-    with open(log_path, "w" if new_log else "a", newline="") as f:
-        writer = csv.writer(f)
-        if new_log:
-            writer.writerow(["step", "loss", "mse", "l1", "kl", "psnr", "lr", "seconds"])
-        bar = tqdm(total=cfg.steps, initial=step, desc="train vae", unit="step")
-        t0 = time.time()
-        while step < cfg.steps:
-            gen = step_generator(cfg.seed, step)
+    run = TrainingRun(out, desc="train vae", total_steps=cfg.steps, columns=["loss", "mse", "l1", "kl", "psnr", "lr"],
+                      modules={"vae": vae}, optimizers={"vae": opt}, config=cfg, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=resume)
+    with run:
+        while not run.done:
+            gen = step_generator(cfg.seed, run.step)
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).numpy()
             x = to_tensor(images[idx])
+            lr = lr_at(run.step, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             losses = vae_loss(vae, x, cfg, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                psnr = float(10 * torch.log10(4.0 / losses["mse"].detach()))  # range [-1, 1] has peak-to-peak 2
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", psnr=f"{psnr:.2f}")
-                vals = [losses[k].item() for k in ("loss", "mse", "l1", "kl")]
-                writer.writerow([step, *vals, psnr, lr_at(step, cfg), round(time.time() - t0, 1)])
-                f.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out, step, modules={"vae": vae}, optimizers={"vae": opt},
-                                extra={"config": to_dict(cfg)})
-        bar.close()
+            values = {k: v.item() for k, v in losses.items()}
+            values.update(psnr=10 * math.log10(4.0 / values["mse"]), lr=lr)  # [-1, 1] has peak-to-peak 2
+            run.end_step(values)
     vae.eval()
     scale = measure_scaling_factor(vae, cfg.n_scale_images)
     vae.register_to_config(scaling_factor=scale)
-    vae.save_pretrained(out / "final")
+    with atomic_directory(out / "final") as tmp:
+        vae.save_pretrained(tmp)
     log.info("latent scaling factor %.5f; VAE saved to %s", scale, out / "final")
     return out / "final"

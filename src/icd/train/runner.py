@@ -1,0 +1,78 @@
+"""The bookkeeping every training loop shares: resume, progress bar, CSV log and checkpoint cadence.
+
+    with TrainingRun(out, desc="train vae", total_steps=cfg.steps, columns=["loss", "lr"], modules=..., ...) as run:
+        while not run.done:
+            ...  # one optimizer step, a pure function of (seed, run.step)
+            run.end_step({"loss": loss.item(), "lr": lr})
+
+On resume the log keeps only the rows up to the restored step, so a resumed run's log.csv reads like an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.train.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRun:
+    def __init__(self, out_dir: str | Path, *, desc: str, total_steps: int, columns: Sequence[str],
+                 modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+                 config: Any, log_every: int, checkpoint_every: int, resume: bool = True):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.desc, self.total_steps, self.columns = desc, total_steps, list(columns)
+        self.modules, self.optimizers, self.config = modules, optimizers, config
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.step = 0
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            self.step = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)["step"]
+            log.info("resumed from %s (step %d)", ckpt, self.step)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def __enter__(self) -> TrainingRun:
+        path = self.out / "log.csv"
+        rows: list[list[str]] = []
+        if self.step and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= self.step]
+        self._file = open(path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerows([["step", *self.columns, "seconds"], *rows])
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
+        self._t0 = time.time()
+        return self
+
+    def end_step(self, values: Mapping[str, float]) -> None:
+        """Count one finished optimizer step; log and checkpoint on their cadence (and at the end)."""
+        self.step += 1
+        self._bar.update(1)
+        if self.step % self.log_every == 0 or self.done:
+            first = self.columns[0]
+            self._bar.set_postfix({first: f"{values[first]:.4g}"})
+            self._writer.writerow([self.step, *(values[c] for c in self.columns), round(time.time() - self._t0, 1)])
+            self._file.flush()
+        if self.step % self.checkpoint_every == 0 or self.done:
+            save_checkpoint(self.out, self.step, modules=self.modules, optimizers=self.optimizers,
+                            extra={"config": to_dict(self.config)})
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+        self._file.close()

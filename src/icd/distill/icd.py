@@ -73,27 +73,34 @@ def segment_ends(j: torch.Tensor, boundaries: Boundaries) -> tuple[torch.Tensor,
     return lower.clamp(min=boundaries.start), upper
 
 
+def _cycle(first: UnguidedEps, second: UnguidedEps, x_start: torch.Tensor, t_start: torch.Tensor,
+           t_mid: torch.Tensor, schedule: NoiseSchedule, huber_c: float) -> torch.Tensor:
+    """d(second(first(x_start)), x_start): `first` jumps t_start -> t_mid without gradient, `second` jumps back."""
+    with torch.no_grad():
+        x_mid = ddim_jump(x_start, first(x_start, t_start), t_start, t_mid, schedule)
+    x_back = ddim_jump(x_mid, second(x_mid, t_mid), t_mid, t_start, schedule)
+    return pseudo_huber(x_back, x_start, huber_c)
+
+
 def forward_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
                      eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
                      huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
-    """L_f: forward(reverse(x_u)) ~ x_u; trains F only, R runs without gradient (paper eq. 4)."""
+    """L_f = d(F(R(x_u)), x_u): trains F only, R runs without gradient, both unguided (paper eq. 4)."""
     lower, upper = segment_ends(j, boundaries)
     zero = torch.zeros(z0.shape[0], device=z0.device)
     x_u = schedule.add_noise(z0, eps, upper)
-    with torch.no_grad():
-        x_l = ddim_jump(x_u, reverse(x_u, upper, cond, zero), upper, lower, schedule)
-    x_u_hat = ddim_jump(x_l, forward(x_l, lower, cond), lower, upper, schedule)
-    return {"preserve_forward": pseudo_huber(x_u_hat, x_u, huber_c)}
+    loss = _cycle(lambda x, t: reverse(x, t, cond, zero), lambda x, t: forward(x, t, cond), x_u, upper, lower,
+                  schedule, huber_c)
+    return {"preserve_forward": loss}
 
 
 def reverse_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
                      eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
                      huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
-    """L_r: reverse(forward(x_l)) ~ x_l; trains R only, F runs without gradient (paper eq. 4)."""
+    """L_r = d(R(F(x_l)), x_l): trains R only, F runs without gradient, both unguided (paper eq. 4)."""
     lower, upper = segment_ends(j, boundaries)
     zero = torch.zeros(z0.shape[0], device=z0.device)
     x_l = schedule.add_noise(z0, eps, lower)
-    with torch.no_grad():
-        x_u = ddim_jump(x_l, forward(x_l, lower, cond), lower, upper, schedule)
-    x_l_hat = ddim_jump(x_u, reverse(x_u, upper, cond, zero), upper, lower, schedule)
-    return {"preserve_reverse": pseudo_huber(x_l_hat, x_l, huber_c)}
+    loss = _cycle(lambda x, t: forward(x, t, cond), lambda x, t: reverse(x, t, cond, zero), x_l, lower, upper,
+                  schedule, huber_c)
+    return {"preserve_reverse": loss}

@@ -23,3 +23,21 @@ def random_model_dir(tmp_path_factory):
     from icd.models import tiny
 
     return tiny.build_random_pipeline(tmp_path_factory.mktemp("random_model") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_distilled_dir(tmp_path_factory, random_model_dir):
+    """`random_model_dir` plus a guidance-conditioned UNet in unet_guidance/ (random cond_proj)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from icd.distill.guidance import init_student_from_teacher
+
+    out = tmp_path_factory.mktemp("random_distilled") / "model"
+    shutil.copytree(random_model_dir, out)
+    student = init_student_from_teacher(UNet2DConditionModel.from_pretrained(random_model_dir / "unet"))
+    torch.manual_seed(3)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.02)
+    student.save_pretrained(out / "unet_guidance")
+    return out

@@ -108,3 +108,19 @@ def test_guidance_student_starts_equal_to_the_conditional_teacher():
     assert zero["guidance"].item() < 1e-10  # w = 0: the student already equals the conditional teacher
     guided = guidance_loss(student_eps, teacher_eps, z0, cond, uncond, torch.randn_like(z0), t, w, S)
     assert guided["guidance"].item() > 1e-6
+
+
+def test_changing_the_boundaries_changes_the_training_targets():
+    """Reference defect 1: boundary settings must reach the solver and the losses."""
+    def student(x, t, cond, w):
+        return 0.1 * x
+
+    def teacher(x, t, cond, w):
+        return 0.2 * x
+
+    z0 = torch.randn(4, 4, 4, 4)
+    eps, cond, w = torch.randn_like(z0), Cond(tokens=torch.zeros(4, 2, 3)), torch.zeros(4)
+    n = torch.tensor([20, 30, 40, 45])  # t_hi = 419, 619, 819, 919
+    a = reverse_cd(student, teacher, z0, cond, eps, n, w, Boundaries.preset("4step-1"), S)["cd_reverse"]
+    b = reverse_cd(student, teacher, z0, cond, eps, n, w, Boundaries.preset("3step"), S)["cd_reverse"]
+    assert not torch.isclose(a, b)

@@ -78,6 +78,9 @@ def cmd_train(args) -> None:
     if args.component == "vae":
         from icd.train.vae import VAEConfig as Cfg
         from icd.train.vae import train_vae as run
+    elif args.component == "icd":
+        from icd.train.icd import ICDConfig as Cfg
+        from icd.train.icd import train_icd as run
     elif args.component == "guidance":
         from icd.train.guidance import GuidanceConfig as Cfg
         from icd.train.guidance import train_guidance as run
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.set_defaults(func=cmd_world_grid)
 
     t = sub.add_parser("train", help="train a component of the embedded model from a TOML config")
-    t.add_argument("component", choices=["vae", "judge", "teacher", "guidance"])
+    t.add_argument("component", choices=["vae", "judge", "teacher", "guidance", "icd"])
     t.add_argument("--config", required=True, help="TOML file with a table named after the component")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in out_dir")

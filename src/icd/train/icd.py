@@ -1,0 +1,248 @@
+"""`icd train icd`: invertible consistency distillation of two LoRA adapters (method.md §5; paper eq. 5).
+
+One frozen guidance-distilled UNet carries two adapters: ``rev_cd`` (R, noise -> image) and ``fwd_cd`` (F,
+image -> noise). Each step draws one batch and one noise tensor and computes
+
+    L_R = L_CD^R + lambda_r * L_r        (touches only R's adapter)
+    L_F = L_CD^F + lambda_f * L_f        (touches only F's adapter)
+
+Gradient routing (``update = "joint"``, the default): one backward pass on L_R + L_F, then one clip and one
+optimizer step per adapter. It is exact because every pass through the *other* adapter runs under ``no_grad``
+(R inside L_f, F inside L_r, the teacher everywhere), and adapter switches re-enable ``requires_grad`` on both
+adapters (peft would silently disable the first one otherwise; `icd.models.lora`). ``update = "sequential"``
+reproduces the reference implementation: four backward/clip/step rounds per iteration in the order R-CD, F-CD,
+L_f (F's optimizer), L_r (R's optimizer), where the lambdas act only through Adam's moment estimates.
+
+Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
+LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
+global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from icd.boundaries import Boundaries
+from icd.distill.icd import forward_cd, forward_preserve, reverse_cd, reverse_preserve
+from icd.models import lora
+from icd.models.base import Cond, LatentDiffusion
+from icd.models.embedded import load_model, resolve_model_path
+from icd.train.checkpoint import atomic_directory
+from icd.train.data import file_digest, step_generator, world_latents
+from icd.train.runner import TrainingRun
+
+log = logging.getLogger(__name__)
+UPDATES = ("joint", "sequential")
+
+
+@dataclass(frozen=True)
+class ICDConfig:
+    out_dir: str = "runs/icd"
+    model: str = "embedded"  # pipeline folder holding the guidance-distilled UNet
+    unet_subfolder: str = "unet_guidance"
+    boundaries: str = "4step-1"  # preset (icd.boundaries.PRESETS) unless reverse/forward lists are given
+    reverse_boundaries: tuple[int, ...] = ()  # explicit E_R, e.g. [0, 259, 519, 779]
+    forward_boundaries: tuple[int, ...] = ()  # explicit E_F, e.g. [259, 519, 779, 999]
+    w_set: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)  # guidance codes for reverse CD, sampled uniformly
+    lambda_f: float = 1.5  # weight of L_f (trains F)
+    lambda_r: float = 1.5  # weight of L_r (trains R)
+    forward_cd: bool = True  # False: F learns from L_f alone (paper Table 2 row E, "encoder regime")
+    huber_c: float = 1e-3
+    rank: int = 64
+    alpha: int = 8
+    lr: float = 8e-6  # AdamW, constant (paper)
+    steps: int = 6000
+    batch_size: int = 32  # global batch (split across processes)
+    update: str = "joint"  # "joint" (eq. 5 exactly) or "sequential" (reference compatibility)
+    seed: int = 0
+    n_images: int = 60000
+    max_objects: int = 2
+    checkpoint_every: int = 250
+    log_every: int = 25
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.update not in UPDATES:
+            raise ValueError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if not self.w_set or any(w < 0 for w in self.w_set):
+            raise ValueError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
+        if self.lambda_f < 0 or self.lambda_r < 0:
+            raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
+        if not self.forward_cd and self.lambda_f == 0:
+            raise ValueError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
+        self.resolved_boundaries()  # validates
+
+    def resolved_boundaries(self) -> Boundaries:
+        if self.reverse_boundaries or self.forward_boundaries:
+            return Boundaries(self.reverse_boundaries, self.forward_boundaries)
+        return Boundaries.preset(self.boundaries)
+
+
+def eps_functions(model: LatentDiffusion):
+    """The three eps functions of the losses, all on one UNet: teacher (adapters off), R and F."""
+    unet = model.unet
+
+    def teacher(x, t, cond, w):
+        lora.use(unet, None, trainable=lora.ADAPTERS)
+        return model.eps(x, t, cond, guidance=w)
+
+    def reverse(x, t, cond, w):
+        lora.use(unet, lora.REVERSE, trainable=lora.ADAPTERS)
+        return model.eps(x, t, cond, guidance=w)
+
+    def forward(x, t, cond):
+        lora.use(unet, lora.FORWARD, trainable=lora.ADAPTERS)
+        return model.eps(x, t, cond, guidance=torch.zeros(x.shape[0]))
+
+    return teacher, reverse, forward
+
+
+def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], num_segments: int) -> dict:
+    """Every random draw of one step for the global batch: a pure function of (seed, step)."""
+    gen = step_generator(cfg.seed, step)
+    b = cfg.batch_size
+    w_set = torch.tensor(cfg.w_set, dtype=torch.float32)
+    return {
+        "idx": torch.randint(n_data, (b,), generator=gen),
+        "eps": torch.randn((b, *shape), generator=gen),  # one noise draw shared by the four losses
+        "n_reverse": torch.randint(0, 50, (b,), generator=gen),
+        "n_forward": torch.randint(0, 49, (b,), generator=gen),
+        "w": w_set[torch.randint(len(w_set), (b,), generator=gen)],
+        "j_forward": torch.randint(num_segments, (b,), generator=gen),
+        "j_reverse": torch.randint(num_segments, (b,), generator=gen),
+    }
+
+
+def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
+               d: dict) -> dict[str, torch.Tensor]:
+    """The four loss terms of one (local) batch; see the module docstring for the gradient routing."""
+    teacher, reverse, forward = eps_functions(model)
+    s, c = model.schedule, cfg.huber_c
+    out = reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s, huber_c=c)
+    if cfg.forward_cd:
+        out |= forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s, huber_c=c)
+    if cfg.lambda_f > 0:
+        out |= forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"], boundaries, s, huber_c=c)
+    if cfg.lambda_r > 0:
+        out |= reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"], boundaries, s, huber_c=c)
+    return out
+
+
+def adapter_objectives(losses: dict[str, torch.Tensor], cfg: ICDConfig) -> dict[str, torch.Tensor]:
+    """Paper eq. 5 split per adapter: {rev_cd: L_CD^R + lambda_r L_r, fwd_cd: L_CD^F + lambda_f L_f}."""
+    zero = losses["cd_reverse"].new_zeros(())
+    return {
+        lora.REVERSE: losses["cd_reverse"] + cfg.lambda_r * losses.get("preserve_reverse", zero),
+        lora.FORWARD: losses.get("cd_forward", zero) + cfg.lambda_f * losses.get("preserve_forward", zero),
+    }
+
+
+class _Sync:
+    """Gradient averaging across processes when a torch.distributed group exists (accelerate launch)."""
+
+    def __init__(self):
+        dist = torch.distributed
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    def average(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad /= self.world
+
+
+def _apply(params, opt, sync: _Sync) -> None:
+    sync.average(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)  # per adapter
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sync = _Sync()
+    out = Path(cfg.out_dir)
+    boundaries = cfg.resolved_boundaries()
+    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
+    if not model.guidance_distilled:
+        raise ValueError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
+    vae_file = next((resolve_model_path(cfg.model) / "vae").glob("*.safetensors"))
+    z_all, captions = world_latents(model.vae, file_digest(vae_file), cfg.n_images, max_objects=cfg.max_objects,
+                                    cache_dir=out.parent / "cache")
+    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
+    opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            for name, p in params.items()}
+    columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
+    run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules={"unet": model.unet},
+                      optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      resume=resume)
+    with run:
+        while not run.done:
+            # 1. global draws, then this process's rows
+            d = batch_draws(cfg, run.step, len(z_all), tuple(z_all.shape[1:]), boundaries.num_segments)
+            rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
+            d = {k: v[rows] for k, v in d.items()}
+            z0 = z_all[d["idx"]]
+            cond = model.encode_prompt([captions[i] for i in d["idx"].tolist()])
+            # 2. losses and updates
+            if cfg.update == "joint":
+                losses = icd_losses(model, cfg, boundaries, z0, cond, d)
+                objectives = adapter_objectives(losses, cfg)
+                (objectives[lora.REVERSE] + objectives[lora.FORWARD]).backward()
+                for name in lora.ADAPTERS:
+                    _apply(params[name], opts[name], sync)
+            else:
+                losses = _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync)
+            losses = {k: v.detach() for k, v in losses.items()}
+            values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
+            values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
+            run.end_step(values)
+    return save_icd_adapters(model, cfg, boundaries, out / "final")
+
+
+def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync) -> dict[str, torch.Tensor]:
+    """Reference-compatible update: four backward/clip/step rounds (R-CD, F-CD, L_f on F, L_r on R)."""
+    teacher, reverse, forward = eps_functions(model)
+    s, c = model.schedule, cfg.huber_c
+    rounds = [
+        (lora.REVERSE, 1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"],
+                                               boundaries, s, huber_c=c)),
+        (lora.FORWARD, 1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
+                                               huber_c=c) if cfg.forward_cd else {}),
+        (lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],
+                                                              boundaries, s, huber_c=c) if cfg.lambda_f else {}),
+        (lora.REVERSE, cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"],
+                                                              boundaries, s, huber_c=c) if cfg.lambda_r else {}),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for name, weight, compute in rounds:
+        terms = compute()
+        if not terms:
+            continue
+        (weight * sum(terms.values())).backward()
+        _apply(params[name], opts[name], sync)
+        out |= {k: v.detach() for k, v in terms.items()}
+    return out
+
+
+def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, directory: Path) -> Path:
+    """Both adapters in their own files plus adapters.json (boundaries, w set, tau-free training config)."""
+    from icd.train.config import to_dict
+
+    metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set),
+                "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
+                "config": to_dict(cfg)}
+    with atomic_directory(directory) as tmp:
+        lora.save_adapters(model.unet, tmp, metadata)
+    return directory

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icd.models import lora
+from icd.models.embedded import load_model
+from icd.train.icd import ICDConfig, adapter_objectives, batch_draws, icd_losses, train_icd
+
+
+def _cfg(tmp_path, model_dir, out="icd", **kw):
+    base = dict(out_dir=str(tmp_path / out), model=str(model_dir), steps=2, batch_size=2, n_images=8, rank=4,
+                lr=1e-3, checkpoint_every=1, log_every=1, w_set=(0.0, 2.0))
+    return ICDConfig(**{**base, **kw})
+
+
+def _setup(cfg):
+    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
+    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha)
+    for name in lora.ADAPTERS:  # non-zero B so every adapter changes the output
+        for p in lora.lora_parameters(model.unet, name):
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("term, owner", [("cd_reverse", lora.REVERSE), ("preserve_reverse", lora.REVERSE),
+                                         ("cd_forward", lora.FORWARD), ("preserve_forward", lora.FORWARD)])
+def test_each_loss_sends_gradient_only_to_its_adapter(tmp_path, random_distilled_dir, term, owner):
+    cfg = _cfg(tmp_path, random_distilled_dir, batch_size=3)
+    model = _setup(cfg)
+    b = cfg.resolved_boundaries()
+    d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
+    z0 = torch.randn(3, 4, 16, 16)
+    cond = model.encode_prompt(["a large red circle on a gray background"] * 3)
+    losses = icd_losses(model, cfg, b, z0, cond, d)
+    losses[term].backward()
+    for name in lora.ADAPTERS:
+        grads = [p.grad for p in lora.lora_parameters(model.unet, name)]
+        got = any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert got == (name == owner), (term, name)
+    assert all(p.grad is None for n, p in model.unet.named_parameters() if ".lora_" not in n)
+
+
+def test_lambdas_weight_the_adapter_objectives(tmp_path, random_distilled_dir):
+    losses = {k: torch.tensor(v) for k, v in
+              dict(cd_reverse=1.0, cd_forward=2.0, preserve_forward=3.0, preserve_reverse=4.0).items()}
+    obj = adapter_objectives(losses, _cfg(tmp_path, random_distilled_dir, lambda_f=0.5, lambda_r=2.0))
+    assert obj[lora.REVERSE].item() == 1.0 + 2.0 * 4.0 and obj[lora.FORWARD].item() == 2.0 + 0.5 * 3.0
+
+
+@pytest.mark.parametrize("boundaries", ["4step-1", "3step"])
+def test_training_saves_distinct_adapters_with_their_boundaries(tmp_path, random_distilled_dir, boundaries):
+    final = train_icd(_cfg(tmp_path, random_distilled_dir, boundaries=boundaries))
+    rev = load_file(str(final / f"{lora.REVERSE}.safetensors"))
+    fwd = load_file(str(final / f"{lora.FORWARD}.safetensors"))
+    assert rev.keys() == fwd.keys()
+    assert any(not torch.equal(rev[k], fwd[k]) for k in rev)
+    model = load_model(random_distilled_dir, unet_subfolder="unet_guidance")
+    lora.add_adapters(model.unet, rank=4, alpha=8)
+    meta = lora.load_adapters(model.unet, final)
+    from icd.boundaries import Boundaries
+
+    assert meta["boundaries"]["reverse"] == list(Boundaries.preset(boundaries).reverse)
+    x, cond = torch.randn(1, 4, 16, 16), model.encode_prompt(["a small blue star on a white background"])
+    with torch.no_grad():
+        lora.use(model.unet, lora.REVERSE)
+        a = model.eps(x, 500, cond)
+        lora.use(model.unet, lora.FORWARD)
+        b = model.eps(x, 500, cond)
+    assert not torch.equal(a, b)
+
+
+def test_sequential_update_takes_four_optimizer_steps(tmp_path, random_distilled_dir, monkeypatch):
+    calls = []
+    original = torch.optim.AdamW.step
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="seq", steps=1, update="sequential"))
+    assert len(calls) == 4
+    calls.clear()
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="joint", steps=1, update="joint"))
+    assert len(calls) == 2
+
+
+def test_icd_resume_is_exact(tmp_path, random_distilled_dir):
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="a", steps=2))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="b", steps=1))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="b", steps=2))
+    a = load_file(str(tmp_path / "a" / "final" / f"{lora.REVERSE}.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / f"{lora.REVERSE}.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="update"):
+        ICDConfig(update="parallel")
+    with pytest.raises(ValueError, match="strictly increasing|tile|start"):
+        ICDConfig(reverse_boundaries=(0, 500, 400), forward_boundaries=(500, 400, 999))

@@ -11,8 +11,7 @@ from icd.models.embedded import embedded_model_path, load_model
 def test_shipped_model_loads_in_stable_diffusion_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None,
-                                                   torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None, dtype=torch.float32)
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     out = pipe("a large red circle on a gray background", num_inference_steps=4, guidance_scale=3.0,

@@ -12,7 +12,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   icd world case --kind color --seed 3 --out out/case3
   icd world grid --n 16 -o out/grid.png
-  icd generate "a large red circle on a gray background" --seed 0 --steps 50 --guidance 3 -o out/gen.png
+  icd generate "a large red circle on a gray background" --seed 0 --steps 50 --guidance 1 -o out/gen.png
   icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
       -o out/recon.png --json
   icd train teacher --config configs/embedded.toml
@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=3.0, help="guidance code w = CFG scale - 1 (0: unguided)")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
     g.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1), side by side")
     g.add_argument("-o", "--output", required=True)
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--guidance", type=float, default=3.0, help="guidance code w for the generated image")
+    d.add_argument("--guidance", type=float, default=1.0, help="guidance code w for the generated image")
     d.add_argument("--model", default="embedded")
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(func=cmd_demo)

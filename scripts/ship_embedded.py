@@ -29,7 +29,7 @@ def main() -> int:
     from diffusers import StableDiffusionPipeline
 
     from icd import world
-    from icd.models.tiny import VOCABULARY_FILE
+    from icd.models.tiny import VOCABULARY_FILE, write_tokenizer_files
 
     src = Path(args.teacher)
     if not (src / "model_index.json").is_file():
@@ -41,6 +41,7 @@ def main() -> int:
     tmp = ASSETS / "embedded.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_tokenizer_files(tmp / "tokenizer")
     (tmp / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
     final = ASSETS / "embedded"
     shutil.rmtree(final, ignore_errors=True)

@@ -30,6 +30,16 @@ def test_shipped_model_size_and_config():
     assert model.unet.config.down_block_types[0] == "DownBlock2D"
 
 
+def test_shipped_tokenizer_has_one_token_per_word():
+    from transformers import CLIPTokenizer
+
+    folder = embedded_model_path() / "tokenizer"
+    assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    for tok in (CLIPTokenizer.from_pretrained(folder), load_model().tokenizer):
+        for word in world.vocabulary():
+            assert len(tok(word).input_ids) == 3, word
+
+
 def test_judge_reads_fresh_renders_exactly():
     judge = JudgeScorer.load()
     scenes = [world.sample_scene(world.EVAL_SEED_START + 50_000 + i, max_objects=3) for i in range(300)]

@@ -86,13 +86,18 @@ def scheduler_config() -> dict:
     )
 
 
+def write_tokenizer_files(directory: str | Path) -> None:
+    """vocab.json + merges.txt (+ configs) of the world tokenizer, beside any tokenizer.json transformers wrote."""
+    from icd.models.tokenizer import write_tokenizer
+
+    write_tokenizer(directory, world.vocabulary(), max_length=MAX_LENGTH)
+
+
 def build_tokenizer(directory: str | Path):
     """Write the world tokenizer to `directory` and load it as a `CLIPTokenizer`."""
     from transformers import CLIPTokenizer
 
-    from icd.models.tokenizer import write_tokenizer
-
-    write_tokenizer(directory, world.vocabulary(), max_length=MAX_LENGTH)
+    write_tokenizer_files(directory)
     return CLIPTokenizer.from_pretrained(str(directory))
 
 
@@ -136,6 +141,7 @@ def save_pipeline(directory: str | Path, *, tokenizer, text_encoder, vae, unet) 
     )
     directory = Path(directory)
     pipe.save_pretrained(directory)
+    write_tokenizer_files(directory / "tokenizer")
     (directory / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
     return directory
 

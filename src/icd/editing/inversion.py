@@ -1,7 +1,11 @@
 """Inversions: image latents -> noise, and back.
 
-DDIM inversion (baselines.md §2): deterministic DDIM up an explicit grid with the source prompt at w = 0, noise
-evaluated at each step's starting point, from z0 at t = 0 (or from x_19 with explicit noise, iCD style).
+- DDIM inversion (baselines.md §2): deterministic DDIM up an explicit grid with the source prompt at w = 0, noise
+  evaluated at each step's starting point, from z0 at t = 0.
+- iCD inversion (method.md §8.1): noise z0 to x_19 with explicit noise, then the forward model's jumps
+  19 -> E_F[0] -> ... -> 999 at w = 0 with the source prompt; decoding runs the reverse model's jumps
+  999 -> E_R[-1] -> ... -> 0 with dynamic guidance. Inversion is a pure function of (image, prompt, noise): the
+  noise comes from an explicit tensor or from per-sample seeds (default 0), never from the global RNG.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from icd.boundaries import Boundaries
+from icd.guidance import dynamic_guidance
+from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
-from icd.sampling import guided_eps
+from icd.sampling import guided_eps, initial_noise
 from icd.schedule import ddim_grid
 from icd.solver import ddim_loop
 
@@ -45,4 +52,29 @@ def ddim_decode(model: LatentDiffusion, inversion: Inversion, cond: Cond, *, gui
     """DDIM from the inversion's noise back down its own grid to t = 0; returns clean latents."""
     timesteps = list(reversed(inversion.timesteps))
     z0, _ = ddim_loop(guided_eps(model, cond, guidance, tau), inversion.noise, timesteps, model.schedule)
+    return z0
+
+
+@torch.no_grad()
+def icd_invert(model: LatentDiffusion, z0: torch.Tensor, cond: Cond, prompts: list[str], boundaries: Boundaries,
+               *, noise: torch.Tensor | None = None, seed: int = 0) -> Inversion:
+    """Forward-model encoding (method.md §8.1): x_start = alpha z0 + sigma eps, then one F call per segment."""
+    if noise is None:
+        noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
+    timesteps = boundaries.forward_schedule()
+    x_start = model.schedule.add_noise(z0, noise.to(z0.dtype), timesteps[0])
+    lora.use(model.unet, lora.FORWARD)
+    zero = torch.zeros(z0.shape[0])
+    _, visited = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=zero), x_start, timesteps, model.schedule)
+    return Inversion(latents=visited, timesteps=timesteps, prompts=list(prompts), method="icd")
+
+
+@torch.no_grad()
+def icd_decode(model: LatentDiffusion, noise: torch.Tensor, cond: Cond, boundaries: Boundaries, *,
+               guidance: torch.Tensor | float = 0.0, tau: float | None = None) -> torch.Tensor:
+    """Reverse-model decoding 999 -> ... -> 0 with per-sample guidance codes and dynamic CFG threshold tau."""
+    w = torch.as_tensor(guidance, dtype=torch.float32).expand(noise.shape[0]).clone()
+    lora.use(model.unet, lora.REVERSE)
+    z0, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=dynamic_guidance(t, w, tau)), noise,
+                      boundaries.reverse_schedule(), model.schedule)
     return z0

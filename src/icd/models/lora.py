@@ -100,3 +100,12 @@ def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) 
         if unexpected:
             raise ValueError(f"adapter {name}: unexpected keys for this UNet, e.g. {unexpected[:3]}")
     return meta
+
+
+def attach_adapters(unet, directory: str | Path) -> dict:
+    """Add both adapters with the rank/alpha recorded in ``adapters.json`` and load their weights."""
+    meta = json.loads((Path(directory) / "adapters.json").read_text())
+    add_adapters(unet, rank=int(meta.get("rank", 64)), alpha=int(meta.get("alpha", 8)))
+    load_adapters(unet, directory)
+    unet.requires_grad_(False)
+    return meta

@@ -1,0 +1,44 @@
+import torch
+
+from icd import world
+from icd.boundaries import Boundaries
+from icd.editing.inversion import icd_decode, icd_invert
+from icd.models import lora
+from icd.models.embedded import load_model
+from icd.train.icd import ICDConfig, train_icd
+
+
+def _model_with_adapters(tmp_path, model_dir, boundaries="4step-1"):
+    cfg = ICDConfig(out_dir=str(tmp_path / f"icd-{boundaries}"), model=str(model_dir), steps=1, batch_size=2,
+                    n_images=4, rank=4, boundaries=boundaries, checkpoint_every=1, log_every=1)
+    final = train_icd(cfg)
+    model = load_model(model_dir, unet_subfolder="unet_guidance")
+    meta = lora.attach_adapters(model.unet, final)
+    return model, Boundaries(**{k: meta["boundaries"][k] for k in ("reverse", "forward", "start")})
+
+
+def test_icd_round_trip_counts_calls_and_is_deterministic(tmp_path, random_distilled_dir):
+    model, b = _model_with_adapters(tmp_path, random_distilled_dir)
+    scenes = [world.sample_scene(world.EVAL_SEED_START + i) for i in range(3)]
+    images = torch.stack([torch.from_numpy(world.render(s)) for s in scenes]).numpy()
+    prompts = [s.caption for s in scenes]
+    cond = model.encode_prompt(prompts)
+    z0 = model.encode_images(images)
+    model.counter.reset()
+    inv = icd_invert(model, z0, cond, prompts, b)
+    z0_hat = icd_decode(model, inv.noise, cond, b, guidance=torch.tensor([0.0, 1.0, 2.0]), tau=0.8)
+    assert model.counter.calls == 8 and model.counter.batch_sizes == [3] * 8
+    assert inv.timesteps == [19, 259, 519, 779, 999] and z0_hat.shape == z0.shape
+    again = icd_invert(model, z0, cond, prompts, b)
+    assert torch.equal(again.noise, inv.noise)  # a pure function of (image, prompt, noise seed)
+    other = icd_invert(model, z0, cond, prompts, b, seed=1)
+    assert not torch.equal(other.noise, inv.noise)
+
+
+def test_three_step_boundaries_give_six_calls(tmp_path, random_distilled_dir):
+    model, b = _model_with_adapters(tmp_path, random_distilled_dir, "3step")
+    cond = model.encode_prompt(["a small red star on a black background"])
+    z0 = torch.randn(1, 4, 16, 16)
+    model.counter.reset()
+    icd_decode(model, icd_invert(model, z0, cond, ["x"], b).noise, cond, b)
+    assert model.counter.calls == 6

@@ -21,6 +21,7 @@ global batch.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +146,18 @@ class _Sync:
     """Gradient averaging across processes when a torch.distributed group exists (accelerate launch)."""
 
     def __init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            PartialState()  # joins the process group that `accelerate launch` / torchrun describes (gloo on CPU)
         dist = torch.distributed
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
 
     def average(self, params: list[torch.nn.Parameter]) -> None:
         if not self.active:
@@ -186,7 +195,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
     run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules={"unet": model.unet},
                       optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      resume=resume)
+                      resume=resume, is_main=sync.rank == 0)
     with run:
         while not run.done:
             # 1. global draws, then this process's rows
@@ -208,7 +217,11 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
             values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
             run.end_step(values)
-    return save_icd_adapters(model, cfg, boundaries, out / "final")
+            sync.barrier()  # no process reads a checkpoint before the main process has written it
+    if sync.rank == 0:
+        save_icd_adapters(model, cfg, boundaries, out / "final")
+    sync.barrier()
+    return out / "final"
 
 
 def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync) -> dict[str, torch.Tensor]:

@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 class TrainingRun:
     def __init__(self, out_dir: str | Path, *, desc: str, total_steps: int, columns: Sequence[str],
                  modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                 config: Any, log_every: int, checkpoint_every: int, resume: bool = True):
+                 config: Any, log_every: int, checkpoint_every: int, resume: bool = True, is_main: bool = True):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.desc, self.total_steps, self.columns = desc, total_steps, list(columns)
         self.modules, self.optimizers, self.config = modules, optimizers, config
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.is_main = is_main  # only the main process writes logs and checkpoints (every process resumes)
         self.step = 0
         ckpt = latest_checkpoint(self.out) if resume else None
         if ckpt is not None:
@@ -47,6 +48,11 @@ class TrainingRun:
         return self.step >= self.total_steps
 
     def __enter__(self) -> TrainingRun:
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step",
+                         disable=not self.is_main)
+        self._t0 = time.time()
+        if not self.is_main:
+            return self
         path = self.out / "log.csv"
         rows: list[list[str]] = []
         if self.step and path.is_file():
@@ -56,14 +62,14 @@ class TrainingRun:
         self._file = open(path, "w", newline="")
         self._writer = csv.writer(self._file)
         self._writer.writerows([["step", *self.columns, "seconds"], *rows])
-        self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
-        self._t0 = time.time()
         return self
 
     def end_step(self, values: Mapping[str, float]) -> None:
         """Count one finished optimizer step; log and checkpoint on their cadence (and at the end)."""
         self.step += 1
         self._bar.update(1)
+        if not self.is_main:
+            return
         if self.step % self.log_every == 0 or self.done:
             first = self.columns[0]
             self._bar.set_postfix({first: f"{values[first]:.4g}"})
@@ -75,4 +81,5 @@ class TrainingRun:
 
     def __exit__(self, *exc) -> None:
         self._bar.close()
-        self._file.close()
+        if self.is_main:
+            self._file.close()

@@ -113,10 +113,9 @@ class LatentDiffusion:
         """Token embeddings of `prompts` (padded to the tokenizer's max length; longer prompts are truncated)."""
         self.check_prompts(prompts)
         limit = self.tokenizer.model_max_length
-        for p in prompts:
-            n = len(self.tokenizer(p).input_ids)
-            if n > limit:
-                log.warning("prompt truncated to %d tokens (it has %d): %r", limit, n, p)
+        for p, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids):
+            if len(ids) > limit:
+                log.warning("prompt truncated to %d tokens (it has %d): %r", limit, len(ids), p)
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return Cond(tokens=self.text_encoder(ids)[0].to(self.dtype))

@@ -75,11 +75,15 @@ def encode_images(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
     return (torch.cat(out) * vae.config.scaling_factor).contiguous()
 
 
-def world_latents(vae, vae_key: str, n: int, *, max_objects: int = 2, cache_dir: str | Path | None = None,
+def world_latents(vae, vae_dir: str | Path, n: int, *, max_objects: int = 2, cache_dir: str | Path | None = None,
                   seed_start: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """Latents and captions of world seeds ``seed_start ..``, cached per VAE (`vae_key`, e.g. a weight digest)."""
+    """Latents and captions of world seeds ``seed_start ..`` encoded by `vae` (loaded from folder `vae_dir`).
+
+    The cache is keyed by a digest of the VAE's weight file, so retrained weights never reuse stale latents.
+    """
     from safetensors.torch import load_file, save_file
 
+    vae_key = file_digest(next(Path(vae_dir).glob("*.safetensors")))
     images, captions = world_dataset(n, seed_start=seed_start, max_objects=max_objects, cache_dir=cache_dir)
     name = f"latents-{seed_start}-{n}-{max_objects}-{vae_key}.safetensors"
     path = None if cache_dir is None else Path(cache_dir) / name
@@ -91,3 +95,9 @@ def world_latents(vae, vae_key: str, n: int, *, max_objects: int = 2, cache_dir:
         save_file({"z0": z}, str(tmp))
         tmp.replace(path)
     return z, captions
+
+
+@torch.no_grad()
+def caption_tokens(model, captions: list[str], chunk: int = 1000) -> torch.Tensor:
+    """Text-encoder token embeddings of every caption, computed once before a training loop: (N, L, D)."""
+    return torch.cat([model.encode_prompt(captions[i : i + chunk]).tokens for i in range(0, len(captions), chunk)])

@@ -20,9 +20,8 @@ from icd.guidance import guidance_embedding
 from icd.models.base import Cond
 from icd.models.embedded import load_model, resolve_model_path
 from icd.train.checkpoint import atomic_directory
-from icd.train.data import file_digest, step_generator, world_latents
-from icd.train.runner import TrainingRun
-from icd.train.vae import lr_at
+from icd.train.data import caption_tokens, step_generator, world_latents
+from icd.train.runner import TrainingRun, lr_at
 
 log = logging.getLogger(__name__)
 GUIDANCE_SUBFOLDER = "unet_guidance"
@@ -57,11 +56,9 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_model(cfg.teacher)
-    vae_file = next((resolve_model_path(cfg.teacher) / "vae").glob("*.safetensors"))
-    z_all, captions = world_latents(teacher.vae, file_digest(vae_file), cfg.n_images, max_objects=cfg.max_objects,
-                                    cache_dir=out.parent / "cache")
-    chunks = [captions[i : i + 1000] for i in range(0, len(captions), 1000)]
-    tokens_all = torch.cat([teacher.encode_prompt(chunk).tokens for chunk in chunks])
+    z_all, captions = world_latents(teacher.vae, resolve_model_path(cfg.teacher) / "vae", cfg.n_images,
+                                    max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
+    tokens_all = caption_tokens(teacher, captions)
     uncond_tokens = teacher.encode_prompt([""]).tokens
     torch.manual_seed(cfg.seed)
     student = init_student_from_teacher(teacher.unet)

@@ -33,7 +33,7 @@ from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
 from icd.train.checkpoint import atomic_directory
-from icd.train.data import file_digest, step_generator, world_latents
+from icd.train.data import caption_tokens, step_generator, world_latents
 from icd.train.runner import TrainingRun
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,9 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
     if not model.guidance_distilled:
         raise ValueError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
-    vae_file = next((resolve_model_path(cfg.model) / "vae").glob("*.safetensors"))
-    z_all, captions = world_latents(model.vae, file_digest(vae_file), cfg.n_images, max_objects=cfg.max_objects,
-                                    cache_dir=out.parent / "cache")
+    z_all, captions = world_latents(model.vae, resolve_model_path(cfg.model) / "vae", cfg.n_images,
+                                    max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
+    tokens_all = caption_tokens(model, captions)
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
     opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -203,7 +203,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
             d = {k: v[rows] for k, v in d.items()}
             z0 = z_all[d["idx"]]
-            cond = model.encode_prompt([captions[i] for i in d["idx"].tolist()])
+            cond = Cond(tokens=tokens_all[d["idx"]])
             # 2. losses and updates
             if cfg.update == "joint":
                 losses = icd_losses(model, cfg, boundaries, z0, cond, d)

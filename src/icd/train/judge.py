@@ -11,8 +11,7 @@ import torch
 from icd import judge as J
 from icd import world
 from icd.train.data import step_generator, to_tensor, world_dataset
-from icd.train.runner import TrainingRun
-from icd.train.vae import lr_at
+from icd.train.runner import TrainingRun, lr_at
 
 log = logging.getLogger(__name__)
 

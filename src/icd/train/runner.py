@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,12 @@ from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from icd.train.config import to_dict
 
 log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Cosine decay from cfg.lr to cfg.lr_min over cfg.steps."""
+    frac = min(step / max(cfg.steps, 1), 1.0)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
 
 class TrainingRun:

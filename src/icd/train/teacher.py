@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from icd.models import tiny
 from icd.schedule import NoiseSchedule
 from icd.train.checkpoint import atomic_directory
-from icd.train.data import file_digest, step_generator, world_latents
-from icd.train.runner import TrainingRun
-from icd.train.vae import lr_at
+from icd.train.data import step_generator, world_latents
+from icd.train.runner import TrainingRun, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
-    vae_key = file_digest(next(Path(cfg.vae_path).glob("*.safetensors")))
-    z_all, captions = world_latents(vae, vae_key, cfg.n_images, max_objects=cfg.max_objects,
+    z_all, captions = world_latents(vae, cfg.vae_path, cfg.n_images, max_objects=cfg.max_objects,
                                     cache_dir=out.parent / "cache")
     tokenizer = tiny.build_tokenizer(out / "tokenizer")
     ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,

@@ -18,7 +18,7 @@ from icd import world
 from icd.models import tiny
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import step_generator, to_tensor, world_dataset
-from icd.train.runner import TrainingRun
+from icd.train.runner import TrainingRun, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ class VAEConfig:
         for name in ("steps", "batch_size", "n_images", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"VAEConfig.{name} must be positive, got {getattr(self, name)}")
-
-
-def lr_at(step: int, cfg) -> float:
-    """Cosine decay from cfg.lr to cfg.lr_min over cfg.steps."""
-    frac = min(step / max(cfg.steps, 1), 1.0)
-    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
 
 def vae_loss(vae, x: torch.Tensor, cfg: VAEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:

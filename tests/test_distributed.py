@@ -31,8 +31,10 @@ def test_two_processes_match_one(tmp_path, random_distilled_dir):
         pytest.skip("torchrun / torch.distributed not available")
     cfg_path = tmp_path / "icd.toml"
     cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir))
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "icd.cli", "train", "icd", "--config",
-                          str(cfg_path)], capture_output=True, text=True, timeout=600,
+    # --standalone: torchrun picks a free rendezvous port, so back-to-back runs never collide on 29500
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "icd.cli", "train", "icd", "--config",
+           str(cfg_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={"OMP_NUM_THREADS": "1", "PATH": str(torchrun.parent), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     train_icd(ICDConfig(out_dir=str(tmp_path / "single"), model=str(random_distilled_dir), steps=2, batch_size=4,

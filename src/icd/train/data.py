@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def world_dataset(n: int, *, seed_start: int = 0, max_objects: int = 2, cache_di
         captions.append(scene.caption)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")  # per process: concurrent ranks never collide
         np.savez(tmp, images=images, captions=np.array(json.dumps(captions)))
         tmp.replace(path)
     return images, captions
@@ -91,7 +92,7 @@ def world_latents(vae, vae_dir: str | Path, n: int, *, max_objects: int = 2, cac
         return load_file(str(path))["z0"], captions
     z = encode_images(vae, images)
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: concurrent ranks never collide
         save_file({"z0": z}, str(tmp))
         tmp.replace(path)
     return z, captions

@@ -19,8 +19,9 @@ import torch
 
 from icd import world
 from icd.editing.inversion import ddim_decode, ddim_invert
-from icd.imageio import psnr, save_image, to_uint8
+from icd.imageio import save_image, to_uint8
 from icd.judge import JudgeScorer, attribute_accuracy, degrade
+from icd.metrics import psnr
 from icd.models.embedded import load_model
 from icd.plotting import captioned_grid
 from icd.sampling import generate, guided_eps, initial_noise

@@ -1,9 +1,13 @@
 """Copy trained runs into the package as the embedded model (fp16 safetensors).
 
-usage: python scripts/ship_embedded.py [--teacher runs/teacher/final] [--judge runs/judge/judge.safetensors]
+usage:
+  python scripts/ship_embedded.py --teacher runs/teacher/final --judge runs/judge/judge.safetensors
+  python scripts/ship_embedded.py --guidance runs/guidance/final --icd runs/icd/final
 
-Writes src/icd/assets/embedded/ (a diffusers StableDiffusionPipeline folder) and src/icd/assets/judge.safetensors,
-through a temporary folder and a rename, and checks the total size (<= 30 MB).
+Each given component replaces its part of src/icd/assets/ and the rest is kept: --teacher the whole pipeline
+(tokenizer, text encoder, VAE, teacher UNet), --judge the judge, --guidance the guidance-distilled UNet
+(``unet_guidance/``), --icd the two iCD adapters (``icd/``). The new folder is assembled beside the old one and
+swapped in by renames; the total size is checked (<= 30 MB).
 """
 
 from __future__ import annotations
@@ -21,36 +25,84 @@ ASSETS = ROOT / "src" / "icd" / "assets"
 LIMIT_MB = 30
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="runs/teacher/final")
-    ap.add_argument("--judge", default="runs/judge/judge.safetensors")
-    args = ap.parse_args()
+def _teacher(src: Path, dst: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     from icd import world
     from icd.models.tiny import VOCABULARY_FILE, write_tokenizer_files
 
-    src = Path(args.teacher)
-    if not (src / "model_index.json").is_file():
-        print(f"error: not a pipeline folder: {src}", file=sys.stderr)
-        return 2
     pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, torch_dtype=torch.float32)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.half()
+    keep = {name: dst / name for name in ("unet_guidance", "icd") if (dst / name).is_dir()}
+    saved = {name: Path(shutil.move(str(path), str(dst.parent / f".keep-{name}"))) for name, path in keep.items()}
+    shutil.rmtree(dst, ignore_errors=True)
+    pipe.save_pretrained(dst, safe_serialization=True)
+    write_tokenizer_files(dst / "tokenizer")
+    (dst / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
+    for name, path in saved.items():
+        path.rename(dst / name)
+
+
+def _guidance(src: Path, dst: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(src / "unet_guidance", torch_dtype=torch.float32).half()
+    shutil.rmtree(dst / "unet_guidance", ignore_errors=True)
+    unet.save_pretrained(dst / "unet_guidance", safe_serialization=True)
+
+
+def _icd(src: Path, dst: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    meta = json.loads((src / "adapters.json").read_text())
+    out = dst / "icd"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for name, file in meta["files"].items():
+        state = {k: v.half().contiguous() for k, v in load_file(str(src / file)).items()}
+        save_file(state, str(out / file), metadata={"adapter": name})
+    meta["teacher"] = "embedded"  # the shipped adapters sit on the shipped unet_guidance/
+    (out / "adapters.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", type=Path, help="pipeline folder of the trained teacher (runs/teacher/final)")
+    ap.add_argument("--judge", type=Path, help="judge weights (runs/judge/judge.safetensors)")
+    ap.add_argument("--guidance", type=Path, help="folder holding unet_guidance/ (runs/guidance/final)")
+    ap.add_argument("--icd", type=Path, help="iCD adapters folder (runs/icd/final)")
+    args = ap.parse_args()
+    parts = {k: v for k, v in vars(args).items() if v is not None}
+    if not parts:
+        ap.error("name at least one component to ship")
+    checks = {"teacher": "model_index.json", "judge": "", "guidance": "unet_guidance", "icd": "adapters.json"}
+    for name, path in parts.items():
+        if not (path / checks[name]).exists():
+            print(f"error: --{name} {path} lacks {checks[name] or 'the file'}", file=sys.stderr)
+            return 2
+    final = ASSETS / "embedded"
     tmp = ASSETS / "embedded.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    write_tokenizer_files(tmp / "tokenizer")
-    (tmp / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
-    final = ASSETS / "embedded"
-    shutil.rmtree(final, ignore_errors=True)
+    if final.is_dir():
+        shutil.copytree(final, tmp)
+    if "teacher" in parts:
+        _teacher(parts["teacher"], tmp)
+    if "guidance" in parts:
+        _guidance(parts["guidance"], tmp)
+    if "icd" in parts:
+        _icd(parts["icd"], tmp)
+    old = ASSETS / "embedded.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir():
+        final.rename(old)
     tmp.rename(final)
-    if args.judge:
-        shutil.copyfile(args.judge, ASSETS / "judge.safetensors.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    if "judge" in parts:
+        shutil.copyfile(parts["judge"], ASSETS / "judge.safetensors.tmp")
         (ASSETS / "judge.safetensors.tmp").rename(ASSETS / "judge.safetensors")
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
-    print(f"shipped {final} and the judge: {total:.1f} MB")
+    print(f"shipped {', '.join(parts)} into {final}: assets now {total:.1f} MB")
     if total > LIMIT_MB:
         print(f"error: embedded assets exceed {LIMIT_MB} MB", file=sys.stderr)
         return 1

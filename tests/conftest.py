@@ -41,3 +41,18 @@ def random_distilled_dir(tmp_path_factory, random_model_dir):
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.02)
     student.save_pretrained(out / "unet_guidance")
     return out
+
+
+@pytest.fixture(scope="session")
+def random_icd_dir(tmp_path_factory, random_distilled_dir):
+    """`random_distilled_dir` plus 4-step iCD adapters in icd/ (one training step, rank 4): the shipped layout."""
+    import shutil
+
+    from icd.train.icd import ICDConfig, train_icd
+
+    out = tmp_path_factory.mktemp("random_icd") / "model"
+    shutil.copytree(random_distilled_dir, out)
+    cfg = ICDConfig(out_dir=str(out.parent / "run"), model=str(out), steps=1, batch_size=2, n_images=4, rank=4,
+                    checkpoint_every=1, log_every=1)
+    shutil.copytree(train_icd(cfg), out / "icd")
+    return out

@@ -42,13 +42,13 @@ def _assert_one_line_error(code, err, needle):
 def test_invert_bad_inputs(tmp_path, capsys, random_model_dir):
     (tmp_path / "corrupt.png").write_bytes(b"not an image")
     prompt = "a large red circle on a gray background"
-    base = ["--model", str(random_model_dir), "--prompt", prompt, "-o", str(tmp_path / "r.png")]
+    base = ["--model", str(random_model_dir), "--method", "ddim", "--prompt", prompt, "-o", str(tmp_path / "r.png")]
     code, _, err = run(["invert", str(tmp_path / "missing.png"), *base], capsys)
     _assert_one_line_error(code, err, "not found")
     code, _, err = run(["invert", str(tmp_path / "corrupt.png"), *base], capsys)
     _assert_one_line_error(code, err, "cannot read image")
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
-    bad = ["--model", str(random_model_dir), "--prompt", "a large red zebra on a gray background",
+    bad = ["--model", str(random_model_dir), "--method", "ddim", "--prompt", "a large red zebra on a gray background",
            "-o", str(tmp_path / "r.png")]
     code, _, err = run(["invert", str(tmp_path / "ok.png"), *bad], capsys)
     _assert_one_line_error(code, err, "zebra")
@@ -58,11 +58,14 @@ def test_invert_bad_inputs(tmp_path, capsys, random_model_dir):
     code, _, err = run(["invert", str(tmp_path / "ok.png"), "--model", str(random_model_dir), "--prompt", prompt,
                         "-o", str(tmp_path / "ok.png"), "--force"], capsys)
     _assert_one_line_error(code, err, "overwrite the input")
+    code, _, err = run(["invert", str(tmp_path / "ok.png"), "--model", str(random_model_dir), "--prompt", prompt,
+                        "-o", str(tmp_path / "r.png")], capsys)
+    _assert_one_line_error(code, err, "no iCD adapters")
 
 
 def test_generate_unknown_word_and_empty_prompt(tmp_path, capsys, random_model_dir):
     code, _, err = run(["generate", "a large red circel on a gray background", "--model", str(random_model_dir),
-                        "-o", str(tmp_path / "g.png")], capsys)
+                        "--method", "ddim", "-o", str(tmp_path / "g.png")], capsys)
     _assert_one_line_error(code, err, "circle")  # suggests the closest known word
     code, _, err = run(["generate", "   ", "--model", str(random_model_dir), "-o", str(tmp_path / "g.png")], capsys)
     _assert_one_line_error(code, err, "empty")
@@ -73,12 +76,33 @@ def test_invert_json_reports_counted_nfe(tmp_path, capsys, random_model_dir):
 
     Image.fromarray(world.render(world.sample_scene(3))).save(tmp_path / "in.png")
     code, out, _ = run(["invert", str(tmp_path / "in.png"), "--prompt", world.sample_scene(3).caption, "--steps", "5",
-                        "--model", str(random_model_dir), "-o", str(tmp_path / "r.png"), "--json"], capsys)
+                        "--method", "ddim", "--model", str(random_model_dir), "-o", str(tmp_path / "r.png"), "--json"],
+                       capsys)
     assert code == 0
     report = json.loads(out)
     assert report["nfe"] == 10 and report["method"] == "ddim"
     assert np.isfinite(report["psnr"]) and report["seconds"] > 0
     assert (tmp_path / "r.png").is_file()
+
+
+def test_icd_invert_and_generate_default_to_four_steps(tmp_path, capsys, random_icd_dir):
+    from icd import world
+
+    scene = world.sample_scene(5)
+    Image.fromarray(world.render(scene)).save(tmp_path / "in.png")
+    args = ["invert", str(tmp_path / "in.png"), "--prompt", scene.caption, "--model", str(random_icd_dir), "--json"]
+    code, out, _ = run([*args, "-o", str(tmp_path / "r.png")], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["method"] == "icd" and report["nfe"] == 8 and report["steps"] == 4
+    code, out, _ = run([*args, "-o", str(tmp_path / "r2.png")], capsys)
+    first, second = (np.asarray(Image.open(tmp_path / n)) for n in ("r.png", "r2.png"))
+    np.testing.assert_array_equal(first, second)  # deterministic: the encoding noise has a fixed seed
+    code, _, err = run([*args, "--steps", "3", "-o", str(tmp_path / "r3.png")], capsys)
+    _assert_one_line_error(code, err, "take 4 steps")
+    code, out, _ = run(["generate", scene.caption, "--model", str(random_icd_dir), "--n", "2", "--json",
+                        "-o", str(tmp_path / "g.png")], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["method"] == "icd" and report["nfe"] == 4 and report["steps"] == 4
 
 
 def test_console_script_help_and_bad_subcommand():

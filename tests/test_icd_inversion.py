@@ -1,20 +1,19 @@
+import pytest
 import torch
 
 from icd import world
 from icd.boundaries import Boundaries
 from icd.editing.inversion import icd_decode, icd_invert
-from icd.models import lora
-from icd.models.embedded import load_model
+from icd.models.embedded import load_icd_model
 from icd.train.icd import ICDConfig, train_icd
 
 
 def _model_with_adapters(tmp_path, model_dir, boundaries="4step-1"):
     cfg = ICDConfig(out_dir=str(tmp_path / f"icd-{boundaries}"), model=str(model_dir), steps=1, batch_size=2,
                     n_images=4, rank=4, boundaries=boundaries, checkpoint_every=1, log_every=1)
-    final = train_icd(cfg)
-    model = load_model(model_dir, unet_subfolder="unet_guidance")
-    meta = lora.attach_adapters(model.unet, final)
-    return model, Boundaries(**{k: meta["boundaries"][k] for k in ("reverse", "forward", "start")})
+    model = load_icd_model(model_dir, adapters=train_icd(cfg))
+    assert model.icd.boundaries == Boundaries.preset(boundaries) and model.icd.tau == cfg.tau
+    return model, model.icd.boundaries
 
 
 def test_icd_round_trip_counts_calls_and_is_deterministic(tmp_path, random_distilled_dir):
@@ -42,3 +41,24 @@ def test_three_step_boundaries_give_six_calls(tmp_path, random_distilled_dir):
     model.counter.reset()
     icd_decode(model, icd_invert(model, z0, cond, ["x"], b).noise, cond, b)
     assert model.counter.calls == 6
+
+
+def test_icd_generation_uses_the_reverse_adapter_in_one_call_per_segment(tmp_path, random_distilled_dir):
+    from icd.sampling import generate
+
+    model, b = _model_with_adapters(tmp_path, random_distilled_dir)
+    model.counter.reset()
+    images = generate(model, ["a small red star on a black background"] * 2, method="icd", guidance=1.0, tau=0.8)
+    assert images.shape == (2, 3, 64, 64) and model.counter.calls == 4
+    model.counter.reset()
+    generate(model, ["a small red star on a black background"], method="ddim", steps=3)
+    assert model.counter.calls == 3  # the base UNet (adapters off)
+    with pytest.raises(ValueError, match="trained for 4 steps"):
+        generate(model, ["a small red star on a black background"], method="icd", steps=3)
+
+
+def test_load_icd_model_without_adapters_is_a_clear_error(tmp_path, random_distilled_dir):
+    from icd.models.embedded import ModelError
+
+    with pytest.raises(ModelError, match="no iCD adapters"):
+        load_icd_model(random_distilled_dir, adapters=tmp_path / "nothing")

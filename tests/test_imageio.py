@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd.imageio import ImageError, check_output, fit_image, load_image, psnr, save_image
+from icd.imageio import ImageError, check_output, fit_image, load_image, save_image
 
 
 def test_modes_are_converted_to_rgb(tmp_path):
@@ -52,12 +52,3 @@ def test_outputs_never_clobber(tmp_path):
     save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "new" / "deep" / "o.png")
     assert (tmp_path / "new" / "deep" / "o.png").is_file()
     assert not list(tmp_path.rglob(".*tmp*"))
-
-
-def test_psnr_is_per_image_and_clamped():
-    a = np.zeros((2, 4, 4, 3), np.uint8)
-    b = a.copy()
-    b[1] = 10
-    p = psnr(a, b)
-    assert p[0] == 100.0
-    assert p[1] == pytest.approx(10 * np.log10(255**2 / 100))

@@ -12,10 +12,13 @@ from pathlib import Path
 EXAMPLES = """examples:
   icd world case --kind color --seed 3 --out out/case3
   icd world grid --n 16 -o out/grid.png
-  icd generate "a large red circle on a gray background" --seed 0 --steps 50 --guidance 1 -o out/gen.png
+  icd generate "a large red circle on a gray background" --seed 0 --guidance 1 -o out/gen.png
+  icd generate "a large red circle on a gray background" --method ddim --steps 50 --guidance 1 -o out/gen50.png
+  icd invert out/case3/source.png --prompt "a small blue star on a brown background" -o out/recon.png --json
   icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
-      -o out/recon.png --json
+      -o out/recon50.png
   icd train teacher --config configs/embedded.toml
+  icd train icd --config configs/icd-ablation.toml --section G3
 """
 
 
@@ -90,7 +93,7 @@ def cmd_train(args) -> None:
     else:
         from icd.train.teacher import TeacherConfig as Cfg
         from icd.train.teacher import train_teacher as run
-    cfg = load_config(Cfg, args.config, args.component, args.set or [])
+    cfg = load_config(Cfg, args.config, args.section or args.component, args.set or [])
     result = run(cfg, resume=not args.no_resume)
     print(result)
 
@@ -98,34 +101,47 @@ def cmd_train(args) -> None:
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def _load(args):
+def _load(args, method: str = "ddim"):
     import torch
 
-    from icd.models.embedded import load_model
+    from icd.models.embedded import load_icd_model, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if method == "icd":
+        return load_icd_model(args.model, adapters=getattr(args, "adapters", None))
     return load_model(args.model)
+
+
+def _icd_steps(model, steps: int | None) -> None:
+    segments = model.icd.boundaries.num_segments
+    if steps not in (None, segments):
+        raise CLIError(f"the iCD adapters at {model.icd.path} take {segments} steps (got --steps {steps}); "
+                       "other step counts need adapters trained with other boundaries")
 
 
 def cmd_generate(args) -> None:
     from icd.imageio import check_output, save_image, to_uint8
     from icd.plotting import hstack
+    from icd.sampling import generate
 
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    model = _load(args)
+    model = _load(args, args.method)
+    if args.method == "icd":
+        _icd_steps(model, args.steps)
     model.check_prompts([args.prompt])
     t0 = time.perf_counter()
     model.counter.reset()
-    images = to_uint8(__import__("icd.sampling", fromlist=["generate"]).generate(
-        model, [args.prompt] * args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, tau=args.tau))
+    images = to_uint8(generate(model, [args.prompt] * args.n, seed=args.seed, steps=args.steps,
+                               guidance=args.guidance, tau=args.tau, method=args.method))
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
-    report = {"prompt": args.prompt, "n": args.n, "steps": args.steps, "guidance": args.guidance, "tau": args.tau,
-              "nfe": model.counter.calls, "seconds": round(seconds, 3), "output": str(args.output)}
-    summary = f"wrote {args.output} ({model.counter.calls} UNet calls, {seconds:.2f} s)"
+    steps = model.icd.boundaries.num_segments if args.method == "icd" else args.steps or 50
+    report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": steps, "guidance": args.guidance,
+              "tau": args.tau, "nfe": model.counter.calls, "seconds": round(seconds, 3), "output": str(args.output)}
+    summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)
 
 
@@ -133,14 +149,17 @@ def cmd_invert(args) -> None:
     import numpy as np
     import torch
 
-    from icd.editing.inversion import ddim_decode, ddim_invert
-    from icd.imageio import check_output, fit_image, load_image, psnr, save_image, to_uint8
+    from icd.editing.inversion import ddim_decode, ddim_invert, icd_decode, icd_invert
+    from icd.imageio import check_output, fit_image, load_image, save_image, to_uint8
+    from icd.metrics import psnr
 
     check_output(args.output, force=args.force, inputs=(args.image,))
     image = load_image(args.image)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    model = _load(args)
+    model = _load(args, args.method)
+    if args.method == "icd":
+        _icd_steps(model, args.steps)
     model.check_prompts([args.prompt])
     image = fit_image(image, model.image_size, args.fit)
     source = np.asarray(image)[None]
@@ -148,17 +167,26 @@ def cmd_invert(args) -> None:
     model.counter.reset()
     cond = model.encode_prompt([args.prompt])
     z0 = model.encode_images(source)
-    inversion = ddim_invert(model, z0, cond, [args.prompt], steps=args.steps)
-    t1 = time.perf_counter()
-    z0_hat = ddim_decode(model, inversion, cond, guidance=args.guidance, tau=args.tau)
+    if args.method == "icd":
+        boundaries = model.icd.boundaries
+        inversion = icd_invert(model, z0, cond, [args.prompt], boundaries, seed=args.seed)
+        t1 = time.perf_counter()
+        tau = model.icd.tau if args.tau is None else args.tau
+        z0_hat = icd_decode(model, inversion.noise, cond, boundaries, guidance=args.guidance, tau=tau)
+    else:
+        inversion = ddim_invert(model, z0, cond, [args.prompt], steps=args.steps or 50)
+        t1 = time.perf_counter()
+        tau = args.tau
+        z0_hat = ddim_decode(model, inversion, cond, guidance=args.guidance, tau=tau)
     recon = to_uint8(model.decode_latents(z0_hat))
     t2 = time.perf_counter()
     if not np.isfinite(z0_hat.numpy()).all() or not torch.isfinite(inversion.noise).all():
         raise CLIError("the inversion produced NaN/Inf values")
     save_image(recon[0], args.output)
-    report = {"method": args.method, "steps": args.steps, "nfe": model.counter.calls,
-              "seconds_invert": round(t1 - t0, 4), "seconds_decode": round(t2 - t1, 4), "seconds": round(t2 - t0, 4),
-              "psnr": round(float(psnr(source, recon)[0]), 3), "image": str(args.image), "output": str(args.output)}
+    report = {"method": args.method, "steps": len(inversion.timesteps) - 1, "guidance": args.guidance, "tau": tau,
+              "nfe": model.counter.calls, "seconds_invert": round(t1 - t0, 4), "seconds_decode": round(t2 - t1, 4),
+              "seconds": round(t2 - t0, 4), "psnr": round(float(psnr(source, recon)[0]), 3), "image": str(args.image),
+              "output": str(args.output)}
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: PSNR {report['psnr']:.2f} dB, {report['nfe']} UNet calls, {report['seconds']:.2f} s")
 
@@ -167,7 +195,8 @@ def cmd_demo(args) -> None:
     """Generate, invert and reconstruct a held-out world image on the embedded model; write out/demo.png."""
     from icd import world
     from icd.editing.inversion import ddim_decode, ddim_invert
-    from icd.imageio import psnr, save_image, to_uint8
+    from icd.imageio import save_image, to_uint8
+    from icd.metrics import psnr
     from icd.plotting import captioned_grid
     from icd.sampling import generate
 
@@ -231,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a component of the embedded model from a TOML config")
     t.add_argument("component", choices=["vae", "judge", "teacher", "guidance", "icd"])
     t.add_argument("--config", required=True, help="TOML file with a table named after the component")
+    t.add_argument("--section", default=None,
+                   help="TOML table to read (default: the component's name), e.g. an ablation row")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in out_dir")
     t.set_defaults(func=cmd_train)
@@ -241,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
-    g = sub.add_parser("generate", help="text-to-image with DDIM and classifier-free guidance")
+    g = sub.add_parser("generate", help="text-to-image: 4-step iCD (default) or DDIM with classifier-free guidance")
     g.add_argument("prompt")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--method", default="icd", choices=["icd", "ddim"],
+                   help="icd: the reverse consistency model (one UNet call per segment); ddim: the teacher")
+    g.add_argument("--steps", type=int, default=None,
+                   help="icd: must equal the adapters' segment count (default); ddim: DDIM steps (default 50)")
+    g.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     g.add_argument("--guidance", type=float, default=1.0,
                    help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
@@ -256,10 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("invert", help="invert an image to noise and reconstruct it")
     i.add_argument("image")
     i.add_argument("--prompt", required=True, help="caption of the image (the source prompt)")
-    i.add_argument("--method", default="ddim", choices=["ddim"])
-    i.add_argument("--steps", type=int, default=50)
+    i.add_argument("--method", default="icd", choices=["icd", "ddim"],
+                   help="icd: forward then reverse consistency model (4+4 UNet calls); ddim: DDIM inversion")
+    i.add_argument("--steps", type=int, default=None,
+                   help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
+    i.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
+    i.add_argument("--seed", type=int, default=0, help="icd: seed of the noise that takes the image to t = 19")
     i.add_argument("--guidance", type=float, default=0.0, help="guidance code w for the decoding pass")
-    i.add_argument("--tau", type=float, default=None)
+    i.add_argument("--tau", type=float, default=None,
+                   help="dynamic CFG threshold for the decoding pass (icd default: the adapters' tau)")
     i.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
     i.add_argument("-o", "--output", required=True)
     common(i)

@@ -126,12 +126,3 @@ def to_uint8(x) -> np.ndarray:
     """float tensor [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3]."""
     arr = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return np.ascontiguousarray(arr)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, ceiling: float = 100.0) -> np.ndarray:
-    """Per-image PSNR in dB of uint8 images [N,H,W,3]; exact matches are clamped to `ceiling` (method.md §11.8)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        val = 10.0 * np.log10(255.0**2 / mse)
-    return np.minimum(val, ceiling)

@@ -52,21 +52,37 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu") -> t
 
 
 @torch.no_grad()
-def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, steps: int = 50,
-             guidance: float = 0.0, tau: float | None = None, batch_size: int = 64,
+def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, steps: int | None = None,
+             guidance: float = 0.0, tau: float | None = None, method: str = "ddim", batch_size: int = 64,
              progress: bool = False) -> torch.Tensor:
-    """DDIM text-to-image: images float [N,3,H,W] in [-1, 1]. `guidance` is the code w = CFG - 1.
+    """Text-to-image: images float [N,3,H,W] in [-1, 1]. `guidance` is the code w = CFG - 1.
 
-    Sample i starts from noise seeded with ``seed + i``.
+    ``method="ddim"``: DDIM with `steps` (default 50) on the model's UNet. ``method="icd"``: the reverse iCD model's
+    jumps down its boundaries (one UNet call per segment; needs `load_icd_model`). Sample i starts from noise
+    seeded with ``seed + i``.
     """
+    from icd.editing.inversion import icd_decode
+
+    if method == "icd":
+        if model.icd is None:
+            raise ValueError("method 'icd' needs a model with iCD adapters (icd.models.embedded.load_icd_model)")
+        segments = model.icd.boundaries.num_segments
+        if steps not in (None, segments):
+            raise ValueError(f"these iCD adapters were trained for {segments} steps, not {steps}")
+    elif method != "ddim":
+        raise ValueError(f"unknown generation method {method!r} (ddim or icd)")
     latent = model.unet.config.sample_size
     channels = model.unet.config.in_channels
-    timesteps = [*reversed(ddim_grid(steps)), 0]
+    timesteps = [*reversed(ddim_grid(steps or 50)), 0]
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = list(prompts[start : start + batch_size])
         x = initial_noise((channels, latent, latent), range(seed + start, seed + start + len(chunk)), model.device)
-        eps_fn = guided_eps(model, model.encode_prompt(chunk), guidance, tau)
-        z0, _ = ddim_loop(eps_fn, x, timesteps, model.schedule)
+        cond = model.encode_prompt(chunk)
+        if method == "icd":
+            z0 = icd_decode(model, x, cond, model.icd.boundaries, guidance=guidance, tau=tau)
+        else:
+            model.use_adapter(None)
+            z0, _ = ddim_loop(guided_eps(model, cond, guidance, tau), x, timesteps, model.schedule)
         out.append(model.decode_latents(z0))
     return torch.cat(out)

@@ -54,15 +54,19 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.abar.shape[0]
 
+    def _abar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """abar_t for int or [B] timesteps on any device (the table stays on the CPU in float64)."""
+        return self.abar[torch.as_tensor(t, dtype=torch.long).cpu()]
+
     def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
-        return self.abar[torch.as_tensor(t, dtype=torch.long)].sqrt()
+        return self._abar(t).sqrt()
 
     def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
-        return (1.0 - self.abar[torch.as_tensor(t, dtype=torch.long)]).sqrt()
+        return (1.0 - self._abar(t)).sqrt()
 
     def alpha_sigma(self, t: torch.Tensor | int, *, hard_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) as float64; with `hard_zero`, t = 0 means clean data: alpha = 1, sigma = 0 (§2)."""
-        t = torch.as_tensor(t, dtype=torch.long)
+        t = torch.as_tensor(t, dtype=torch.long).cpu()
         alpha, sigma = self.alpha(t), self.sigma(t)
         if hard_zero:
             zero = t == 0
@@ -71,7 +75,7 @@ class NoiseSchedule:
         return alpha, sigma
 
     def snr(self, t: torch.Tensor | int) -> torch.Tensor:
-        abar = self.abar[torch.as_tensor(t, dtype=torch.long)]
+        abar = self._abar(t)
         return abar / (1.0 - abar)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:

@@ -4,6 +4,10 @@ Notation: ``reverse(x, t, cond, w)`` / ``forward(x, t, cond)`` are the students'
 the R or F adapter active), ``teacher(x, t, cond, w)`` is the guidance-distilled base with adapters disabled. All
 four losses of a sample share one noise draw ``eps``. The functions never touch optimizers; gradient routing is the
 caller's business.
+
+In every loss the one gradient-carrying student call is the *last* UNet call. A caller that runs backward right
+after each loss therefore gets correct gradients under gradient checkpointing, where the backward pass re-runs the
+UNet with whichever adapter is active at that moment.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: C
     t_hi = 19 + GRID_STEP * n
     t_lo = (t_hi - GRID_STEP).clamp(min=0)
     s = boundaries.reverse_target(t_lo)
-    # 4.-5. noise real data, online student jump (gradient)
-    x_hi = schedule.add_noise(z0, eps, t_hi)
-    y = ddim_jump(x_hi, reverse(x_hi, t_hi, cond, w), t_hi, s, schedule)
+    x_hi = schedule.add_noise(z0, eps, t_hi)  # 4. noise real data
     with torch.no_grad():
         # 6. teacher DDIM step with the student's w (schedule's abar_0 at t_lo = 0, method.md §4)
         x_lo = ddim_jump(x_hi, teacher(x_hi, t_hi, cond, w), t_hi, t_lo, schedule, hard_zero=False)
@@ -43,6 +45,7 @@ def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: C
         if len(rows):
             eps_lo = reverse(x_lo[rows], t_lo[rows], cond.index(rows), w[rows])
             y_target[rows] = ddim_jump(x_lo[rows], eps_lo, t_lo[rows], s[rows], schedule)
+    y = ddim_jump(x_hi, reverse(x_hi, t_hi, cond, w), t_hi, s, schedule)  # 5. online student jump (gradient)
     return {"cd_reverse": pseudo_huber(y, y_target, huber_c)}
 
 
@@ -55,7 +58,6 @@ def forward_cd(forward: UnguidedEps, teacher: GuidedEps, z0: torch.Tensor, cond:
     s = boundaries.forward_target(t_hi)
     zero = torch.zeros(z0.shape[0], device=z0.device)
     x_lo = schedule.add_noise(z0, eps, t_lo)
-    y = ddim_jump(x_lo, forward(x_lo, t_lo, cond), t_lo, s, schedule)
     with torch.no_grad():
         x_hi = ddim_jump(x_lo, teacher(x_lo, t_lo, cond, zero), t_lo, t_hi, schedule)  # DDIM inversion step
         y_target = x_hi.clone()
@@ -63,6 +65,7 @@ def forward_cd(forward: UnguidedEps, teacher: GuidedEps, z0: torch.Tensor, cond:
         if len(rows):
             eps_hi = forward(x_hi[rows], t_hi[rows], cond.index(rows))
             y_target[rows] = ddim_jump(x_hi[rows], eps_hi, t_hi[rows], s[rows], schedule)
+    y = ddim_jump(x_lo, forward(x_lo, t_lo, cond), t_lo, s, schedule)  # online student jump (gradient)
     return {"cd_forward": pseudo_huber(y, y_target, huber_c)}
 
 

@@ -42,6 +42,7 @@ def ddim_invert(model: LatentDiffusion, z0: torch.Tensor, cond: Cond, prompts: l
                 ) -> Inversion:
     """Unguided DDIM inversion 0 -> g_0 -> ... -> g_{n-1} (n = `steps` UNet calls)."""
     timesteps = [0, *ddim_grid(steps)]
+    model.use_adapter(None)
     _, visited = ddim_loop(lambda x, t: model.eps(x, t, cond), z0, timesteps, model.schedule)
     return Inversion(latents=visited, timesteps=timesteps, prompts=list(prompts), method="ddim")
 
@@ -51,6 +52,7 @@ def ddim_decode(model: LatentDiffusion, inversion: Inversion, cond: Cond, *, gui
                 tau: float | None = None) -> torch.Tensor:
     """DDIM from the inversion's noise back down its own grid to t = 0; returns clean latents."""
     timesteps = list(reversed(inversion.timesteps))
+    model.use_adapter(None)
     z0, _ = ddim_loop(guided_eps(model, cond, guidance, tau), inversion.noise, timesteps, model.schedule)
     return z0
 
@@ -63,7 +65,7 @@ def icd_invert(model: LatentDiffusion, z0: torch.Tensor, cond: Cond, prompts: li
         noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
     timesteps = boundaries.forward_schedule()
     x_start = model.schedule.add_noise(z0, noise.to(z0.dtype), timesteps[0])
-    lora.use(model.unet, lora.FORWARD)
+    model.use_adapter(lora.FORWARD)
     zero = torch.zeros(z0.shape[0])
     _, visited = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=zero), x_start, timesteps, model.schedule)
     return Inversion(latents=visited, timesteps=timesteps, prompts=list(prompts), method="icd")
@@ -74,7 +76,7 @@ def icd_decode(model: LatentDiffusion, noise: torch.Tensor, cond: Cond, boundari
                guidance: torch.Tensor | float = 0.0, tau: float | None = None) -> torch.Tensor:
     """Reverse-model decoding 999 -> ... -> 0 with per-sample guidance codes and dynamic CFG threshold tau."""
     w = torch.as_tensor(guidance, dtype=torch.float32).expand(noise.shape[0]).clone()
-    lora.use(model.unet, lora.REVERSE)
+    model.use_adapter(lora.REVERSE)
     z0, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=dynamic_guidance(t, w, tau)), noise,
                       boundaries.reverse_schedule(), model.schedule)
     return z0

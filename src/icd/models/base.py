@@ -77,6 +77,7 @@ class LatentDiffusion:
         self.image_size = image_size
         self.vocabulary = None if vocabulary is None else tuple(vocabulary)
         self.counter = NFECounter()
+        self.icd = None  # an `icd.models.embedded.ICDSpec` once iCD adapters are attached (`load_icd_model`)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -146,6 +147,16 @@ class LatentDiffusion:
         return self.vae.decode(z0.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
 
     # ------------------------------------------------------------------ network
+    def use_adapter(self, name: str | None) -> None:
+        """Select the iCD adapter for the next UNet calls (None: the base UNet); a no-op without adapters."""
+        if self.icd is None:
+            if name is not None:
+                raise ValueError(f"adapter {name!r} requested but this model has no iCD adapters")
+            return
+        from icd.models import lora
+
+        lora.use(self.unet, name)
+
     def eps(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: Cond, *, guidance: torch.Tensor | None = None
             ) -> torch.Tensor:
         """One UNet evaluation: eps_hat(x_t, t, c[, e(w)]). `guidance` ([B] codes) needs a distilled UNet."""

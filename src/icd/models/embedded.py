@@ -3,21 +3,29 @@
 `load_model("embedded")` needs no download. `load_model(<folder>)` loads a diffusers `StableDiffusionPipeline`
 layout (tokenizer, text_encoder, vae, unet, scheduler) from disk; Stable Diffusion 1.5 / SDXL adapters and hub ids
 plug in here later.
+
+`load_icd_model(...)` loads the guidance-distilled UNet (``unet_guidance/``) with the two iCD adapters (``icd/``:
+``rev_cd.safetensors``, ``fwd_cd.safetensors``, ``adapters.json``) and exposes their boundaries and tau as
+``model.icd``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from icd.boundaries import Boundaries
 from icd.models.base import LatentDiffusion
 from icd.models.tiny import VOCABULARY_FILE
 from icd.schedule import NoiseSchedule
 
 EMBEDDED = "embedded"
+GUIDANCE_UNET = "unet_guidance"  # subfolder of the guidance-distilled UNet (method.md §6)
+ADAPTERS_SUBFOLDER = "icd"  # subfolder of the iCD adapters inside a pipeline folder
 
 
 def assets_dir() -> Path:
@@ -78,3 +86,39 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
         tokenizer=tokenizer, text_encoder=text_encoder.to(device), vae=vae.to(device), unet=unet.to(device),
         schedule=schedule, name=str(name_or_path), image_size=image_size, vocabulary=vocabulary,
     )
+
+
+@dataclass(frozen=True)
+class ICDSpec:
+    """What a pair of trained iCD adapters needs at inference: their boundaries and recommended tau."""
+
+    path: Path
+    boundaries: Boundaries
+    tau: float | None
+    w_set: tuple[float, ...]
+
+
+def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """The guidance-distilled model with both iCD adapters attached (`adapters` default: ``<model>/icd``)."""
+    from icd.models import lora
+
+    path = resolve_model_path(name_or_path)
+    folder = Path(adapters) if adapters is not None else path / ADAPTERS_SUBFOLDER
+    meta_file = folder / "adapters.json"
+    if not meta_file.is_file():
+        raise ModelError(f"no iCD adapters at {folder} (adapters.json missing); train them with `icd train icd` "
+                         "or pass --adapters DIR")
+    if not (path / GUIDANCE_UNET).is_dir():
+        raise ModelError(f"model folder {path} has no guidance-distilled UNet ({GUIDANCE_UNET}/); "
+                         "run `icd train guidance`")
+    model = load_model(name_or_path, device=device, dtype=dtype, unet_subfolder=GUIDANCE_UNET)
+    try:
+        meta = lora.attach_adapters(model.unet, folder)
+        boundaries = Boundaries(**meta["boundaries"])
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise ModelError(f"cannot load iCD adapters from {folder}: {e}") from None
+    model.unet.to(device=device, dtype=dtype)
+    model.icd = ICDSpec(path=folder, boundaries=boundaries, tau=meta.get("tau"),
+                        w_set=tuple(meta.get("w_set", ())))
+    return model

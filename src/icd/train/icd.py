@@ -6,12 +6,15 @@ image -> noise). Each step draws one batch and one noise tensor and computes
     L_R = L_CD^R + lambda_r * L_r        (touches only R's adapter)
     L_F = L_CD^F + lambda_f * L_f        (touches only F's adapter)
 
-Gradient routing (``update = "joint"``, the default): one backward pass on L_R + L_F, then one clip and one
-optimizer step per adapter. It is exact because every pass through the *other* adapter runs under ``no_grad``
-(R inside L_f, F inside L_r, the teacher everywhere), and adapter switches re-enable ``requires_grad`` on both
-adapters (peft would silently disable the first one otherwise; `icd.models.lora`). ``update = "sequential"``
-reproduces the reference implementation: four backward/clip/step rounds per iteration in the order R-CD, F-CD,
-L_f (F's optimizer), L_r (R's optimizer), where the lambdas act only through Adam's moment estimates.
+Gradient routing (``update = "joint"``, the default): the gradient of L_R + L_F, accumulated term by term (each
+loss is back-propagated, times its weight, right after it is computed), then one clip and one optimizer step per
+adapter. It is exact because every pass through the *other* adapter runs under ``no_grad`` (R inside L_f, F inside
+L_r, the teacher everywhere), adapter switches re-enable ``requires_grad`` on both adapters (peft would silently
+disable the first one otherwise; `icd.models.lora`), and each backward runs while its adapter is still active
+(gradient checkpointing recomputes with the active adapter; a test compares against no checkpointing).
+``update = "sequential"`` reproduces the reference implementation: four backward/clip/step rounds per iteration in
+the order R-CD, F-CD, L_f (F's optimizer), L_r (R's optimizer), where the lambdas act only through Adam's moment
+estimates.
 
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
@@ -21,7 +24,7 @@ global batch.
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from icd.distill.icd import forward_cd, forward_preserve, reverse_cd, reverse_pr
 from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
+from icd.train.accel import PRECISIONS, Precision, ProcessGroup
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import caption_tokens, step_generator, world_latents
 from icd.train.runner import TrainingRun
@@ -49,6 +53,7 @@ class ICDConfig:
     reverse_boundaries: tuple[int, ...] = ()  # explicit E_R, e.g. [0, 259, 519, 779]
     forward_boundaries: tuple[int, ...] = ()  # explicit E_F, e.g. [259, 519, 779, 999]
     w_set: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)  # guidance codes for reverse CD, sampled uniformly
+    tau: float = 0.8  # dynamic-CFG threshold recommended with these boundaries (inference only; method.md §7)
     lambda_f: float = 1.5  # weight of L_f (trains F)
     lambda_r: float = 1.5  # weight of L_r (trains R)
     forward_cd: bool = True  # False: F learns from L_f alone (paper Table 2 row E, "encoder regime")
@@ -65,12 +70,20 @@ class ICDConfig:
     checkpoint_every: int = 250
     log_every: int = 25
     threads: int = 0
+    device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
 
     def __post_init__(self):
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"ICDConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
         if self.update not in UPDATES:
             raise ValueError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not self.w_set or any(w < 0 for w in self.w_set):
             raise ValueError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"ICDConfig.tau must lie in [0, 1], got {self.tau}")
         if self.lambda_f < 0 or self.lambda_r < 0:
             raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
         if not self.forward_cd and self.lambda_f == 0:
@@ -119,17 +132,33 @@ def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], 
 
 
 def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
-               d: dict) -> dict[str, torch.Tensor]:
-    """The four loss terms of one (local) batch; see the module docstring for the gradient routing."""
+               d: dict, backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+    """The four loss terms of one (local) batch; see the module docstring for the gradient routing.
+
+    With `backward`, each term is back-propagated (times its weight in eq. 5) as soon as it is computed, while its
+    adapter is still active: the sum of these gradients is the gradient of L_R + L_F, and it stays exact under
+    gradient checkpointing. The returned values are then detached.
+    """
     teacher, reverse, forward = eps_functions(model)
     s, c = model.schedule, cfg.huber_c
-    out = reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s, huber_c=c)
+    terms = [(1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s,
+                                      huber_c=c))]
     if cfg.forward_cd:
-        out |= forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s, huber_c=c)
+        terms.append((1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
+                                              huber_c=c)))
     if cfg.lambda_f > 0:
-        out |= forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"], boundaries, s, huber_c=c)
+        terms.append((cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],
+                                                             boundaries, s, huber_c=c)))
     if cfg.lambda_r > 0:
-        out |= reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"], boundaries, s, huber_c=c)
+        terms.append((cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"],
+                                                             boundaries, s, huber_c=c)))
+    out: dict[str, torch.Tensor] = {}
+    for weight, compute in terms:
+        (name, loss), = compute().items()
+        if backward is not None:
+            backward(weight * loss)
+            loss = loss.detach()
+        out[name] = loss
     return out
 
 
@@ -142,77 +171,48 @@ def adapter_objectives(losses: dict[str, torch.Tensor], cfg: ICDConfig) -> dict[
     }
 
 
-class _Sync:
-    """Gradient averaging across processes when a torch.distributed group exists (accelerate launch)."""
-
-    def __init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            PartialState()  # joins the process group that `accelerate launch` / torchrun describes (gloo on CPU)
-        dist = torch.distributed
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-    def average(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.active:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad /= self.world
-
-
-def _apply(params, opt, sync: _Sync) -> None:
-    sync.average(params)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)  # per adapter
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sync = _Sync()
+    sync = ProcessGroup(cfg.device)
+    precision = Precision(cfg.mixed_precision, sync.device)
     out = Path(cfg.out_dir)
     boundaries = cfg.resolved_boundaries()
-    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
+    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=sync.device)
     if not model.guidance_distilled:
         raise ValueError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
     z_all, captions = world_latents(model.vae, resolve_model_path(cfg.model) / "vae", cfg.n_images,
                                     max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
-    tokens_all = caption_tokens(model, captions)
+    z_all, tokens_all = z_all.cpu(), caption_tokens(model, captions).cpu()
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    model.unet.to(sync.device)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
     params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
     opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
             for name, p in params.items()}
     columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
     run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules={"unet": model.unet},
                       optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      resume=resume, is_main=sync.rank == 0)
+                      resume=resume, is_main=sync.is_main, stateful={"precision": precision})
     with run:
         while not run.done:
             # 1. global draws, then this process's rows
             d = batch_draws(cfg, run.step, len(z_all), tuple(z_all.shape[1:]), boundaries.num_segments)
             rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
-            d = {k: v[rows] for k, v in d.items()}
-            z0 = z_all[d["idx"]]
-            cond = Cond(tokens=tokens_all[d["idx"]])
+            d = {k: v[rows].to(sync.device) for k, v in d.items()}
+            z0 = z_all[d["idx"].cpu()].to(sync.device)
+            cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
             # 2. losses and updates
             if cfg.update == "joint":
-                losses = icd_losses(model, cfg, boundaries, z0, cond, d)
-                objectives = adapter_objectives(losses, cfg)
-                (objectives[lora.REVERSE] + objectives[lora.FORWARD]).backward()
+                with precision.autocast():
+                    losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)
                 for name in lora.ADAPTERS:
-                    _apply(params[name], opts[name], sync)
+                    precision.step(params[name], opts[name], sync)
+                precision.update()
             else:
-                losses = _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync)
+                losses = _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
             losses = {k: v.detach() for k, v in losses.items()}
             values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
             values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
@@ -224,7 +224,8 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     return out / "final"
 
 
-def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync) -> dict[str, torch.Tensor]:
+def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision
+                     ) -> dict[str, torch.Tensor]:
     """Reference-compatible update: four backward/clip/step rounds (R-CD, F-CD, L_f on F, L_r on R)."""
     teacher, reverse, forward = eps_functions(model)
     s, c = model.schedule, cfg.huber_c
@@ -240,20 +241,22 @@ def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync) ->
     ]
     out: dict[str, torch.Tensor] = {}
     for name, weight, compute in rounds:
-        terms = compute()
+        with precision.autocast():
+            terms = compute()
         if not terms:
             continue
-        (weight * sum(terms.values())).backward()
-        _apply(params[name], opts[name], sync)
+        precision.backward(weight * sum(terms.values()))
+        precision.step(params[name], opts[name], sync)
+        precision.update()
         out |= {k: v.detach() for k, v in terms.items()}
     return out
 
 
 def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, directory: Path) -> Path:
-    """Both adapters in their own files plus adapters.json (boundaries, w set, tau-free training config)."""
+    """Both adapters in their own files plus adapters.json (boundaries, w set, tau, teacher, training config)."""
     from icd.train.config import to_dict
 
-    metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set),
+    metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set), "tau": cfg.tau,
                 "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
                 "config": to_dict(cfg)}
     with atomic_directory(directory) as tmp:

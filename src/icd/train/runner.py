@@ -6,7 +6,7 @@
             run.end_step({"loss": loss.item(), "lr": lr})
 
 On resume the log keeps only the rows up to the restored step, so a resumed run's log.csv reads like an
-uninterrupted one.
+uninterrupted one; its "seconds" column is training time summed over the resumed sessions.
 """
 
 from __future__ import annotations
@@ -37,17 +37,22 @@ def lr_at(step: int, cfg) -> float:
 class TrainingRun:
     def __init__(self, out_dir: str | Path, *, desc: str, total_steps: int, columns: Sequence[str],
                  modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                 config: Any, log_every: int, checkpoint_every: int, resume: bool = True, is_main: bool = True):
+                 config: Any, log_every: int, checkpoint_every: int, resume: bool = True, is_main: bool = True,
+                 stateful: Mapping[str, Any] = {}):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.desc, self.total_steps, self.columns = desc, total_steps, list(columns)
         self.modules, self.optimizers, self.config = modules, optimizers, config
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.is_main = is_main  # only the main process writes logs and checkpoints (every process resumes)
+        self.stateful = dict(stateful)  # small objects with state_dict()/load_state_dict() (e.g. a loss scaler)
         self.step = 0
         ckpt = latest_checkpoint(self.out) if resume else None
         if ckpt is not None:
-            self.step = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)["step"]
+            state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
+            self.step = state["step"]
+            for name, obj in self.stateful.items():
+                obj.load_state_dict(state["extra"].get("stateful", {}).get(name, {}))
             log.info("resumed from %s (step %d)", ckpt, self.step)
 
     @property
@@ -66,6 +71,8 @@ class TrainingRun:
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
             rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= self.step]
+            if rows:  # "seconds" is cumulative training time across resumes
+                self._t0 -= float(rows[-1][-1])
         self._file = open(path, "w", newline="")
         self._writer = csv.writer(self._file)
         self._writer.writerows([["step", *self.columns, "seconds"], *rows])
@@ -84,7 +91,8 @@ class TrainingRun:
             self._file.flush()
         if self.step % self.checkpoint_every == 0 or self.done:
             save_checkpoint(self.out, self.step, modules=self.modules, optimizers=self.optimizers,
-                            extra={"config": to_dict(self.config)})
+                            extra={"config": to_dict(self.config),
+                                   "stateful": {k: v.state_dict() for k, v in self.stateful.items()}})
 
     def __exit__(self, *exc) -> None:
         self._bar.close()

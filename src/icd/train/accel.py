@@ -1,0 +1,92 @@
+"""Device, process group and mixed precision for the training loops (through `accelerate`, no home-made launcher).
+
+- `ProcessGroup`: the processes that `accelerate launch` (or torchrun) started. `accelerate.PartialState` joins the
+  group (NCCL on GPUs, gloo on CPUs) and picks this process's device; a single process needs no launcher.
+- `Precision`: autocast for the forward passes (``bf16`` or ``fp16``; weights and optimizer states stay fp32) and a
+  loss scaler for ``fp16``. Losses and DDIM jumps run in fp32 because their inputs are fp32 (method.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+class ProcessGroup:
+    """Rank, world size, device, barrier and gradient averaging across the launched processes."""
+
+    def __init__(self, device: str = "auto"):
+        from accelerate import PartialState
+
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        state = PartialState(cpu=device == "cpu") if distributed or device == "auto" else None
+        self.device = torch.device(device) if state is None else state.device
+        dist = torch.distributed
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def average(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean of each gradient over processes, so that every process applies the global-batch update."""
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad /= self.world
+
+
+class Precision:
+    """Autocast context, scaled backward and unscaled clipped optimizer steps for one precision mode."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+        self.mode, self.device = mode, device
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self):
+        if self.mode == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.mode == "bf16" else torch.float16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, group: ProcessGroup,
+             max_norm: float = 1.0) -> None:
+        """Average across processes, unscale, clip to `max_norm`, step (skipped by the scaler on inf/NaN)."""
+        group.average(params)
+        if self.scaler:
+            self.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def update(self) -> None:
+        """Once per iteration, after every optimizer of the iteration has stepped."""
+        if self.scaler:
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)

@@ -6,6 +6,7 @@ usage:
       --icd C=runs/ablation/C/final --icd F=runs/ablation/F/final --icd G=runs/ablation/G/final \\
       --icd G3=runs/ablation/G3/final --n 200 --n-prompts 200 --out out/bench/icd
 
+An --icd DIR may also be a training checkpoint (``runs/icd/step-000300``); its adapters are exported first.
 `--model` is a pipeline folder holding the teacher (``unet/``) and the guidance-distilled UNet
 (``unet_guidance/``). Every ``--icd NAME=DIR`` row is evaluated unguided (encode and decode at w = 0) and guided
 (unguided encoding, decoding at w = `--w`, without and with dynamic CFG at the adapters' tau). Teacher references:
@@ -35,6 +36,7 @@ from icd.plotting import captioned_grid
 from icd.sampling import generate
 from icd.solver import cfg_combine
 from icd.train.data import step_generator, world_dataset
+from icd.train.icd import export_checkpoint
 
 SEEDS_ONE = world.EVAL_SEED_START + 100_000
 SEEDS_TWO = world.EVAL_SEED_START + 200_000
@@ -106,13 +108,24 @@ def bench_ddim_references(teacher, images, captions, w: float, taus: list[float]
     return rows
 
 
-def _training_seconds(adapters: Path) -> float | None:
-    log = adapters.parent / "log.csv"
+def _training_seconds(source: Path) -> float | None:
+    """Cumulative training seconds from the run's log.csv, at the checkpoint's step (or the last row)."""
+    log = source.parent / "log.csv"
     if not log.is_file():
         return None
     with open(log, newline="") as f:
         rows = [r for r in csv.reader(f)][1:]
+    if (source / "state.json").is_file():
+        step = json.loads((source / "state.json").read_text())["step"]
+        rows = [r for r in rows if int(r[0]) == step]
     return float(rows[-1][-1]) if rows else None
+
+
+def _adapters(source: Path, out: Path, name: str) -> Path:
+    """An adapters folder as is; a training checkpoint (step-NNNNNN) is exported first."""
+    if (source / "state.json").is_file():
+        return export_checkpoint(source, out / f"adapters-{name}")
+    return source
 
 
 def bench_icd_row(model, images, captions, w: float) -> dict:
@@ -191,7 +204,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    rows = dict(item.split("=", 1) for item in args.icd)
+    sources = {name: Path(path) for name, path in (item.split("=", 1) for item in args.icd)}
+    rows = {name: _adapters(path, out, name) for name, path in sources.items()}
     teacher = load_model(args.model)
     student = load_model(args.model, unet_subfolder="unet_guidance")
     judge = JudgeScorer.load(None)
@@ -230,7 +244,7 @@ def main() -> None:
             model = load_icd_model(args.model, adapters=folder)
             measured = bench_icd_row(model, images, captions, args.w)
             inv["icd"][name] = {"description": _describe(Path(folder)), **measured,
-                                "training_seconds": _training_seconds(Path(folder))}
+                                "training_seconds": _training_seconds(sources[name])}
             print(name, inv["icd"][name], flush=True)
         results["inversion"] = inv
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -49,7 +49,8 @@ def test_judge_reads_fresh_renders_exactly():
 
 
 def test_vae_round_trip_is_accurate():
-    from icd.imageio import psnr, to_uint8
+    from icd.imageio import to_uint8
+    from icd.metrics import psnr
 
     model = load_model()
     images = np.stack([world.render(world.sample_scene(world.EVAL_SEED_START + i)) for i in range(16)])

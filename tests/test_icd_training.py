@@ -141,3 +141,13 @@ def test_mixed_precision_trains_and_resumes_exactly(tmp_path, random_distilled_d
     for name in lora.ADAPTERS:
         assert all(torch.isfinite(a[name][k]).all() and torch.equal(a[name][k], b[name][k]) for k in a[name])
         assert any(not torch.equal(a[name][k], ref[name][k]) for k in a[name])  # autocast really ran
+
+
+def test_export_checkpoint_matches_the_final_adapters(tmp_path, random_distilled_dir):
+    from icd.train.icd import export_checkpoint
+
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="run", steps=2))
+    export_checkpoint(tmp_path / "run" / "step-000002", tmp_path / "exported")
+    a, b = _final(tmp_path, "run"), {n: load_file(str(tmp_path / "exported" / f"{n}.safetensors"))
+                                     for n in lora.ADAPTERS}
+    assert all(torch.equal(a[n][k], b[n][k]) for n in lora.ADAPTERS for k in a[n])

@@ -23,6 +23,7 @@ global batch.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,3 +263,17 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
     with atomic_directory(directory) as tmp:
         lora.save_adapters(model.unet, tmp, metadata)
     return directory
+
+
+def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
+    """Adapters of an intermediate checkpoint (``<out_dir>/step-NNNNNN``) written like a final save."""
+    from icd.train.checkpoint import load_checkpoint
+    from icd.train.config import from_dict
+
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    cfg = from_dict(ICDConfig, state["extra"]["config"])
+    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
+    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    load_checkpoint(checkpoint, modules={"unet": model.unet})
+    return save_icd_adapters(model, cfg, cfg.resolved_boundaries(), Path(directory))

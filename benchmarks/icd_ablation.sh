@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Train every row of the iCD ablation (configs/icd-ablation.toml) and the shipped adapters (configs/embedded.toml
+# [icd]), then measure them with benchmarks/embedded_icd.py. Needs runs/guidance/final (`icd train guidance`).
+#
+# On a 2-core CPU two one-thread trainings run side by side (more throughput than one two-thread run). Stream A
+# trains row G (600 steps) and then continues the same run to the shipped 1500 steps in runs/icd (same seed, data
+# and constant learning rate, so the shipped run passes through G exactly). Stream B trains C, F and G3.
+# Every run resumes from its last checkpoint when this script is started again.
+#
+# usage: bash benchmarks/icd_ablation.sh [OUT_DIR]     (default out/bench/icd)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ICD=${ICD:-.venv/bin/icd}
+PY=${PY:-.venv/bin/python}
+OUT=${1:-out/bench/icd}
+ABL=configs/icd-ablation.toml
+mkdir -p runs/ablation runs/cache
+[ -e runs/ablation/cache ] || ln -s ../cache runs/ablation/cache  # one latent cache for all rows
+
+stream_a() {
+  $ICD train icd --config $ABL --section G --set threads=1
+  if [ ! -f runs/icd/latest ]; then
+    mkdir -p runs/icd && cp -r runs/ablation/G/step-000600 runs/ablation/G/log.csv runs/icd/
+    echo step-000600 > runs/icd/latest
+  fi
+  $ICD train icd --config configs/embedded.toml --set threads=1
+}
+
+stream_b() {
+  for row in C F G3; do
+    $ICD train icd --config $ABL --section $row --set threads=1
+  done
+}
+
+stream_a > runs/ablation/stream-a.log 2>&1 &
+a=$!
+stream_b > runs/ablation/stream-b.log 2>&1 &
+b=$!
+wait $a $b
+
+$PY benchmarks/embedded_icd.py --model runs/guidance/final \
+  --icd C=runs/ablation/C/final --icd F=runs/ablation/F/final --icd G=runs/ablation/G/final \
+  --icd G3=runs/ablation/G3/final --icd shipped=runs/icd/final --n 200 --n-prompts 200 --out "$OUT"

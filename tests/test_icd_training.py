@@ -151,3 +151,14 @@ def test_export_checkpoint_matches_the_final_adapters(tmp_path, random_distilled
     a, b = _final(tmp_path, "run"), {n: load_file(str(tmp_path / "exported" / f"{n}.safetensors"))
                                      for n in lora.ADAPTERS}
     assert all(torch.equal(a[n][k], b[n][k]) for n in lora.ADAPTERS for k in a[n])
+
+
+def test_ema_adapters_differ_and_resume_exactly(tmp_path, random_distilled_dir):
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="ema-a", steps=3, ema_decay=0.9))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="ema-b", steps=2, ema_decay=0.9))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="ema-b", steps=3, ema_decay=0.9))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="raw", steps=3))
+    a, b, raw = _final(tmp_path, "ema-a"), _final(tmp_path, "ema-b"), _final(tmp_path, "raw")
+    for name in lora.ADAPTERS:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+        assert any(not torch.equal(a[name][k], raw[name][k]) for k in a[name])

@@ -74,6 +74,7 @@ class ICDConfig:
     device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
+    ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (warm-up as in the teacher) and save it as final
 
     def __post_init__(self):
         if self.mixed_precision not in PRECISIONS:
@@ -85,6 +86,8 @@ class ICDConfig:
             raise ValueError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"ICDConfig.tau must lie in [0, 1], got {self.tau}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ICDConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lambda_f < 0 or self.lambda_r < 0:
             raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
         if not self.forward_cd and self.lambda_f == 0:
@@ -194,7 +197,11 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
             for name, p in params.items()}
     columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
-    run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules={"unet": model.unet},
+    modules: dict[str, torch.nn.Module] = {"unet": model.unet}
+    if cfg.ema_decay:
+        modules["ema"] = torch.nn.ModuleDict({name: torch.nn.ParameterList(
+            [torch.nn.Parameter(q.detach().clone(), requires_grad=False) for q in params[name]]) for name in params})
+    run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules=modules,
                       optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       resume=resume, is_main=sync.is_main, stateful={"precision": precision})
     with run:
@@ -214,11 +221,21 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
                 precision.update()
             else:
                 losses = _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
+            if cfg.ema_decay:  # 3. EMA of the adapters (decay warms up from 0.1)
+                decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
+                for name in params:
+                    for pe, q in zip(modules["ema"][name], params[name]):
+                        pe.data.lerp_(q.detach(), 1.0 - decay)
             losses = {k: v.detach() for k, v in losses.items()}
             values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
             values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
             run.end_step(values)
             sync.barrier()  # no process reads a checkpoint before the main process has written it
+    if cfg.ema_decay:  # the EMA weights are the result
+        with torch.no_grad():
+            for name in params:
+                for pe, q in zip(modules["ema"][name], params[name]):
+                    q.copy_(pe)
     if sync.rank == 0:
         save_icd_adapters(model, cfg, boundaries, out / "final")
     sync.barrier()

@@ -10,7 +10,8 @@ An --icd DIR may also be a training checkpoint (``runs/icd/step-000300``); its a
 `--model` is a pipeline folder holding the teacher (``unet/``) and the guidance-distilled UNet
 (``unet_guidance/``). Every ``--icd NAME=DIR`` row is evaluated unguided (encode and decode at w = 0) and guided
 (unguided encoding, decoding at w = `--w`, without and with dynamic CFG at the adapters' tau). Teacher references:
-DDIM 50+50 (and 4+4) with two-pass CFG, with and without dynamic CFG. Images come from held-out world seeds (the
+DDIM 50+50 (and 4+4) on the guidance-distilled UNet (the paper's fDDIM50 | DDIM50 rows, baselines.md §1) and on the
+original UNet with two-pass CFG, each with and without dynamic CFG. Images come from held-out world seeds (the
 same 200 images as docs/RESULTS.md §1.5). Writes DIR/results.json and DIR/results.md.
 """
 
@@ -90,7 +91,7 @@ def bench_generation(model, judge, prompts: list[str], *, seed: int, **kwargs) -
     return report, images
 
 
-def bench_ddim_references(teacher, images, captions, w: float, taus: list[float]) -> dict:
+def bench_ddim_references(teacher, images, captions, w: float, taus: list[float], label: str) -> dict:
     z0 = teacher.encode_images(images)
     cond = teacher.encode_prompt(captions)
     rows = {}
@@ -102,7 +103,7 @@ def bench_ddim_references(teacher, images, captions, w: float, taus: list[float]
         inv = ddim_invert(teacher, z0, cond, captions, steps=steps)
         recon = to_uint8(teacher.decode_latents(ddim_decode(teacher, inv, cond, guidance=ww, tau=tau)))
         name = f"DDIM {steps}+{steps}" + (f", w={ww:g}" if ww else "") + (f" + d.CFG tau={tau:g}" if tau else "")
-        rows[name] = {"kind": kind, "w": ww, "tau": tau, **_quality(images, recon),
+        rows[f"{label}: {name}"] = {"kind": kind, "w": ww, "tau": tau, **_quality(images, recon),
                       "nfe_per_image": _nfe_per_image(teacher, len(images)),
                       "seconds": round(time.perf_counter() - t0, 1)}
     return rows
@@ -238,7 +239,9 @@ def main() -> None:
         vae = to_uint8(teacher.decode_latents(z0))
         taus = sorted({float(json.loads((Path(f) / "adapters.json").read_text())["tau"]) for f in rows.values()})
         inv = {"n": args.n, "vae_psnr": float(psnr(images, vae).mean()), "vae_ssim": float(ssim(images, vae).mean()),
-               "ddim": bench_ddim_references(teacher, images, captions, args.w, taus or [0.8]), "icd": {}}
+               "ddim": {**bench_ddim_references(student, images, captions, args.w, taus or [0.8], "distilled"),
+                        **bench_ddim_references(teacher, images, captions, args.w, taus or [0.8], "two-pass CFG")},
+               "icd": {}}
         print("ddim", inv["ddim"], flush=True)
         for name, folder in rows.items():
             model = load_icd_model(args.model, adapters=folder)

@@ -1,0 +1,123 @@
+"""Attention control through diffusers attention processors (no monkey-patching, no module-level state).
+
+`install(unet, controller)` gives every attention layer an `ControlledAttnProcessor` that knows its place
+(down/mid/up), whether it is cross-attention, and its index among the UNet's transformer blocks in UNet order
+(encoder, middle, decoder; MasaCtrl's "layer L"). At each call the processor asks the controller what it needs:
+
+- nothing: fused `scaled_dot_product_attention`, exactly as diffusers' default processor;
+- mutual self-attention (MasaCtrl): the target rows take keys and values from their source rows, still fused;
+- the attention probabilities (P2P replace/refine/reweight, local blend maps): only then are they materialised,
+  handed to the controller, and multiplied with the values.
+
+`uninstall(unet, saved)` restores the previous processors. The batch layout is the controller's business
+(`icd.editing.controllers`): rows ``[sources..., targets...]`` with a source row per target row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+PLACES = ("down", "mid", "up")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    place: str  # down | mid | up
+    is_cross: bool
+    index: int  # transformer-block index in UNet order (encoder, middle, decoder), shared by attn1/attn2
+
+
+def layer_infos(unet) -> dict[str, LayerInfo]:
+    """One `LayerInfo` per attention processor name of `unet`."""
+    names = list(unet.attn_processors)
+
+    def place(name: str) -> str:
+        return "down" if name.startswith("down_blocks") else "mid" if name.startswith("mid_block") else "up"
+
+    def block(name: str) -> str:
+        return name.rsplit(".", 2)[0]  # ...transformer_blocks.K (drop "attnX.processor")
+
+    ordered = sorted(names, key=lambda n: (PLACES.index(place(n)), names.index(n)))
+    blocks = list(dict.fromkeys(block(n) for n in ordered))
+    return {n: LayerInfo(n, place(n), ".attn2." in n, blocks.index(block(n))) for n in names}
+
+
+class ControlledAttnProcessor:
+    """A diffusers attention processor that defers to a controller (see the module docstring)."""
+
+    def __init__(self, controller, info: LayerInfo):
+        self.controller, self.info = controller, info
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, tokens, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+
+        def split(x):
+            return x.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, heads, N, d]
+
+        query, key, value = split(query), split(key), split(value)
+        ctrl, info = self.controller, self.info
+        if not info.is_cross and ctrl.mutual_self_attention(info, tokens):
+            key, value = ctrl.share_source(key), ctrl.share_source(value)
+        if ctrl.needs_probs(info, tokens):
+            scores = (query @ key.transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = ctrl.attention(scores.softmax(dim=-1), info, tokens).to(value.dtype)
+            out = probs @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install(unet, controller) -> dict:
+    """Route every attention layer of `unet` through `controller`; returns the processors to restore."""
+    saved = dict(unet.attn_processors)
+    infos = layer_infos(unet)
+    unet.set_attn_processor({name: ControlledAttnProcessor(controller, infos[name]) for name in saved})
+    return saved
+
+
+def uninstall(unet, saved: dict) -> None:
+    unet.set_attn_processor(saved)
+
+
+@contextlib.contextmanager
+def controlled(unet, controller):
+    """``with controlled(unet, controller): ...`` installs the controller for the block and always restores."""
+    saved = install(unet, controller)
+    try:
+        yield controller
+    finally:
+        uninstall(unet, saved)
+
+

@@ -1,0 +1,246 @@
+"""Attention controllers for editing: Prompt-to-Prompt (replace / refine / reweight / local blend) and MasaCtrl
+(baselines.md §5-6). A controller is created per edit and holds all of that edit's state; nothing is global.
+
+Batch layout: rows ``0..S-1`` are the source branch, rows ``S..S+T-1`` the targets, and ``source_of[j]`` is the
+source row of target j (several target prompts may share one source image). Under two-pass CFG the layout is
+repeated for the unconditional half, which controllers leave alone (`cond_offset`).
+
+Lifecycle, driven by the sampling loop (never by counting layer calls): ``begin_step(i, t)`` before the UNet call of
+reverse step i at timestep t, the attention hooks during it, ``on_latents(x)`` on the latents after the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from icd.editing import tokens as tok
+from icd.editing.attention import LayerInfo
+
+BLEND_MAX_TOKENS = 16 * 16  # local blend reads the largest cross-attention maps with at most 16x16 queries
+
+
+class Controller:
+    """No control: the base class and the plain prompt-swap edit."""
+
+    def __init__(self, source_of: Sequence[int], num_steps: int, *, cond_offset: int = 0):
+        self.source_of = torch.as_tensor(list(source_of), dtype=torch.long)
+        self.num_sources = int(self.source_of.max()) + 1 if len(self.source_of) else 0
+        self.num_steps = num_steps
+        self.cond_offset = cond_offset  # rows before the controlled block (the unconditional half under CFG)
+        self.step, self.t = 0, 999
+
+    # -- lifecycle
+    def begin_step(self, i: int, t: int) -> None:
+        self.step, self.t = i, int(t)
+
+    def on_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # -- attention hooks
+    def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
+        return False
+
+    def attention(self, probs: torch.Tensor, info: LayerInfo, tokens: int) -> torch.Tensor:
+        return probs
+
+    def mutual_self_attention(self, info: LayerInfo, tokens: int) -> bool:
+        return False
+
+    # -- helpers
+    @property
+    def target_rows(self) -> torch.Tensor:
+        return self.cond_offset + self.num_sources + torch.arange(len(self.source_of))
+
+    @property
+    def source_rows(self) -> torch.Tensor:
+        return self.cond_offset + self.source_of
+
+    def share_source(self, x: torch.Tensor) -> torch.Tensor:
+        """x with every target row replaced by its source row ([B, ...] tensors)."""
+        x = x.clone()
+        x[self.target_rows] = x[self.source_rows]
+        return x
+
+
+@dataclass(frozen=True)
+class P2PControls:
+    """Prompt-to-Prompt settings (defaults: the official iCD SD1.5 launch, method.md §8.2).
+
+    cross_replace / self_replace are fractions of the reverse steps: cross control on steps i < floor(f (N+1)),
+    self injection on steps i < floor(f N) and only in layers with at most `max_self_tokens` queries (None: a
+    quarter of the latent's pixels, i.e. 32x32 at SD's 64x64 latents). reweight maps words to factors; with
+    `reweight_new_words` the target's new words (tokens.changed_words) get that factor. blend_words are
+    (source words, target words) for local blend; `mask` is a user mask [H, W] in [0, 1] (latent or image size).
+    """
+
+    cross_replace: float = 0.3
+    self_replace: float = 0.6
+    max_self_tokens: int | None = None
+    mode: str = "auto"  # auto | replace | refine
+    reweight: dict[str, float] = field(default_factory=dict)
+    reweight_new_words: float | None = 4.0
+    blend_words: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    blend_threshold: float = 0.3
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("cross_replace", "self_replace"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.mode not in ("auto", "replace", "refine"):
+            raise ValueError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
+
+
+class PromptToPrompt(Controller):
+    """Replace or refine cross-attention, inject self-attention, reweight words, blend locally."""
+
+    def __init__(self, tokenizer, source_prompts: Sequence[str], target_prompts: Sequence[str],
+                 source_of: Sequence[int], num_steps: int, controls: P2PControls, *, latent_size: int,
+                 cond_offset: int = 0):
+        super().__init__(source_of, num_steps, cond_offset=cond_offset)
+        self.c = controls
+        self.latent_size = latent_size
+        k = tokenizer.model_max_length
+        mappers, keep, weights, self.modes = [], [], [], []
+        for j, target in enumerate(target_prompts):
+            source = source_prompts[int(self.source_of[j])]
+            mode = controls.mode
+            if mode == "auto":
+                mode = "replace" if tok.is_word_swap(source, target) else "refine"
+            elif mode == "replace" and not tok.is_word_swap(source, target):
+                raise tok.AlignmentError(f"word replace needs the same number of words: {source!r} -> {target!r}")
+            self.modes.append(mode)
+            if mode == "replace":
+                mappers.append(tok.replace_mapper(tokenizer, source, target))
+                keep.append(torch.zeros(k))
+            else:
+                index, alpha = tok.refine_alignment(tokenizer, source, target)
+                m = torch.zeros(k, k)
+                m[index, torch.arange(k)] = alpha
+                mappers.append(m)
+                keep.append(1.0 - alpha)
+            e = torch.ones(k)
+            spans = tok.word_spans(tokenizer, target)
+            factors = dict(controls.reweight)
+            if controls.reweight_new_words is not None:
+                factors = {w: controls.reweight_new_words for w in tok.changed_words(source, target)} | factors
+            for word, factor in factors.items():
+                hits = [span for w, span in zip(tok.words(target), spans) if w == word.lower()]
+                if not hits and word in controls.reweight:
+                    raise tok.AlignmentError(f"reweight word {word!r} is not in the target prompt {target!r}")
+                for span in hits:
+                    e[list(span)] = factor
+            weights.append(e)
+        self.mappers, self.keep, self.equalizer = torch.stack(mappers), torch.stack(keep), torch.stack(weights)
+        self.blend = None
+        if controls.blend_words is not None:
+            self.blend = _blend_positions(tokenizer, source_prompts, target_prompts, self.source_of,
+                                          controls.blend_words, k)
+        self.maps: dict[int, torch.Tensor] = {}  # tokens -> summed cross maps [rows, tokens, K] for local blend
+        self.cross_steps = math.floor(controls.cross_replace * (num_steps + 1))
+        self.self_steps = math.floor(controls.self_replace * num_steps)
+        self.max_self_tokens = controls.max_self_tokens or (latent_size * latent_size) // 4
+
+    def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
+        if info.is_cross:
+            return self.step < self.cross_steps or (self.blend is not None and tokens <= BLEND_MAX_TOKENS)
+        return self.step < self.self_steps and tokens <= self.max_self_tokens
+
+    def attention(self, probs: torch.Tensor, info: LayerInfo, tokens: int) -> torch.Tensor:
+        src, tgt = self.source_rows, self.target_rows
+        probs = probs.clone()
+        if info.is_cross:
+            if self.step < self.cross_steps:
+                mapped = torch.einsum("thqk,tkj->thqj", probs[src], self.mappers.to(probs))
+                new = mapped + probs[tgt] * self.keep.to(probs)[:, None, None, :]
+                probs[tgt] = new * self.equalizer.to(probs)[:, None, None, :]
+            if self.blend is not None and tokens <= BLEND_MAX_TOKENS:
+                rows = probs[self.cond_offset:self.cond_offset + self.num_sources + len(self.source_of)]
+                self.maps[tokens] = self.maps.get(tokens, 0) + rows.mean(dim=1).detach().float()
+        elif self.step < self.self_steps and tokens <= self.max_self_tokens:
+            probs[tgt] = probs[src]
+        return probs
+
+    def on_latents(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.blend_mask(x.shape[-1])
+        if mask is None:
+            return x
+        x = x.clone()
+        src, tgt = self.source_of, self.num_sources + torch.arange(len(self.source_of))
+        x[tgt] = x[src] + mask.to(x) * (x[tgt] - x[src])
+        return x
+
+    def blend_mask(self, size: int) -> torch.Tensor | None:
+        """[T, 1, size, size] mask where the target may differ from its source (None: no local blend)."""
+        if self.c.mask is not None:
+            m = torch.as_tensor(self.c.mask, dtype=torch.float32)
+            m = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0]
+            return m.expand(len(self.source_of), 1, size, size)
+        if self.blend is None or not self.maps:
+            return None
+        tokens = max(self.maps)
+        res = int(round(math.sqrt(tokens)))
+        maps = self.maps[tokens].reshape(-1, res, res, self.maps[tokens].shape[-1])  # [rows, res, res, K]
+        src_w, tgt_w = self.blend
+        tgt_rows = self.num_sources + torch.arange(len(self.source_of))
+        word_src = (maps[self.source_of] * src_w[:, None, None, :]).sum(-1)
+        word_tgt = (maps[tgt_rows] * tgt_w[:, None, None, :]).sum(-1)
+        out = []
+        for m in (word_src, word_tgt):
+            m = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)
+            m = m / m.amax(dim=(2, 3), keepdim=True).clamp(min=1e-8)
+            out.append(m > self.c.blend_threshold)
+        return (out[0] | out[1]).float()
+
+
+def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, blend_words, k):
+    """[T, K] indicator vectors of the source and target blend words' token positions."""
+    src_words, tgt_words = (tuple(w.lower() for w in ws) for ws in blend_words)
+    src_v, tgt_v = torch.zeros(len(source_of), k), torch.zeros(len(source_of), k)
+    for j in range(len(source_of)):
+        for prompt, chosen, vec in ((source_prompts[int(source_of[j])], src_words, src_v),
+                                    (target_prompts[j], tgt_words, tgt_v)):
+            found = set()
+            for w, span in zip(tok.words(prompt), tok.word_spans(tokenizer, prompt)):
+                if w in chosen:
+                    vec[j, list(span)] = 1.0
+                    found.add(w)
+            missing = [w for w in chosen if w not in found]
+            if missing:
+                raise tok.AlignmentError(f"blend word(s) {', '.join(missing)} not in the prompt {prompt!r}")
+    return src_v, tgt_v
+
+
+@dataclass(frozen=True)
+class MasaCtrlControls:
+    """MasaCtrl settings: mutual self-attention at timesteps t <= start_t (default 920, i.e. step 4 of 50) and in
+    transformer blocks with index >= start_layer (None: the decoder's first block, as L = 10 of 16 in SD1.x)."""
+
+    start_t: int = 920
+    start_layer: int | None = None
+
+
+class MasaCtrl(Controller):
+    """Targets keep their queries and read keys/values from their source rows in the chosen self-attention layers."""
+
+    def __init__(self, source_of: Sequence[int], num_steps: int, controls: MasaCtrlControls, *,
+                 first_decoder_layer: int, cond_offset: int = 0):
+        super().__init__(source_of, num_steps, cond_offset=cond_offset)
+        self.c = controls
+        self.start_layer = first_decoder_layer if controls.start_layer is None else controls.start_layer
+
+    def mutual_self_attention(self, info: LayerInfo, tokens: int) -> bool:
+        return self.t <= self.c.start_t and info.index >= self.start_layer
+
+    def share_source(self, x: torch.Tensor) -> torch.Tensor:
+        """Within each half of the batch (both halves under two-pass CFG), targets read their sources' rows."""
+        x = x.clone()
+        targets = self.num_sources + torch.arange(len(self.source_of))
+        for offset in sorted({0, self.cond_offset}):
+            x[offset + targets] = x[offset + self.source_of]
+        return x

@@ -1,0 +1,59 @@
+"""Null-text inversion (Mokady et al. 2023; baselines.md §4): per-step unconditional embeddings that make guided
+DDIM retrace the unguided DDIM inversion's pivot latents. Runs in fp32 (fp16 breaks the optimisation)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from icd.editing.inversion import Inversion
+from icd.models.base import Cond, LatentDiffusion
+from icd.solver import cfg_combine, ddim_jump
+
+
+def nti_learning_rate(i: int) -> float:
+    """Adam step size at reverse step i: 1e-2 (1 - i / 100) (the NTI paper's schedule)."""
+    return 1e-2 * (1.0 - i / 100.0)
+
+
+def nti_threshold(i: int) -> float:
+    """Early-stop level of the inner loop at reverse step i: 1e-5 + 2e-5 i."""
+    return 1e-5 + i * 2e-5
+
+
+def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond, guidance: float, *,
+                       inner_steps: int = 10, progress: bool = False) -> list[torch.Tensor]:
+    """One unconditional token embedding [S, L, D] per reverse step of `inversion` (a DDIM inversion).
+
+    Step i goes from the pivot at timesteps[-1 - i] to timesteps[-2 - i]: starting from the previous step's
+    embedding (the empty prompt at i = 0), Adam minimises MSE(ddim_jump(x, CFG eps), pivot_next) for at most
+    `inner_steps` iterations with early stop; then x advances with the optimised embedding.
+    """
+    timesteps = list(reversed(inversion.timesteps))
+    pivots = list(reversed(inversion.latents))
+    uncond = model.encode_prompt([""] * len(cond)).tokens.detach().clone()
+    x = pivots[0]
+    w = torch.full((len(cond),), float(guidance))
+    out = []
+    for i in tqdm(range(len(timesteps) - 1), desc="null-text", disable=not progress, leave=False):
+        t, t_next = timesteps[i], timesteps[i + 1]
+        with torch.no_grad():
+            eps_c = model.eps(x, t, cond)
+        emb = uncond.clone().requires_grad_(True)
+        opt = torch.optim.Adam([emb], lr=nti_learning_rate(i))
+        for _ in range(inner_steps):
+            with torch.enable_grad():
+                eps_u = model.eps(x, t, Cond(tokens=emb))
+                x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
+                loss = torch.nn.functional.mse_loss(x_next, pivots[i + 1])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            if loss.item() < nti_threshold(i):
+                break
+        uncond = emb.detach()
+        out.append(uncond)
+        with torch.no_grad():
+            eps_u = model.eps(x, t, Cond(tokens=uncond))
+            x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
+    return out

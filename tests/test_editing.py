@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+
+from icd import world
+from icd.editing.attention import controlled, layer_infos
+from icd.editing.controllers import Controller, MasaCtrlControls, P2PControls, PromptToPrompt
+from icd.editing.editor import EditControls, Editor
+from icd.editing.inversion import Inversion
+from icd.models.base import PromptError
+
+
+@pytest.fixture(scope="module")
+def editor(random_icd_dir):
+    return Editor.from_pretrained(random_icd_dir)
+
+
+def _case(seed=7, kind="color"):
+    return world.make_case(kind, world.EVAL_SEED_START + seed)
+
+
+def test_controlled_processors_without_control_match_diffusers(editor):
+    model = editor.model
+    x = torch.randn(3, 4, 16, 16)
+    cond = model.encode_prompt(["a small red star on a black background"] * 3)
+    model.use_adapter(None)
+    ref = model.eps(x, 500, cond, guidance=torch.zeros(3))
+    with controlled(model.unet, Controller([0, 0], 4)):
+        got = model.eps(x, 500, cond, guidance=torch.zeros(3))
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert not any(type(p).__name__ == "ControlledAttnProcessor" for p in model.unet.attn_processors.values())
+
+
+def test_layer_infos_count_blocks_in_unet_order(editor):
+    infos = layer_infos(editor.model.unet)
+    places = [i.place for i in sorted(infos.values(), key=lambda i: i.index)]
+    assert places == sorted(places, key=["down", "mid", "up"].index)
+    assert {i.is_cross for i in infos.values()} == {True, False}
+
+
+@pytest.mark.parametrize("method", ["icd", "ddim"])
+def test_identical_prompts_give_the_reconstruction(editor, method):
+    case = _case()
+    inv = editor.invert(case.source[None], [case.source_prompt], method=method, steps=None if method == "icd" else 5)
+    out = editor.edit(inv, [case.source_prompt], EditControls(guidance=0.0))
+    np.testing.assert_array_equal(out.images, out.reconstructions)
+
+
+def test_nfe_is_counted(editor):
+    case = _case()
+    model = editor.model
+    model.counter.reset()
+    inv = editor.invert(case.source[None], [case.source_prompt])
+    assert model.counter.calls == 4
+    out = editor.edit(inv, [[case.target_prompt, case.source_prompt]])
+    assert out.nfe == 4 and out.images.shape == (2, 64, 64, 3) and model.counter.batch_sizes[-1] == 3
+    inv = editor.invert(case.source[None], [case.source_prompt], method="ddim", steps=50)
+    out = editor.edit(inv, [case.target_prompt])
+    assert out.nfe == 50 and model.counter.batch_sizes[-1] == 4  # [uncond src, uncond tgt, src, tgt]
+
+
+def test_saved_inversion_gives_the_same_edit(editor, tmp_path):
+    case = _case(kind="shape")
+    inv = editor.invert(case.source[None], [case.source_prompt])
+    fresh = editor.edit(inv, [case.target_prompt])
+    inv.save(tmp_path / "inv")
+    again = editor.edit(Inversion.load(tmp_path / "inv.json"), [case.target_prompt])
+    np.testing.assert_array_equal(fresh.images, again.images)
+    repeat = editor.invert(case.source[None], [case.source_prompt])  # deterministic inversion
+    assert torch.equal(repeat.noise, inv.noise)
+
+
+def test_unequal_prompts_refine_and_bad_words_fail(editor):
+    model = editor.model
+    p2p = PromptToPrompt(model.tokenizer, ["a red star on a black background"],
+                         ["a large red star on a black background", "a blue star on a black background"],
+                         [0, 0], 4, P2PControls(), latent_size=16)
+    assert p2p.modes == ["refine", "replace"]
+    case = _case()
+    inv = editor.invert(case.source[None], [case.source_prompt])
+    with pytest.raises(PromptError, match="zebra"):
+        editor.edit(inv, ["a red zebra on a black background"])
+    with pytest.raises(ValueError, match="blend word"):
+        editor.edit(inv, [case.target_prompt], EditControls(p2p=P2PControls(blend_words=(("lion",), ("star",)))))
+
+
+def test_only_controlled_layers_materialise_attention(editor):
+    model = editor.model
+    seen = []
+
+    class Spy(PromptToPrompt):
+        def attention(self, probs, info, tokens):
+            seen.append((self.step, info.is_cross))
+            return super().attention(probs, info, tokens)
+
+    case = _case()
+    controls = P2PControls(cross_replace=0.3, self_replace=0.6)  # cross on step 0, self on steps 0-1 (4 steps)
+    spy = Spy(model.tokenizer, [case.source_prompt], [case.target_prompt], [0], 4, controls, latent_size=16)
+    inv = editor.invert(case.source[None], [case.source_prompt])
+    editor._controller = lambda *a, **k: spy
+    try:
+        editor.edit(inv, [case.target_prompt], EditControls(p2p=controls))
+    finally:
+        del editor._controller
+    assert {s for s, cross in seen if cross} == {0} and {s for s, cross in seen if not cross} == {0, 1}
+
+
+def test_masactrl_leaves_the_source_branch_alone(editor):
+    case = _case(kind="size")
+    inv = editor.invert(case.source[None], [case.source_prompt])
+    plain = editor.edit(inv, [case.target_prompt], EditControls(p2p=None))
+    masa = editor.edit(inv, [case.target_prompt], EditControls(p2p=None, masactrl=MasaCtrlControls(start_t=999)))
+    np.testing.assert_array_equal(plain.reconstructions, masa.reconstructions)
+    assert not np.array_equal(plain.images, masa.images)
+
+
+def test_npi_and_nti_run_on_the_original_unet(editor):
+    case = _case()
+    for method in ("npi", "nti"):
+        inv = editor.invert(case.source[None], [case.source_prompt], method=method, steps=3)
+        out = editor.edit(inv, [case.target_prompt], EditControls(guidance=2.0))
+        assert out.nfe == 3 and np.isfinite(out.images).all()
+    assert len(inv.null_embeddings) == 3

@@ -119,3 +119,34 @@ def test_usage_errors_exit_2(bad, capsys):
     except SystemExit as e:  # argparse usage errors
         code = e.code
     assert code == 2
+
+
+def test_edit_cli_writes_the_edit_and_reports_counted_nfe(tmp_path, capsys, random_icd_dir):
+    from icd import world
+
+    case = world.make_case("color", world.EVAL_SEED_START + 3)
+    Image.fromarray(case.source).save(tmp_path / "src.png")
+    old, new = case.blend_words
+    base = ["edit", str(tmp_path / "src.png"), "--source", case.source_prompt, "--target", case.target_prompt,
+            "--model", str(random_icd_dir), "--json"]
+    code, out, _ = run([*base, "--blend", old, new, "--reweight", f"{new}=2", "-o", str(tmp_path / "e.png"),
+                        "--grid", str(tmp_path / "g.png"), "--save-inversion", str(tmp_path / "inv")], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["method"] == "icd" and report["nfe"] == 8 and report["nfe_edit"] == 4
+    assert {"seconds_invert", "seconds_edit", "seconds"} <= set(report)
+    assert (tmp_path / "e.png").is_file() and (tmp_path / "g.png").is_file()
+    code, out, _ = run([*base, "--blend", old, new, "--reweight", f"{new}=2", "--inversion", str(tmp_path / "inv"),
+                        "-o", str(tmp_path / "e2.png")], capsys)
+    assert code == 0 and json.loads(out)["nfe"] == 4  # a saved inversion costs only the reverse steps
+    first, second = (np.asarray(Image.open(tmp_path / n)) for n in ("e.png", "e2.png"))
+    np.testing.assert_array_equal(first, second)
+    code, _, err = run([*base, "-o", str(tmp_path / "e.png")], capsys)
+    _assert_one_line_error(code, err, "--force")
+    code, _, err = run([*base, "--blend", "zebra", "-o", str(tmp_path / "e3.png")], capsys)
+    _assert_one_line_error(code, err, "zebra")
+    code, _, err = run([*base, "--reweight", "red", "-o", str(tmp_path / "e3.png")], capsys)
+    _assert_one_line_error(code, err, "WORD=FACTOR")
+    code, out, err = run(["edit", str(tmp_path / "src.png"), "--source", case.source_prompt, "--target",
+                          "a large " + case.target_prompt.removeprefix("a "), "--model", str(random_icd_dir),
+                          "--method", "ddim", "--steps", "3", "-o", str(tmp_path / "e4.png"), "--json"], capsys)
+    assert code == 0 and "refine" in err and json.loads(out)["nfe"] == 6

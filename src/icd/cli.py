@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   icd invert out/case3/source.png --prompt "a small blue star on a brown background" -o out/recon.png --json
   icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
       -o out/recon50.png
+  icd edit out/case3/source.png --source "a small blue star on a brown background" \\
+      --target "a small red star on a brown background" --blend blue red -o out/edit.png --grid out/grid.png --json
   icd train teacher --config configs/embedded.toml
   icd train icd --config configs/icd-ablation.toml --section G3
 """
@@ -27,13 +29,15 @@ class CLIError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from icd.editing.tokens import AlignmentError
     from icd.imageio import ImageError
     from icd.models.base import PromptError
     from icd.models.embedded import ModelError
     from icd.train.config import ConfigError
     from icd.world import CaptionError
 
-    return (CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, FileNotFoundError)
+    return (CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, AlignmentError,
+            FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------------------------- world
@@ -191,6 +195,102 @@ def cmd_invert(args) -> None:
           f"wrote {args.output}: PSNR {report['psnr']:.2f} dB, {report['nfe']} UNet calls, {report['seconds']:.2f} s")
 
 
+def _parse_reweight(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        word, sep, value = item.partition("=")
+        try:
+            out[word.strip().lower()] = float(value)
+        except ValueError:
+            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}") from None
+        if not sep or not word.strip():
+            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}")
+    return out
+
+
+def _blend_words(words: list[str] | None, source: str, target: str):
+    if not words:
+        return None
+    src_words, tgt_words = source.lower().split(), target.lower().split()
+    words = [w.lower() for w in words]
+    unknown = [w for w in words if w not in src_words and w not in tgt_words]
+    if unknown:
+        raise CLIError(f"blend word(s) {', '.join(unknown)} appear in neither prompt")
+    return tuple(w for w in words if w in src_words), tuple(w for w in words if w in tgt_words)
+
+
+def cmd_edit(args) -> None:
+    import numpy as np
+
+    from icd.editing.controllers import MasaCtrlControls, P2PControls
+    from icd.editing.editor import EditControls, Editor
+    from icd.editing.inversion import Inversion
+    from icd.editing.tokens import is_word_swap
+    from icd.imageio import check_output, fit_image, load_image, save_image
+    from icd.plotting import captioned_grid
+
+    outputs = [args.output] + ([args.grid] if args.grid else [])
+    for path in outputs:
+        check_output(path, force=args.force, inputs=(args.image,))
+    if not args.source.strip() or not args.target.strip():
+        raise CLIError("the source or target prompt is empty")
+    if args.masactrl and args.swap:
+        raise CLIError("--masactrl and --swap are exclusive")
+    image = load_image(args.image)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    editor = Editor.from_pretrained(args.model, adapters=args.adapters)
+    model = editor.model
+    image = np.asarray(fit_image(image, model.image_size, args.fit))[None]
+    mask = None
+    if args.mask:
+        mask = (np.asarray(fit_image(load_image(args.mask), model.image_size, args.fit).convert("L")) > 127)
+        if not mask.any():
+            raise CLIError(f"the mask {args.mask} selects no pixels")
+    p2p = None
+    if not args.masactrl and not args.swap:
+        if not is_word_swap(args.source, args.target):
+            print("notice: the prompts have different word counts; using P2P refine instead of replace",
+                  file=sys.stderr)
+        p2p = P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
+                          reweight=_parse_reweight(args.reweight), blend_words=_blend_words(args.blend, args.source,
+                                                                                              args.target),
+                          blend_threshold=args.blend_threshold, mask=None if mask is None else mask.astype(np.float32))
+    masactrl = MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer) if args.masactrl \
+        else None
+    controls = EditControls(guidance=args.guidance, tau=args.tau, p2p=p2p, masactrl=masactrl)
+    model.counter.reset()
+    t0 = time.perf_counter()
+    if args.inversion:
+        inversion = Inversion.load(args.inversion)
+        if inversion.prompts != [args.source]:
+            raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
+    else:
+        inversion = editor.invert(image, [args.source], method=args.method, steps=args.steps, seed=args.seed,
+                                  guidance=args.guidance)
+    t1 = time.perf_counter()
+    result = editor.edit(inversion, [args.target], controls)
+    t2 = time.perf_counter()
+    if args.save_inversion:
+        inversion.save(args.save_inversion)
+    save_image(result.images[0], args.output)
+    if args.grid:
+        grid = captioned_grid([image[0], result.reconstructions[0], result.images[0]],
+                              [f"source: {args.source}", f"reconstruction ({inversion.method})",
+                               f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
+        save_image(grid, args.grid)
+    report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
+              "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
+              "seconds": round(t2 - t0, 4), "guidance": editor.default_guidance if args.guidance is None
+              else args.guidance, "control": "masactrl" if masactrl else "p2p" if p2p else "swap",
+              "output": str(args.output)}
+    print(json.dumps(report) if args.json else
+          f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
+          f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+
+
 def cmd_demo(args) -> None:
     """Generate, invert and reconstruct a held-out world image on the embedded model; write out/demo.png."""
     from icd import world
@@ -304,6 +404,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", required=True)
     common(i)
     i.set_defaults(func=cmd_invert)
+    e = sub.add_parser("edit", help="invert an image and regenerate it under a target prompt",
+                       description="Invert IMAGE with the source prompt, then decode [source, target] in one batch "
+                       "with Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap).")
+    e.add_argument("image")
+    e.add_argument("--source", required=True, help="caption of the image")
+    e.add_argument("--target", required=True, help="the edited caption")
+    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti"],
+                   help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet")
+    e.add_argument("--steps", type=int, default=None, help="icd: the adapters' segment count; others: 50")
+    e.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
+    e.add_argument("--seed", type=int, default=0, help="icd: seed of the encoding noise")
+    e.add_argument("--guidance", type=float, default=None, help="target guidance code w = CFG - 1 (default 1)")
+    e.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold (icd default: the adapters' tau)")
+    e.add_argument("--cross-replace", type=float, default=0.3, help="P2P cross-attention window (fraction)")
+    e.add_argument("--self-replace", type=float, default=0.6, help="P2P self-attention window (fraction)")
+    e.add_argument("--blend", nargs="+", metavar="WORD", help="local blend words (from either prompt)")
+    e.add_argument("--blend-threshold", type=float, default=0.3)
+    e.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention")
+    e.add_argument("--mask", default=None, help="user mask image (white = may change) instead of blend words")
+    e.add_argument("--masactrl", action="store_true", help="MasaCtrl mutual self-attention (non-rigid edits)")
+    e.add_argument("--masactrl-start-t", type=int, default=920, help="MasaCtrl acts at t <= this")
+    e.add_argument("--masactrl-layer", type=int, default=None, help="first controlled block (default: decoder)")
+    e.add_argument("--swap", action="store_true", help="plain prompt swap without attention control")
+    e.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    e.add_argument("--save-inversion", default=None, metavar="PATH", help="save the inversion for reuse")
+    e.add_argument("--inversion", default=None, metavar="PATH", help="reuse a saved inversion (4 NFE per edit)")
+    e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")
+    e.add_argument("-o", "--output", required=True)
+    common(e)
+    e.set_defaults(func=cmd_edit)
+
     d = sub.add_parser("demo", help="run the project's main job on the embedded model and write out/demo.png")
     d.add_argument("--out", default="out")
     d.add_argument("--seed", type=int, default=1)

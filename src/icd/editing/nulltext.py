@@ -27,7 +27,8 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
 
     Step i goes from the pivot at timesteps[-1 - i] to timesteps[-2 - i]: starting from the previous step's
     embedding (the empty prompt at i = 0), Adam minimises MSE(ddim_jump(x, CFG eps), pivot_next) for at most
-    `inner_steps` iterations with early stop; then x advances with the optimised embedding.
+    `inner_steps` iterations, each image stopping as soon as its loss is below `nti_threshold(i)`; then x advances
+    with the optimised embedding. A batch gives the same embeddings as inverting its images one by one.
     """
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
@@ -41,16 +42,21 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
             eps_c = model.eps(x, t, cond)
         emb = uncond.clone().requires_grad_(True)
         opt = torch.optim.Adam([emb], lr=nti_learning_rate(i))
+        active = torch.ones(len(cond), dtype=torch.bool)
         for _ in range(inner_steps):
             with torch.enable_grad():
                 eps_u = model.eps(x, t, Cond(tokens=emb))
                 x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
-                loss = torch.nn.functional.mse_loss(x_next, pivots[i + 1])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            if loss.item() < nti_threshold(i):
+                per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
+            active &= per_image.detach() >= nti_threshold(i)  # early stop, image by image
+            if not bool(active.any()):
                 break
+            opt.zero_grad(set_to_none=True)
+            per_image[active].sum().backward()  # rows are independent: a batch runs like separate images
+            kept = emb.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                emb[~active] = kept[~active]
         uncond = emb.detach()
         out.append(uncond)
         with torch.no_grad():

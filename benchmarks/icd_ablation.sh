@@ -3,7 +3,7 @@
 # [icd]), then measure them with benchmarks/embedded_icd.py. Needs runs/guidance/final (`icd train guidance`).
 #
 # On a 2-core CPU two one-thread trainings run side by side (more throughput than one two-thread run). Stream A
-# trains row G (600 steps) and then continues the same run to the shipped 1500 steps in runs/icd (same seed, data
+# trains row G (600 steps) and then continues the same run to the shipped 1200 steps in runs/icd (same seed, data
 # and constant learning rate, so the shipped run passes through G exactly). Stream B trains C, F and G3.
 # Every run resumes from its last checkpoint when this script is started again.
 #

@@ -5,4 +5,3 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ICD=.venv/bin/icd
 $ICD demo --out out
-$ICD world case --kind color --seed 1000000001 --out out/case --force

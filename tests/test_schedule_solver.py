@@ -94,3 +94,18 @@ def test_cfg_combine_and_guidance_helpers():
     assert dynamic_guidance(779, torch.tensor([7.0, 19.0]), 0.8).tolist() == [7.0, 19.0]
     assert dynamic_guidance(779, torch.tensor([7.0]), 0.7).tolist() == [0.0]
     assert dynamic_guidance(999, 3.0, None).item() == 3.0
+
+
+def test_ddim_loop_names_the_step_where_nan_appears():
+    from icd.solver import NumericsError
+
+    schedule = NoiseSchedule.scaled_linear()
+
+    def eps_fn(x, t):
+        out = torch.zeros_like(x)
+        if t == 519:
+            out[1] = float("nan")
+        return out
+
+    with pytest.raises(NumericsError, match=r"step 2 \(t = 519 -> 259\) in batch rows \[1\]"):
+        ddim_loop(eps_fn, torch.randn(3, 4, 2, 2), [999, 779, 519, 259, 0], schedule)

@@ -33,11 +33,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from icd.imageio import ImageError
     from icd.models.base import PromptError
     from icd.models.embedded import ModelError
+    from icd.solver import NumericsError
     from icd.train.config import ConfigError
     from icd.world import CaptionError
 
     return (CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, AlignmentError,
-            FileNotFoundError)
+            NumericsError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------------------------- world

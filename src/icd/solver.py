@@ -52,6 +52,10 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tenso
     return eps_cond + _bcast(w, eps_cond) * (eps_cond - eps_uncond)
 
 
+class NumericsError(FloatingPointError):
+    """NaN or Inf appeared in the latents; the message names the step."""
+
+
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -73,6 +77,9 @@ def ddim_loop(
     for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         eps = eps_fn(x, int(t_from))
         x = ddim_jump(x, eps, int(t_from), int(t_to), schedule)
+        if not bool(torch.isfinite(x).all()):
+            rows = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+            raise NumericsError(f"NaN/Inf latents at step {i} (t = {t_from} -> {t_to}) in batch rows {rows}")
         if callback is not None:
             replaced = callback(i, int(t_from), int(t_to), x)
             x = x if replaced is None else replaced

@@ -34,11 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from icd.models.base import PromptError
     from icd.models.embedded import ModelError
     from icd.solver import NumericsError
+    from icd.train.checkpoint import CheckpointError
     from icd.train.config import ConfigError
     from icd.world import CaptionError
 
     return (CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, AlignmentError,
-            NumericsError, FileNotFoundError)
+            NumericsError, CheckpointError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------------------------- world

@@ -27,6 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (full or read-only disk); the previous one is intact."""
+
+
 def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -99,28 +103,38 @@ def save_checkpoint(
     extra: Mapping[str, Any] = {},
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically and return its directory."""
+    """Write checkpoint `step` atomically and return its directory.
+
+    A failed write (full disk, read-only folder) removes the partial temporary folder and raises `CheckpointError`
+    naming the checkpoint that is still intact.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:06d}"
     tmp = run_dir / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state: dict[str, Any] = {"step": step, "optimizers": {}, "extra": dict(extra)}
-    for name, module in modules.items():
-        weights = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(weights, str(tmp / f"model.{name}.safetensors"))
-    for name, opt in optimizers.items():
-        tensors, meta = _optimizer_to_flat(opt)
-        save_file(tensors, str(tmp / f"optim.{name}.safetensors"))
-        state["optimizers"][name] = meta
-    write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(run_dir / "latest", final.name + "\n")
-    _fsync_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        state: dict[str, Any] = {"step": step, "optimizers": {}, "extra": dict(extra)}
+        for name, module in modules.items():
+            weights = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            save_file(weights, str(tmp / f"model.{name}.safetensors"))
+        for name, opt in optimizers.items():
+            tensors, meta = _optimizer_to_flat(opt)
+            save_file(tensors, str(tmp / f"optim.{name}.safetensors"))
+            state["optimizers"][name] = meta
+        write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(run_dir / "latest", final.name + "\n")
+        _fsync_dir(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {kept}") from None
     for old in sorted(run_dir.glob("step-??????"))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

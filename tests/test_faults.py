@@ -1,0 +1,89 @@
+"""Fault injection (issue: reliability): killed training resumes to identical weights; failed checkpoint writes
+leave the previous checkpoint intact and stop with a clear error."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icd.cli import main
+from icd.models import lora
+from icd.train import checkpoint as ckpt
+from icd.train.icd import ICDConfig, train_icd
+
+STEPS = 6
+
+
+def _toml(tmp_path, model_dir, out):
+    path = tmp_path / f"{out}.toml"
+    path.write_text(f'[icd]\nout_dir = "{tmp_path / out}"\nmodel = "{model_dir}"\nsteps = {STEPS}\nbatch_size = 2\n'
+                    f'n_images = 8\nrank = 4\nlr = 1e-3\ncheckpoint_every = 1\nlog_every = 1\nthreads = 1\n')
+    return path
+
+
+def _adapters(folder):
+    return {n: load_file(str(folder / f"{n}.safetensors")) for n in lora.ADAPTERS}
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path, random_distilled_dir):
+    kill_at = random.Random(os.getpid()).randint(1, STEPS - 2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cfg_file = _toml(tmp_path, random_distilled_dir, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "icd.cli", "train", "icd", "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / f"step-{kill_at:06d}"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+    assert not (tmp_path / "killed" / "final").exists()
+    assert main(["train", "icd", "--config", str(cfg_file)]) == 0  # resumes from the newest intact checkpoint
+    reference = train_icd(ICDConfig(out_dir=str(tmp_path / "reference"), model=str(random_distilled_dir),
+                                    steps=STEPS, batch_size=2, n_images=8, rank=4, lr=1e-3, checkpoint_every=1,
+                                    log_every=1))
+    a, b = _adapters(tmp_path / "killed" / "final"), _adapters(reference)
+    for name in lora.ADAPTERS:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), f"killed at step {kill_at}"
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    module = torch.nn.Linear(3, 2)
+    ckpt.save_checkpoint(tmp_path, 1, modules={"m": module})
+    real = ckpt.save_file
+
+    def full_disk(tensors, path, *a, **k):
+        real(tensors, path, *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device; .*step-000001 is intact"):
+        ckpt.save_checkpoint(tmp_path, 2, modules={"m": module})
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001"]  # no partial folder left
+    monkeypatch.setattr(ckpt, "save_file", real)
+    ckpt.load_checkpoint(tmp_path / "step-000001", modules={"m": torch.nn.Linear(3, 2)})
+
+
+def test_training_stops_with_one_line_error_when_the_disk_fills(tmp_path, random_distilled_dir, monkeypatch,
+                                                                 capsys):
+    real = ckpt.save_file
+
+    def fail_at_step_3(tensors, path, *a, **k):
+        if "step-000003" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", fail_at_step_3)
+    code = main(["train", "icd", "--config", str(_toml(tmp_path, random_distilled_dir, "full"))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("icd: error: cannot write checkpoint")
+    assert "step-000002 is intact" in err[-1]
+    assert ckpt.latest_checkpoint(tmp_path / "full").name == "step-000002"

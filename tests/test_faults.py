@@ -87,3 +87,54 @@ def test_training_stops_with_one_line_error_when_the_disk_fills(tmp_path, random
     assert code == 2 and err[-1].startswith("icd: error: cannot write checkpoint")
     assert "step-000002 is intact" in err[-1]
     assert ckpt.latest_checkpoint(tmp_path / "full").name == "step-000002"
+
+
+def test_model_folders_with_pickles_or_wrong_weights_are_refused(tmp_path, random_model_dir):
+    import shutil
+
+    from icd.models.embedded import ModelError, load_model
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(random_model_dir, pickled)
+    unet = pickled / "unet"
+    weights = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(weights, unet / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="cannot load the model"):
+        load_model(pickled)
+    broken = tmp_path / "broken"
+    shutil.copytree(random_model_dir, broken)
+    cfg = broken / "unet" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"cross_attention_dim": 64', '"cross_attention_dim": 32'))
+    with pytest.raises(ModelError, match="cannot load the model"):
+        load_model(broken)
+
+
+def test_adapters_for_another_architecture_are_refused(tmp_path, random_icd_dir):
+    import json
+    import shutil
+
+    from icd.models.embedded import ModelError, load_icd_model
+
+    bad = tmp_path / "adapters"
+    shutil.copytree(random_icd_dir / "icd", bad)
+    meta = json.loads((bad / "adapters.json").read_text())
+    meta["rank"] = 8  # the files hold rank-4 matrices
+    (bad / "adapters.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="cannot load iCD adapters"):
+        load_icd_model(random_icd_dir, adapters=bad)
+
+
+def test_adapters_with_missing_keys_are_refused(tmp_path, random_icd_dir):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from icd.models.embedded import ModelError, load_icd_model
+
+    bad = tmp_path / "adapters"
+    shutil.copytree(random_icd_dir / "icd", bad)
+    state = load_file(str(bad / f"{lora.REVERSE}.safetensors"))
+    save_file(dict(list(state.items())[: len(state) // 2]), str(bad / f"{lora.REVERSE}.safetensors"))
+    with pytest.raises(ModelError, match="lacks"):
+        load_icd_model(random_icd_dir, adapters=bad)

@@ -69,10 +69,14 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
     if classes.get("_class_name") not in ("StableDiffusionPipeline", None):
         raise ModelError(f"unsupported pipeline {classes.get('_class_name')!r} in {path} "
                          "(expected StableDiffusionPipeline)")
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path / unet_subfolder, torch_dtype=dtype)
+    try:  # weights from safetensors only: a downloaded folder's pickles are never unpickled
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path / unet_subfolder, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the model in {path}: {first}") from None
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
     is_embedded = str(name_or_path) == EMBEDDED or (path / VOCABULARY_FILE).is_file()
@@ -116,8 +120,9 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path 
     try:
         meta = lora.attach_adapters(model.unet, folder)
         boundaries = Boundaries(**meta["boundaries"])
-    except (KeyError, TypeError, ValueError, OSError) as e:
-        raise ModelError(f"cannot load iCD adapters from {folder}: {e}") from None
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load iCD adapters from {folder}: {first}") from None
     model.unet.to(device=device, dtype=dtype)
     model.icd = ICDSpec(path=folder, boundaries=boundaries, tau=meta.get("tau"),
                         w_set=tuple(meta.get("w_set", ())))

@@ -99,6 +99,9 @@ def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) 
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"adapter {name}: unexpected keys for this UNet, e.g. {unexpected[:3]}")
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{name}." in k]
+        if missing:
+            raise ValueError(f"adapter {name}: the file lacks {len(missing)} LoRA weights, e.g. {missing[:2]}")
     return meta
 
 

@@ -52,3 +52,16 @@ def test_outputs_never_clobber(tmp_path):
     save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "new" / "deep" / "o.png")
     assert (tmp_path / "new" / "deep" / "o.png").is_file()
     assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    import icd.imageio as imageio
+
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")  # a few hundred bytes that decode to 90 000 pixels
+    monkeypatch.setattr(imageio, "MAX_PIXELS", 50_000)
+    with pytest.raises(ImageError, match="too large"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # Pillow's own guard (warns at 1x, errors at 2x)
+    monkeypatch.setattr(imageio, "MAX_PIXELS", 10**9)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(tmp_path / "big.png")

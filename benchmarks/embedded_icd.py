@@ -199,7 +199,10 @@ def main() -> None:
     ap.add_argument("--w", type=float, default=1.0, help="guidance code for guided rows (CFG scale = w + 1)")
     ap.add_argument("--n", type=int, default=200, help="held-out images for reconstruction")
     ap.add_argument("--n-prompts", type=int, default=200, help="prompts per generation row")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: eps,generation,inversion")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: eps, generation, teacher (its two "
+                    "50-step generation rows), inversion, ddim (the DDIM inversion references)")
+    ap.add_argument("--taus", default=None, help="dynamic-CFG thresholds of the DDIM references (default: the "
+                    "adapters' taus)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -219,8 +222,9 @@ def main() -> None:
         gens = []
         for key, start, k in (("one object", SEEDS_ONE, 1), ("two objects", SEEDS_TWO, 2)):
             prompts = prompts_for(args.n_prompts, start, k)
-            runs = [("teacher DDIM 50, two-pass CFG", teacher, {"method": "ddim", "steps": 50}),
-                    ("guidance-distilled DDIM 50", student, {"method": "ddim", "steps": 50})]
+            runs = [] if "teacher" in skip else [
+                ("teacher DDIM 50, two-pass CFG", teacher, {"method": "ddim", "steps": 50}),
+                ("guidance-distilled DDIM 50", student, {"method": "ddim", "steps": 50})]
             for name, folder in rows.items():
                 model = load_icd_model(args.model, adapters=folder)
                 runs.append((f"iCD {name} reverse", model, {"method": "icd"}))
@@ -238,10 +242,13 @@ def main() -> None:
         z0 = teacher.encode_images(images)
         vae = to_uint8(teacher.decode_latents(z0))
         taus = sorted({float(json.loads((Path(f) / "adapters.json").read_text())["tau"]) for f in rows.values()})
+        if args.taus:
+            taus = [float(v) for v in args.taus.split(",")]
         inv = {"n": args.n, "vae_psnr": float(psnr(images, vae).mean()), "vae_ssim": float(ssim(images, vae).mean()),
-               "ddim": {**bench_ddim_references(student, images, captions, args.w, taus or [0.8], "distilled"),
-                        **bench_ddim_references(teacher, images, captions, args.w, taus or [0.8], "two-pass CFG")},
-               "icd": {}}
+               "ddim": {}, "icd": {}}
+        if "ddim" not in skip:
+            inv["ddim"] = {**bench_ddim_references(student, images, captions, args.w, taus or [0.8], "distilled"),
+                           **bench_ddim_references(teacher, images, captions, args.w, taus or [0.8], "two-pass CFG")}
         print("ddim", inv["ddim"], flush=True)
         for name, folder in rows.items():
             model = load_icd_model(args.model, adapters=folder)

@@ -38,6 +38,9 @@ stream_b > runs/ablation/stream-b.log 2>&1 &
 b=$!
 wait $a $b
 
-$PY benchmarks/embedded_icd.py --model runs/guidance/final \
+# teacher references (guidance distillation, 50-step generation, DDIM inversion), then the iCD rows
+$PY benchmarks/embedded_icd.py --model runs/guidance/final --taus 0.7,0.8 --n 200 --n-prompts 200 \
+  --out "$OUT-teacher"
+$PY benchmarks/embedded_icd.py --model runs/guidance/final --skip eps,teacher,ddim \
   --icd C=runs/ablation/C/final --icd F=runs/ablation/F/final --icd G=runs/ablation/G/final \
   --icd G3=runs/ablation/G3/final --icd shipped=runs/icd/final --n 200 --n-prompts 200 --out "$OUT"

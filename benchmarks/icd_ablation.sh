@@ -3,8 +3,9 @@
 # [icd]), then measure them with benchmarks/embedded_icd.py. Needs runs/guidance/final (`icd train guidance`).
 #
 # On a 2-core CPU two one-thread trainings run side by side (more throughput than one two-thread run). Stream A
-# trains row G (600 steps) and then continues the same run to the shipped 1200 steps in runs/icd (same seed, data
-# and constant learning rate, so the shipped run passes through G exactly). Stream B trains C, F and G3.
+# trains row G and then runs the shipped recipe (configs/embedded.toml [icd]) from G's last checkpoint: the shipped
+# recipe is row G (same seed, data, steps and constant learning rate), so this only writes runs/icd/final; raise
+# its `steps` to continue training beyond G. Stream B trains C, F and G3.
 # Every run resumes from its last checkpoint when this script is started again.
 #
 # usage: bash benchmarks/icd_ablation.sh [OUT_DIR]     (default out/bench/icd)

@@ -123,7 +123,9 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path 
     except (KeyError, TypeError, ValueError, OSError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load iCD adapters from {folder}: {first}") from None
-    model.unet.to(device=device, dtype=dtype)
+    model.unet.to(device)
+    if dtype != torch.float32:  # the LoRA weights were created in fp32
+        model.unet.to(dtype=dtype)
     model.icd = ICDSpec(path=folder, boundaries=boundaries, tau=meta.get("tau"),
                         w_set=tuple(meta.get("w_set", ())))
     return model

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str]
     for name in names:
         torch.manual_seed(seed + names.index(name))
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-        unet.add_adapter(config, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`")
+            unet.add_adapter(config, adapter_name=name)
     set_trainable(unet, names)
 
 

@@ -43,11 +43,12 @@ P2P = {"icd": dict(cross_replace=0.3, self_replace=0.6, reweight_new_words=4.0),
        "nti": dict(cross_replace=0.4, self_replace=0.8, reweight_new_words=3.0)}
 
 
-def controls_for(method: str, case: world.EditCase, w: float) -> EditControls:
-    if case.kind == "size":
+def controls_for(method: str, cases: list[world.EditCase], w: float) -> EditControls:
+    """One batch of cases of one kind: P2P with each case's blend words, or MasaCtrl for size edits."""
+    if cases[0].kind == "size":
         return EditControls(guidance=w, p2p=None, masactrl=MasaCtrlControls())
-    old, new = case.blend_words
-    return EditControls(guidance=w, p2p=P2PControls(**P2P[method], blend_words=((old,), (new,))))
+    blend = [((c.blend_words[0],), (c.blend_words[1],)) for c in cases]
+    return EditControls(guidance=w, p2p=P2PControls(**P2P[method], blend_words=blend))
 
 
 def run_kind(editor: Editor, judge, name: str, steps: int | None, cases, w: float, batch: int) -> dict:
@@ -57,7 +58,7 @@ def run_kind(editor: Editor, judge, name: str, steps: int | None, cases, w: floa
         chunk = cases[start:start + batch]
         sources = np.stack([c.source for c in chunk])
         inv = editor.invert(sources, [c.source_prompt for c in chunk], method=name, steps=steps, guidance=w)
-        out = editor.edit(inv, [c.target_prompt for c in chunk], controls_for(name, chunk[0], w))
+        out = editor.edit(inv, [c.target_prompt for c in chunk], controls_for(name, chunk, w))
         edits.append(out.images)
         recons.append(out.reconstructions)
     edited, recon = np.concatenate(edits), np.concatenate(recons)
@@ -77,7 +78,7 @@ def time_one(editor: Editor, method: str, steps: int | None, case, w: float) -> 
     t0 = time.perf_counter()
     inv = editor.invert(case.source[None], [case.source_prompt], method=name, steps=steps, guidance=w)
     t1 = time.perf_counter()
-    out = editor.edit(inv, [case.target_prompt], controls_for(name, case, w))
+    out = editor.edit(inv, [case.target_prompt], controls_for(name, [case], w))
     t2 = time.perf_counter()
     return {"seconds_invert": t1 - t0, "seconds_edit": t2 - t1, "seconds": t2 - t0, "nfe": model.counter.calls,
             "nfe_edit": out.nfe}

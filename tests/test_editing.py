@@ -160,3 +160,17 @@ def test_p2p_on_the_shipped_model_keeps_the_background_and_reaches_the_target():
     outside = ~np.stack([c.mask for c in cases])
     assert psnr(src, edited, outside).mean() > 25.0  # background preserved
     assert psnr(tgt, edited).mean() > psnr(src, edited).mean()  # closer to the rendered target than to the source
+
+
+def test_blend_words_per_target(editor):
+    model = editor.model
+    sources = ["a red star on a black background", "a blue circle on a gray background"]
+    targets = ["a green star on a black background", "a blue square on a gray background"]
+    p2p = PromptToPrompt(model.tokenizer, sources, targets, [0, 1], 4,
+                         P2PControls(blend_words=[(("red",), ("green",)), (("circle",), ("square",))]),
+                         latent_size=16)
+    src_v, tgt_v = p2p.blend
+    assert src_v[0, 2] == 1 and tgt_v[0, 2] == 1 and src_v[1, 3] == 1 and tgt_v[1, 3] == 1
+    with pytest.raises(ValueError, match="blend-word pairs"):
+        PromptToPrompt(model.tokenizer, sources, targets, [0, 1], 4,
+                       P2PControls(blend_words=[(("red",), ("green",))]), latent_size=16)

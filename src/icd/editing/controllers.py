@@ -75,7 +75,8 @@ class P2PControls:
     self injection on steps i < floor(f N) and only in layers with at most `max_self_tokens` queries (None: a
     quarter of the latent's pixels, i.e. 32x32 at SD's 64x64 latents). reweight maps words to factors; with
     `reweight_new_words` the target's new words (tokens.changed_words) get that factor. blend_words are
-    (source words, target words) for local blend; `mask` is a user mask [H, W] in [0, 1] (latent or image size).
+    (source words, target words) for local blend, shared by all targets, or a list with one such pair per
+    target; `mask` is a user mask [H, W] in [0, 1] (latent or image size).
     """
 
     cross_replace: float = 0.3
@@ -84,7 +85,7 @@ class P2PControls:
     mode: str = "auto"  # auto | replace | refine
     reweight: dict[str, float] = field(default_factory=dict)
     reweight_new_words: float | None = 4.0
-    blend_words: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    blend_words: tuple | list | None = None  # (source words, target words), or a list of them per target
     blend_threshold: float = 0.3
     mask: torch.Tensor | None = None
 
@@ -200,9 +201,12 @@ class PromptToPrompt(Controller):
 
 def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, blend_words, k):
     """[T, K] indicator vectors of the source and target blend words' token positions."""
-    src_words, tgt_words = (tuple(w.lower() for w in ws) for ws in blend_words)
+    per_target = blend_words if isinstance(blend_words, list) else [blend_words] * len(source_of)
+    if len(per_target) != len(source_of):
+        raise tok.AlignmentError(f"{len(per_target)} blend-word pairs for {len(source_of)} target prompts")
     src_v, tgt_v = torch.zeros(len(source_of), k), torch.zeros(len(source_of), k)
     for j in range(len(source_of)):
+        src_words, tgt_words = (tuple(w.lower() for w in ws) for ws in per_target[j])
         for prompt, chosen, vec in ((source_prompts[int(source_of[j])], src_words, src_v),
                                     (target_prompts[j], tgt_words, tgt_v)):
             found = set()

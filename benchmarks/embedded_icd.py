@@ -212,6 +212,7 @@ def main() -> None:
     rows = {name: _adapters(path, out, name) for name, path in sources.items()}
     teacher = load_model(args.model)
     student = load_model(args.model, unet_subfolder="unet_guidance")
+    icd_models = {name: load_icd_model(args.model, adapters=folder) for name, folder in rows.items()}
     judge = JudgeScorer.load(None)
     results = {"model": args.model, "device": f"cpu ({platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "w": args.w}
@@ -225,8 +226,7 @@ def main() -> None:
             runs = [] if "teacher" in skip else [
                 ("teacher DDIM 50, two-pass CFG", teacher, {"method": "ddim", "steps": 50}),
                 ("guidance-distilled DDIM 50", student, {"method": "ddim", "steps": 50})]
-            for name, folder in rows.items():
-                model = load_icd_model(args.model, adapters=folder)
+            for name, model in icd_models.items():
                 runs.append((f"iCD {name} reverse", model, {"method": "icd"}))
                 runs.append((f"iCD {name} reverse", model, {"method": "icd", "tau": model.icd.tau}))
             for name, model, kw in runs:
@@ -250,10 +250,9 @@ def main() -> None:
             inv["ddim"] = {**bench_ddim_references(student, images, captions, args.w, taus or [0.8], "distilled"),
                            **bench_ddim_references(teacher, images, captions, args.w, taus or [0.8], "two-pass CFG")}
         print("ddim", inv["ddim"], flush=True)
-        for name, folder in rows.items():
-            model = load_icd_model(args.model, adapters=folder)
+        for name, model in icd_models.items():
             measured = bench_icd_row(model, images, captions, args.w)
-            inv["icd"][name] = {"description": _describe(Path(folder)), **measured,
+            inv["icd"][name] = {"description": _describe(rows[name]), **measured,
                                 "training_seconds": _training_seconds(sources[name])}
             print(name, inv["icd"][name], flush=True)
         results["inversion"] = inv

@@ -22,15 +22,21 @@ def _setup(cfg):
     return model
 
 
-@pytest.mark.parametrize("term, owner", [("cd_reverse", lora.REVERSE), ("preserve_reverse", lora.REVERSE),
-                                         ("cd_forward", lora.FORWARD), ("preserve_forward", lora.FORWARD)])
-def test_each_loss_sends_gradient_only_to_its_adapter(tmp_path, random_distilled_dir, term, owner):
-    cfg = _cfg(tmp_path, random_distilled_dir, batch_size=3)
+def _batch(cfg):
+    """A model with live adapters and one step's draws for a batch of 3."""
     model = _setup(cfg)
     b = cfg.resolved_boundaries()
     d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
     z0 = torch.randn(3, 4, 16, 16)
     cond = model.encode_prompt(["a large red circle on a gray background"] * 3)
+    return model, b, d, z0, cond
+
+
+@pytest.mark.parametrize("term, owner", [("cd_reverse", lora.REVERSE), ("preserve_reverse", lora.REVERSE),
+                                         ("cd_forward", lora.FORWARD), ("preserve_forward", lora.FORWARD)])
+def test_each_loss_sends_gradient_only_to_its_adapter(tmp_path, random_distilled_dir, term, owner):
+    cfg = _cfg(tmp_path, random_distilled_dir, batch_size=3)
+    model, b, d, z0, cond = _batch(cfg)
     losses = icd_losses(model, cfg, b, z0, cond, d)
     losses[term].backward()
     for name in lora.ADAPTERS:
@@ -111,11 +117,7 @@ def _final(tmp_path, out):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, random_distilled_dir):
     cfg = _cfg(tmp_path, random_distilled_dir, batch_size=3)
-    model = _setup(cfg)
-    b = cfg.resolved_boundaries()
-    d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
-    z0 = torch.randn(3, 4, 16, 16)
-    cond = model.encode_prompt(["a large red circle on a gray background"] * 3)
+    model, b, d, z0, cond = _batch(cfg)
 
     def grads():
         model.unet.zero_grad(set_to_none=True)

@@ -44,6 +44,12 @@ class ModelError(ValueError):
     """A model folder that is missing, incomplete or of an unsupported kind."""
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of a library's (often multi-line) error message, for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     path = embedded_model_path() if str(name_or_path) == EMBEDDED else Path(name_or_path)
     if not path.is_dir():
@@ -75,8 +81,7 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(path / unet_subfolder, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load the model in {path}: {first}") from None
+        raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
     is_embedded = str(name_or_path) == EMBEDDED or (path / VOCABULARY_FILE).is_file()
@@ -121,8 +126,7 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path 
         meta = lora.attach_adapters(model.unet, folder)
         boundaries = Boundaries(**meta["boundaries"])
     except (KeyError, TypeError, ValueError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load iCD adapters from {folder}: {first}") from None
+        raise ModelError(f"cannot load iCD adapters from {folder}: {_first_line(e)}") from None
     model.unet.to(device)
     if dtype != torch.float32:  # the LoRA weights were created in fp32
         model.unet.to(dtype=dtype)

@@ -112,7 +112,9 @@ def test_console_script_help_and_bad_subcommand():
     assert res.returncode == 2
 
 
-@pytest.mark.parametrize("bad", [["train", "vae", "--config", "nope.toml"], ["world", "case", "--kind", "size"]])
+@pytest.mark.parametrize("bad", [["train", "vae", "--config", "nope.toml"], ["world", "case", "--kind", "size"],
+                                 ["generate", "a red star", "--threads", "1000000", "-o", "x.png"],
+                                 ["demo", "--threads", "-1"]])
 def test_usage_errors_exit_2(bad, capsys):
     try:
         code = main(bad)

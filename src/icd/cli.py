@@ -332,6 +332,20 @@ def cmd_demo(args) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 
 
+MAX_THREADS = 1024
+
+
+def _threads(text: str) -> int:
+    """--threads: 0 (torch's default) to MAX_THREADS; a huge count would crash the OpenMP runtime (found by fuzzing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must lie in 0..{MAX_THREADS}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from icd import world
     from icd.imageio import FITS
@@ -370,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--model", default="embedded", help="'embedded' or a diffusers pipeline folder")
-        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+        sp.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: default)")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
@@ -442,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1, help="which held-out world case to edit")
     d.add_argument("--guidance", type=float, default=1.0, help="guidance code w of the edit")
     d.add_argument("--model", default="embedded")
-    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: default)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -268,32 +268,39 @@ class EditCase:
         }
 
 
+class NoEditError(ValueError):
+    """A scene admits no edit of the asked kind (e.g. two objects that differ only in size: no size edit)."""
+
+
 def make_case(kind: str, seed: int, *, res: int = BASE_RES, max_objects: int = 2) -> EditCase:
     """The edit case of `kind` for `seed`: one word of the caption changes, and the answer is rendered exactly."""
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; choose from {', '.join(EDIT_KINDS)}")
     scene = sample_scene(seed, max_objects=max_objects)
     rng = np.random.default_rng([seed, EDIT_KINDS.index(kind)])
-    i = int(rng.integers(len(scene.objects)))
-    obj = scene.objects[i]
-    taken = {o.words for j, o in enumerate(scene.objects) if j != i}
-
-    def choose(options: Sequence[str], current: str, field: str | None = None) -> tuple[str, str]:
-        valid = [v for v in options if v != current]
-        if field is not None:  # keep the objects of the target scene distinct
-            valid = [v for v in valid if dataclasses.replace(obj, **{field: v}).words not in taken]
-        new = valid[int(rng.integers(len(valid)))]
-        return current, new
-
+    first = int(rng.integers(len(scene.objects)))
+    # the drawn object first; another one when the drawn object has no valid new value (two objects that differ
+    # only in `kind` leave no size / colour / shape that keeps the target's objects distinct)
+    for i in [first, *(j for j in range(len(scene.objects)) if j != first)]:
+        obj = scene.objects[i]
+        taken = {o.words for j, o in enumerate(scene.objects) if j != i}
+        if kind == "background":
+            valid = [v for v in BACKGROUNDS if v != scene.background]
+        else:
+            valid = [v for v in {"color": COLORS, "shape": SHAPES, "size": SIZES}[kind] if v != getattr(obj, kind)
+                     and dataclasses.replace(obj, **{kind: v}).words not in taken]
+        if valid:
+            break
+    else:
+        raise NoEditError(f"the scene of seed {seed} has no {kind} edit that keeps its objects distinct")
+    new = valid[int(rng.integers(len(valid)))]
     if kind == "background":
-        old, new = choose(list(BACKGROUNDS), scene.background)
+        old = scene.background
         target = dataclasses.replace(scene, background=new)
     else:
-        field = kind
-        options = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[kind]
-        old, new = choose(options, getattr(obj, field), field)
+        old = getattr(obj, kind)
         objects = list(scene.objects)
-        objects[i] = dataclasses.replace(obj, **{field: new})
+        objects[i] = dataclasses.replace(obj, **{kind: new})
         target = dataclasses.replace(scene, objects=tuple(objects))
 
     src_f, tgt_f = render_float(scene, res), render_float(target, res)

@@ -1,0 +1,47 @@
+"""What the harness measures on: edit cases (source, prompts, optional mask and ground truth) and their sources.
+
+A `BenchCase` is the one type the editing benchmark consumes. World cases carry a pixel-exact rendered target and
+mask (`icd.world.make_case`); PIE-Bench cases (`icd.bench.piebench`) carry a mask but no target image. Seeds of
+world cases come from the held-out range (>= `icd.world.EVAL_SEED_START`) unless the caller chooses otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from icd import world
+
+# default first seed of each benchmark's world cases: held out from training, one block per task
+SEED_START = {"editing": world.EVAL_SEED_START + 500_000, "inversion": world.EVAL_SEED_START + 300_000,
+              "generation": world.EVAL_SEED_START + 100_000}
+KIND_STRIDE = 1000  # world cases of kind j use seeds seed_start + KIND_STRIDE * j + i (i < n <= KIND_STRIDE)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    case_id: str
+    kind: str  # edit kind: a world kind (color, shape, background, size) or a PIE-Bench editing type
+    source: np.ndarray  # uint8 [H, W, 3]
+    source_prompt: str
+    target_prompt: str
+    mask: np.ndarray | None = None  # bool [H, W], True where the edit may change pixels (None: unknown)
+    target: np.ndarray | None = None  # uint8 [H, W, 3], the exact answer when known (world cases)
+    blend_words: tuple[str, str] | None = None  # (source word, target word) for P2P local blend
+
+
+def world_cases(kinds: Sequence[str], n: int, seed_start: int = SEED_START["editing"]) -> list[BenchCase]:
+    """`n` world edit cases per kind, kind-major; case ids are ``<kind>-<seed>``."""
+    if not 0 < n <= KIND_STRIDE:
+        raise ValueError(f"--n must lie in 1..{KIND_STRIDE} cases per kind, got {n}")
+    cases = []
+    for j, kind in enumerate(kinds):
+        for i in range(n):
+            seed = seed_start + KIND_STRIDE * j + i
+            c = world.make_case(kind, seed)
+            cases.append(BenchCase(case_id=f"{kind}-{seed}", kind=kind, source=c.source,
+                                   source_prompt=c.source_prompt, target_prompt=c.target_prompt, mask=c.mask,
+                                   target=c.target, blend_words=c.blend_words))
+    return cases

@@ -75,6 +75,7 @@ class ICDConfig:
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
     ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (warm-up as in the teacher) and save it as final
+    init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
 
     def __post_init__(self):
         if self.mixed_precision not in PRECISIONS:
@@ -189,6 +190,12 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
                                     max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
     z_all, tokens_all = z_all.cpu(), caption_tokens(model, captions).cpu()
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
+        meta = json.loads((Path(cfg.init_adapters) / "adapters.json").read_text())
+        if (meta.get("rank"), meta.get("alpha")) != (cfg.rank, cfg.alpha):
+            raise ValueError(f"init_adapters {cfg.init_adapters} has rank/alpha {meta.get('rank')}/{meta.get('alpha')}"
+                             f", the config asks for {cfg.rank}/{cfg.alpha}")
+        lora.load_adapters(model.unet, cfg.init_adapters)
     model.unet.to(sync.device)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

@@ -21,6 +21,9 @@ EXAMPLES = """examples:
       --target "a small red star on a brown background" --blend blue red -o out/edit.png --grid out/grid.png --json
   icd train teacher --config configs/embedded.toml
   icd train icd --config configs/icd-ablation.toml --section G3
+  icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
+  icd bench inversion --n 200 --methods icd,ddim --steps-list 1,2,3,4,50 --out out/bench/inv
+  torchrun --standalone --nproc_per_node 2 -m icd.cli bench generation --cases 100 --out out/bench/gen
 """
 
 
@@ -346,6 +349,47 @@ def _threads(text: str) -> int:
     return value
 
 
+def _adapters_arg(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--adapters takes NAME=DIR, got {item!r}")
+        out[name] = path
+    return out
+
+
+def cmd_bench(args) -> None:
+    from icd.bench import BenchOptions, run_bench
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        opts = BenchOptions(task=args.task, out=args.out, n=args.n, methods=args.methods, seed_start=args.seed_start,
+                            kinds=args.kinds, steps_list=args.steps_list, adapters=_adapters_arg(args.adapters),
+                            model=args.model, guidance=args.guidance, tau=args.tau, batch=args.batch,
+                            n_timing=args.n_timing, examples=args.examples, pie_bench=args.pie_bench,
+                            lpips=args.lpips, clip=args.clip, dino=args.dino, device=args.device, force=args.force,
+                            progress=not args.quiet)
+        results = run_bench(opts)
+    except (ValueError, FileExistsError) as e:  # bad options, unknown kinds or methods, a malformed PIE-Bench folder
+        raise CLIError(str(e)) from e
+    if not args.quiet:
+        print(f"wrote {Path(args.out) / 'results.json'} ({len(results['methods'])} methods, {results['device']})")
+
+
+def cmd_world_pie_bench(args) -> None:
+    from icd.bench.piebench import write_fixture
+
+    try:
+        path = write_fixture(args.out, n_per_kind=args.n_per_kind)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(f"wrote a PIE-Bench-format fixture to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from icd import world
     from icd.imageio import FITS
@@ -372,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("-o", "--output", required=True)
     grid.add_argument("--force", action="store_true")
     grid.set_defaults(func=cmd_world_grid)
+
+    pb = wsub.add_parser("pie-bench", help="write world edit cases in PIE-Bench's layout (a test fixture)")
+    pb.add_argument("out", help="new folder")
+    pb.add_argument("--n-per-kind", type=int, default=2)
+    pb.set_defaults(func=cmd_world_pie_bench)
 
     t = sub.add_parser("train", help="train a component of the embedded model from a TOML config")
     t.add_argument("component", choices=["vae", "judge", "teacher", "guidance", "icd"])
@@ -450,6 +499,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     common(e)
     e.set_defaults(func=cmd_edit)
+
+    b = sub.add_parser("bench", help="measure methods side by side: inversion, editing or generation tables",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
+  icd bench editing --n 100 --methods icd,ddim50,ddim4,npi50,nti50 --out out/bench/editing
+  icd bench inversion --n 200 --methods icd,ddim --steps-list 1,2,3,4,50 --out out/bench/steps
+  icd bench inversion --n 200 --methods icd:G3,icd --adapters G3=runs/ablation/G3/final --out out/bench/g3
+  icd bench generation --n 100 --methods icd,gddim50,ddim50 --out out/bench/gen
+  icd bench editing --pie-bench PIE-Bench_v1 --n 20 --out out/bench/pie
+methods: icd, icd:NAME (with --adapters NAME=DIR), ddimK (original UNet, two-pass CFG), gddimK (guidance-distilled
+UNet), npiK, ntiK; a family without K takes 50 steps or each of --steps-list. Multi-process: run the same
+command under `accelerate launch` or `torchrun`; cases are sharded and gathered into one results.json.""")
+    b.add_argument("task", choices=("inversion", "editing", "generation"))
+    b.add_argument("--out", required=True, help="folder for results.json, results.md, plots and examples")
+    b.add_argument("--n", "--cases", dest="n", type=int, default=20,
+                   help="cases per kind (editing, generation) or images (inversion); under torchrun write --cases")
+    b.add_argument("--methods", default=None, help="comma-separated (default: icd,ddim50,ddim4 | "
+                   "icd,ddim50,ddim4,npi50,nti50 | icd,gddim50,ddim50)")
+    b.add_argument("--seed-start", type=int, default=None, help="first world seed (default: a held-out range)")
+    b.add_argument("--kinds", default=None, help="editing: comma-separated edit kinds (world: "
+                   f"{','.join(world.EDIT_KINDS)}; PIE-Bench: its editing types)")
+    b.add_argument("--steps-list", default=None, metavar="K,K,…", help="step ablation for families without K")
+    b.add_argument("--adapters", action="append", metavar="NAME=DIR", help="extra iCD adapters, method icd:NAME")
+    b.add_argument("--model", default="embedded", help="model folder (default: the embedded model)")
+    b.add_argument("--guidance", type=float, default=None, help="code w = CFG - 1 (default 1; inversion: 0)")
+    b.add_argument("--tau", type=float, default=None, help="dynamic-CFG threshold (default: adapters' tau for icd)")
+    b.add_argument("--batch", type=int, default=50, help="cases per batched model call")
+    b.add_argument("--n-timing", type=int, default=5, help="single-image runs timed per method")
+    b.add_argument("--examples", type=int, default=2, help="example cases per kind in examples.png")
+    b.add_argument("--pie-bench", default=None, metavar="PATH", help="PIE-Bench folder (mapping_file.json, "
+                   "annotation_images/) instead of world cases")
+    b.add_argument("--lpips", default=None, metavar="PATH", help="LPIPS weights (AlexNet + v0.1 linear layers)")
+    b.add_argument("--clip", default=None, metavar="DIR", help="local CLIP model folder (CLIP-T, CLIP-I)")
+    b.add_argument("--dino", default=None, metavar="DIR", help="local DINOv2 model folder")
+    b.add_argument("--device", default="auto", help="auto (the launcher's device, else cuda if present), cpu, cuda")
+    b.add_argument("--force", action="store_true", help="replace results already in --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+    b.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: default)")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="edit a world image with iCD on the embedded model and write out/demo.png")
     d.add_argument("--out", default="out")

@@ -33,15 +33,39 @@ class BenchCase:
 
 
 def world_cases(kinds: Sequence[str], n: int, seed_start: int = SEED_START["editing"]) -> list[BenchCase]:
-    """`n` world edit cases per kind, kind-major; case ids are ``<kind>-<seed>``."""
+    """`n` world edit cases per kind, kind-major; case ids are ``<kind>-<seed>``. Kind j draws its seeds from
+    ``seed_start + KIND_STRIDE * j`` on, skipping scenes that admit no edit of that kind."""
     if not 0 < n <= KIND_STRIDE:
         raise ValueError(f"--n must lie in 1..{KIND_STRIDE} cases per kind, got {n}")
     cases = []
     for j, kind in enumerate(kinds):
-        for i in range(n):
-            seed = seed_start + KIND_STRIDE * j + i
-            c = world.make_case(kind, seed)
+        seeds = iter(range(seed_start + KIND_STRIDE * j, seed_start + KIND_STRIDE * (j + 1)))
+        for _ in range(n):
+            while True:  # skip the few scenes that admit no edit of this kind
+                seed = next(seeds)
+                try:
+                    c = world.make_case(kind, seed)
+                    break
+                except world.NoEditError:
+                    continue
             cases.append(BenchCase(case_id=f"{kind}-{seed}", kind=kind, source=c.source,
                                    source_prompt=c.source_prompt, target_prompt=c.target_prompt, mask=c.mask,
                                    target=c.target, blend_words=c.blend_words))
+    return cases
+
+
+def object_kind(n_objects: int) -> str:
+    return "1-object" if n_objects == 1 else f"{n_objects}-objects"
+
+
+def world_scenes(n: int, seed_start: int = SEED_START["inversion"], *, max_objects: int = 2) -> list[BenchCase]:
+    """`n` held-out world images with their captions (for inversion), kind = number of objects."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    cases = []
+    for i in range(n):
+        scene = world.sample_scene(seed_start + i, max_objects=max_objects)
+        cases.append(BenchCase(case_id=f"scene-{seed_start + i}", kind=object_kind(len(scene.objects)),
+                               source=world.render(scene), source_prompt=scene.caption,
+                               target_prompt=scene.caption))
     return cases

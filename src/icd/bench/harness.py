@@ -1,0 +1,184 @@
+"""One benchmark run: cases, methods, this process's share, gather, aggregate, write (``icd bench …``).
+
+    from icd.bench import BenchOptions, run_bench
+    results = run_bench(BenchOptions(task="editing", n=20, methods="icd,ddim50", out="out/bench/edit"))
+
+Writes ``results.json`` (schema: `icd.bench.results`), ``results.md``, ``quality-vs-nfe.png``, ``seconds.png``,
+``per-kind.png`` and ``examples.png`` into ``out`` (the main process only).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from icd import world
+from icd.bench import editing, generation, inversion
+from icd.bench.cases import SEED_START, world_cases, world_scenes
+from icd.bench.methods import parse_methods, parse_steps_list
+from icd.bench.report import example_grid, markdown, plots
+from icd.bench.results import SCHEMA_VERSION, method_entry, validate, write_json
+from icd.bench.runtime import Shards, describe_device
+
+TASKS = ("inversion", "editing", "generation")
+ALLOWED = {"inversion": ("icd", "ddim", "gddim"), "editing": ("icd", "ddim", "npi", "nti"),
+           "generation": ("icd", "ddim", "gddim")}
+DEFAULT_METHODS = {"inversion": "icd,ddim50,ddim4", "editing": "icd,ddim50,ddim4,npi50,nti50",
+                   "generation": "icd,gddim50,ddim50"}
+RESULT_FILES = ("results.json", "results.md")
+
+
+@dataclass
+class BenchOptions:
+    task: str
+    out: str
+    n: int = 20  # cases per kind (editing, generation) or images (inversion)
+    methods: str | None = None  # default: DEFAULT_METHODS[task]
+    seed_start: int | None = None  # default: SEED_START[task] (held out from training)
+    kinds: str | None = None  # editing: world edit kinds (default all); PIE-Bench: editing types
+    steps_list: str | None = None  # expands ddim / gddim / npi / nti without a step count
+    adapters: dict[str, str] = field(default_factory=dict)  # icd:NAME -> adapters folder
+    model: str = "embedded"
+    guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
+    tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
+    batch: int = 50
+    n_timing: int = 5
+    examples: int = 2  # example cases per kind in examples.png
+    pie_bench: str | None = None
+    lpips: str | None = None
+    clip: str | None = None
+    dino: str | None = None
+    device: str = "auto"
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown benchmark {self.task!r}; choose from {', '.join(TASKS)}")
+        for name in ("n", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_timing < 1 or self.examples < 0:
+            raise ValueError("--n-timing must be >= 1 and --examples >= 0")
+        if self.pie_bench and self.task == "generation":
+            raise ValueError("--pie-bench applies to the inversion and editing benchmarks")
+
+
+def _cases(opts: BenchOptions, model) -> tuple[list, str, list[str], int | None]:
+    if opts.pie_bench:
+        from icd.bench.piebench import load_pie_bench
+
+        kinds = opts.kinds.split(",") if opts.kinds else None
+        cases = load_pie_bench(opts.pie_bench, limit=None, kinds=kinds, image_size=model.image_size)
+        if opts.n:
+            per: dict[str, int] = {}
+            kept = []
+            for c in cases:
+                if per.get(c.kind, 0) < opts.n:
+                    kept.append(c)
+                    per[c.kind] = per.get(c.kind, 0) + 1
+            cases = kept
+        return cases, f"pie-bench:{opts.pie_bench}", list(dict.fromkeys(c.kind for c in cases)), None
+    seed = SEED_START[opts.task] if opts.seed_start is None else opts.seed_start
+    if opts.task == "editing":
+        kinds = opts.kinds.split(",") if opts.kinds else list(world.EDIT_KINDS)
+        bad = [k for k in kinds if k not in world.EDIT_KINDS]
+        if bad:
+            raise ValueError(f"unknown edit kind {bad[0]!r}; choose from {', '.join(world.EDIT_KINDS)}")
+        return world_cases(kinds, opts.n, seed), "world", kinds, seed
+    if opts.kinds:
+        raise ValueError(f"--kinds applies to editing; the {opts.task} benchmark groups cases by object count")
+    if opts.task == "inversion":
+        cases = world_scenes(opts.n, seed)
+    else:
+        cases = generation.prompt_cases(opts.n, seed)
+    return cases, "world", list(dict.fromkeys(c.kind for c in cases)), seed
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Run one benchmark; every process returns the same results dict, the main process writes the files."""
+    from icd.editing.editor import Editor
+
+    out = Path(opts.out)
+    if not opts.force and any((out / f).exists() for f in RESULT_FILES):
+        raise FileExistsError(f"{out} already holds results; pass --force to replace them")
+    methods = parse_methods(opts.methods or DEFAULT_METHODS[opts.task], steps_list=parse_steps_list(opts.steps_list),
+                            allowed=ALLOWED[opts.task], adapters=opts.adapters)
+    shards = Shards(opts.device)
+    guidance = opts.guidance if opts.guidance is not None else (0.0 if opts.task == "inversion" else 1.0)
+    editor = Editor.from_pretrained(opts.model, device=shards.device)
+    editors = {m.name: editing.with_method_adapters(editor, m, opts.adapters) for m in methods}
+    cases, source, kinds, seed = _cases(opts, editor.model)
+    if not cases:
+        raise ValueError("no cases to measure (check --kinds / the PIE-Bench folder)")
+
+    skipped: list[dict] = []
+    metrics: dict = {}
+    if opts.task != "generation":
+        from icd.bench.optional_metrics import load_optional_metrics
+
+        metrics, skips = load_optional_metrics(lpips=opts.lpips, clip=opts.clip, dino=opts.dino,
+                                               device=shards.device)
+        if opts.task == "inversion":  # only LPIPS applies to a reconstruction
+            skips = [s for s in skips if s.metric == "lpips"]
+        skipped += [{"metric": s.metric, "reason": s.reason} for s in skips]
+    judge = None
+    if opts.task in ("editing", "generation"):
+        if all(world.unknown_words(c.target_prompt) for c in cases):
+            skipped.append({"metric": "judge_accuracy", "reason": "the world judge reads world captions only"})
+        else:
+            from icd.judge import JudgeScorer
+
+            judge = JudgeScorer.load(None)
+
+    module = {"editing": editing, "inversion": inversion, "generation": generation}[opts.task]
+    timed = editing.timing_cases(cases, opts.n_timing)
+    results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
+               "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
+               "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau,
+               "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
+    shown: dict[str, list] = {}
+    for m in methods:
+        kw = dict(guidance=guidance, tau=opts.tau, shards=shards)
+        quality_kw = dict(batch=opts.batch, examples=opts.examples,
+                          progress=opts.progress and shards.is_main)
+        if opts.task == "editing":
+            quality_kw.update(judge=judge, metrics=metrics)
+        elif opts.task == "generation":
+            quality_kw.update(judge=judge)
+        else:
+            quality_kw.update(metrics=metrics)
+        records = shards.gather(module.measure_quality(editors[m.name], m, cases, **kw, **quality_kw))
+        timings = shards.gather(module.measure_speed(editors[m.name], m, timed, **kw))
+        records, shown[m.name] = editing.strip_images(records)
+        results["methods"][m.name] = method_entry(records, timings, kinds)
+        if shards.is_main and opts.progress:
+            e = results["methods"][m.name]
+            print(f"{m.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in e.items() if isinstance(v, float)),
+                  file=sys.stderr, flush=True)
+    validate(results)
+    if shards.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", results)
+        from icd.train.checkpoint import write_text_atomic
+
+        write_text_atomic(out / "results.md", markdown(results))
+        plots(results, out)
+        sources = {c.case_id: (c.source, c.target_prompt if opts.task == "editing" else c.source_prompt,
+                               c.target) for c in cases}
+        if any(shown.values()):
+            example_grid(shown, sources, out)
+    shards.barrier()
+    return results
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icd")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,78 @@
+"""Method names of the harness: ``icd``, ``icd:NAME`` (extra adapters), ``ddimK``, ``gddimK``, ``npiK``, ``ntiK``.
+
+- ``icd``: the model's shipped iCD adapters (forward + reverse, their own step count);
+  ``icd:NAME``: adapters given with ``--adapters NAME=DIR`` (ablation rows, other step counts).
+- ``ddimK``: DDIM inversion and decoding with K steps on the original UNet (two-pass CFG when guided);
+  ``gddimK``: the same on the guidance-distilled UNet (guidance is an input, one call per step).
+- ``npiK``: negative-prompt inversion; ``ntiK``: null-text inversion (10 inner Adam steps per step, early stop).
+A family without K takes 50 steps, or each value of ``--steps-list`` (the step ablation).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FAMILIES = ("icd", "ddim", "gddim", "npi", "nti")
+_PATTERN = re.compile(r"^(icd)(?::([A-Za-z0-9_.-]+))?$|^(ddim|gddim|npi|nti)(\d+)?$")
+DEFAULT_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as written in results.json
+    family: str  # one of FAMILIES
+    steps: int | None = None  # None: the adapters' own step count (icd)
+    adapters: str | None = None  # icd:NAME -> NAME
+
+    @property
+    def editor_method(self) -> str:
+        """The `Editor.invert` method of this family (gddim has no editing loop of its own)."""
+        return "ddim" if self.family == "gddim" else self.family
+
+
+def parse_methods(text: str, *, steps_list: list[int] | None = None, allowed: tuple[str, ...] = FAMILIES,
+                  adapters: dict[str, str] | None = None) -> list[Method]:
+    """``"icd,ddim50,ddim4,nti"`` -> methods; a family without a step count expands over `steps_list`."""
+    out: list[Method] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = _PATTERN.match(item)
+        if m is None:
+            raise ValueError(f"unknown method {item!r}; write icd, icd:NAME or one of ddim, gddim, npi, nti with an "
+                             f"optional step count (e.g. ddim50)")
+        family = m.group(1) or m.group(3)
+        if family not in allowed:
+            raise ValueError(f"method {item!r} is not measured by this benchmark; choose from {', '.join(allowed)}")
+        if family == "icd":
+            name = m.group(2)
+            if name is not None and name not in (adapters or {}):
+                raise ValueError(f"method {item!r} needs --adapters {name}=DIR")
+            out.append(Method(item, "icd", None, name))
+            continue
+        if m.group(4) is not None:
+            steps = [int(m.group(4))]
+        else:
+            steps = steps_list or [DEFAULT_STEPS]
+        for k in steps:
+            if k < 1:
+                raise ValueError(f"method {item!r}: the step count must be >= 1")
+            out.append(Method(f"{family}{k}", family, k))
+    if not out:
+        raise ValueError("--methods names no method")
+    names = [m.name for m in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"--methods names {', '.join(dupes)} twice")
+    return out
+
+
+def parse_steps_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--steps-list must be comma-separated integers, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--steps-list must hold step counts >= 1, got {text!r}")
+    return steps

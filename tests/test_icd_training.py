@@ -164,3 +164,14 @@ def test_ema_adapters_differ_and_resume_exactly(tmp_path, random_distilled_dir):
     for name in lora.ADAPTERS:
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
         assert any(not torch.equal(a[name][k], raw[name][k]) for k in a[name])
+
+
+def test_init_adapters_starts_from_saved_weights_and_checks_the_rank(tmp_path, random_distilled_dir):
+    first = train_icd(_cfg(tmp_path, random_distilled_dir, out="first", steps=1))
+    # zero steps of fine-tuning: the saved adapters are exactly the ones it started from
+    again = train_icd(_cfg(tmp_path, random_distilled_dir, out="again", steps=0, init_adapters=str(first), seed=5))
+    for name in lora.ADAPTERS:
+        a, b = load_file(str(first / f"{name}.safetensors")), load_file(str(again / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="rank/alpha 4/8"):
+        train_icd(_cfg(tmp_path, random_distilled_dir, out="other", rank=2, init_adapters=str(first)))

@@ -108,9 +108,10 @@ def run_bench(opts: BenchOptions) -> dict:
     methods = parse_methods(opts.methods or DEFAULT_METHODS[opts.task], steps_list=parse_steps_list(opts.steps_list),
                             allowed=ALLOWED[opts.task], adapters=opts.adapters)
     shards = Shards(opts.device)
+    adapters = {name: _adapters_folder(path, out, name, shards) for name, path in opts.adapters.items()}
     guidance = opts.guidance if opts.guidance is not None else (0.0 if opts.task == "inversion" else 1.0)
     editor = Editor.from_pretrained(opts.model, device=shards.device)
-    editors = {m.name: editing.with_method_adapters(editor, m, opts.adapters) for m in methods}
+    editors = {m.name: editing.with_method_adapters(editor, m, adapters) for m in methods}
     cases, source, kinds, seed = _cases(opts, editor.model)
     if not cases:
         raise ValueError("no cases to measure (check --kinds / the PIE-Bench folder)")
@@ -173,6 +174,22 @@ def run_bench(opts: BenchOptions) -> dict:
             example_grid(shown, sources, out)
     shards.barrier()
     return results
+
+
+def _adapters_folder(path: str, out: Path, name: str, shards: Shards) -> str:
+    """An adapters folder as is; a training checkpoint (``step-NNNNNN`` with state.json) is exported first."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--adapters {name}: {p} does not exist")
+    if not (p / "state.json").is_file():
+        return path
+    target = out / f"adapters-{name}"
+    if shards.is_main:
+        from icd.train.icd import export_checkpoint
+
+        export_checkpoint(p, target)
+    shards.barrier()
+    return str(target)
 
 
 def _version() -> str:

@@ -78,6 +78,7 @@ class LatentDiffusion:
         self.vocabulary = None if vocabulary is None else tuple(vocabulary)
         self.counter = NFECounter()
         self.icd = None  # an `icd.models.embedded.ICDSpec` once iCD adapters are attached (`load_icd_model`)
+        self.fused = None  # an `icd.models.lora.FusedAdapters` when the adapters are folded into the weights
 
     # ------------------------------------------------------------------ properties
     @property
@@ -152,6 +153,9 @@ class LatentDiffusion:
         if self.icd is None:
             if name is not None:
                 raise ValueError(f"adapter {name!r} requested but this model has no iCD adapters")
+            return
+        if self.fused is not None:
+            self.fused.activate(name)
             return
         from icd.models import lora
 

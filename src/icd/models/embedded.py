@@ -108,8 +108,13 @@ class ICDSpec:
 
 
 def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path | None = None,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
-    """The guidance-distilled model with both iCD adapters attached (`adapters` default: ``<model>/icd``)."""
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   fuse: bool = True) -> LatentDiffusion:
+    """The guidance-distilled model with both iCD adapters attached (`adapters` default: ``<model>/icd``).
+
+    fuse: fold each adapter into its own copy of the weights it modifies (`icd.models.lora.FusedAdapters`), so an
+    iCD step costs one plain UNet call (about 2x faster on the embedded model); False keeps peft's LoRA branches
+    (less memory: no extra weight copies)."""
     from icd.models import lora
 
     path = resolve_model_path(name_or_path)
@@ -132,4 +137,6 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path 
         model.unet.to(dtype=dtype)
     model.icd = ICDSpec(path=folder, boundaries=boundaries, tau=meta.get("tau"),
                         w_set=tuple(meta.get("w_set", ())))
+    if fuse:
+        model.fused = lora.FusedAdapters(model.unet)
     return model

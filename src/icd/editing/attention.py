@@ -1,6 +1,6 @@
 """Attention control through diffusers attention processors (no monkey-patching, no module-level state).
 
-`install(unet, controller)` gives every attention layer an `ControlledAttnProcessor` that knows its place
+`controlled(unet, controller)` gives every attention layer a `ControlledAttnProcessor` that knows its place
 (down/mid/up), whether it is cross-attention, and its index among the UNet's transformer blocks in UNet order
 (encoder, middle, decoder; MasaCtrl's "layer L"). At each call the processor asks the controller what it needs:
 
@@ -9,8 +9,9 @@
 - the attention probabilities (P2P replace/refine/reweight, local blend maps): only then are they materialised,
   handed to the controller, and multiplied with the values.
 
-`uninstall(unet, saved)` restores the previous processors. The batch layout is the controller's business
-(`icd.editing.controllers`): rows ``[sources..., targets...]`` with a source row per target row.
+The previous processors come back on exit (`AttentionLayers` finds the layers once per UNet). The batch layout is
+the controller's business (`icd.editing.controllers`): rows ``[sources..., targets...]`` with a source row per
+target row.
 """
 
 from __future__ import annotations
@@ -99,25 +100,38 @@ class ControlledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def install(unet, controller) -> dict:
-    """Route every attention layer of `unet` through `controller`; returns the processors to restore."""
-    saved = dict(unet.attn_processors)
-    infos = layer_infos(unet)
-    unet.set_attn_processor({name: ControlledAttnProcessor(controller, infos[name]) for name in saved})
-    return saved
+class AttentionLayers:
+    """The attention modules of one UNet with their `LayerInfo`, found once (a module walk over a peft-wrapped UNet
+    costs milliseconds; an edit installs and restores processors every time). Processors are set through
+    diffusers' own ``Attention.set_processor``."""
 
+    def __init__(self, unet):
+        from diffusers.models.attention_processor import Attention
 
-def uninstall(unet, saved: dict) -> None:
-    unet.set_attn_processor(saved)
+        self.infos = layer_infos(unet)
+        self.modules = {f"{name}.processor": m for name, m in unet.named_modules() if isinstance(m, Attention)}
+        if set(self.modules) != set(self.infos):
+            raise RuntimeError("attention modules and processor names of this UNet disagree")
+
+    def install(self, controller) -> dict:
+        """Route every attention layer through `controller`; returns the processors to restore."""
+        saved = {name: m.processor for name, m in self.modules.items()}
+        for name, m in self.modules.items():
+            m.set_processor(ControlledAttnProcessor(controller, self.infos[name]))
+        return saved
+
+    def restore(self, saved: dict) -> None:
+        for name, m in self.modules.items():
+            m.set_processor(saved[name])
 
 
 @contextlib.contextmanager
-def controlled(unet, controller):
-    """``with controlled(unet, controller): ...`` installs the controller for the block and always restores."""
-    saved = install(unet, controller)
+def controlled(unet, controller, layers: AttentionLayers | None = None):
+    """``with controlled(unet, controller): ...`` installs the controller for the block and always restores.
+    Pass the UNet's `AttentionLayers` when editing repeatedly (found once instead of per edit)."""
+    layers = layers if layers is not None else AttentionLayers(unet)
+    saved = layers.install(controller)
     try:
         yield controller
     finally:
-        uninstall(unet, saved)
-
-
+        layers.restore(saved)

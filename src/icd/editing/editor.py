@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icd.editing.attention import controlled, layer_infos
+from icd.editing.attention import AttentionLayers, controlled
 from icd.editing.controllers import Controller, MasaCtrl, MasaCtrlControls, P2PControls, PromptToPrompt
 from icd.editing.inversion import Inversion, ddim_invert, icd_invert
 from icd.editing.loops import cfg_edit, distilled_edit
@@ -67,6 +67,7 @@ class Editor:
         self.icd_model, self._base = icd_model, base_model
         self.default_guidance = default_guidance
         self._base_path: Path | None = None
+        self._layers: dict[int, AttentionLayers] = {}  # id(unet) -> its attention layers (found once)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "embedded", *, adapters: str | Path | None = None,
@@ -167,7 +168,7 @@ class Editor:
             tau = controls.tau
         controller = self._controller(model, sources, targets, source_of, len(timesteps) - 1, controls)
         swap_tau = tau if (controls.p2p is None and controls.masactrl is None) else None
-        with controlled(model.unet, controller):
+        with controlled(model.unet, controller, self._attention(model)):
             if method == "icd":
                 model.use_adapter(lora.REVERSE)
                 z0 = distilled_edit(model, inversion.noise, timesteps, cond_src, cond_tgt, controller, w, tau,
@@ -183,13 +184,19 @@ class Editor:
         return EditResult(images=images[s:], reconstructions=images[:s], nfe=model.counter.calls - calls0,
                           seconds=time.perf_counter() - t0)
 
+    def _attention(self, model: LatentDiffusion) -> AttentionLayers:
+        """The attention layers of `model`'s UNet, found on first use."""
+        if id(model.unet) not in self._layers:
+            self._layers[id(model.unet)] = AttentionLayers(model.unet)
+        return self._layers[id(model.unet)]
+
     def _controller(self, model, sources, targets, source_of, num_steps, controls) -> Controller:
         latent = int(model.unet.config.sample_size)
         if controls.p2p is not None:
             return PromptToPrompt(model.tokenizer, sources, targets, source_of, num_steps, controls.p2p,
                                   latent_size=latent)
         if controls.masactrl is not None:
-            first_up = min(i.index for i in layer_infos(model.unet).values() if i.place == "up")
+            first_up = min(i.index for i in self._attention(model).infos.values() if i.place == "up")
             return MasaCtrl(source_of, num_steps, controls.masactrl, first_decoder_layer=first_up)
         return Controller(source_of, num_steps)
 

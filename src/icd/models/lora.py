@@ -149,7 +149,8 @@ class FusedAdapters:
     def activate(self, name: str | None) -> None:
         if name not in self.weights:
             raise ValueError(f"no fused adapter {name!r}; have {', '.join(n for n in self.weights if n)}")
-        self.unet.disable_adapters()  # LoRA branches off: each layer runs its (fused) base weight only
+        if not self.layers[0].disable_adapters:  # LoRA branches off (a module walk: only when someone enabled them)
+            self.unet.disable_adapters()
         for layer, w in zip(self.layers, self.weights[name]):
             layer.get_base_layer().weight.data = w
         self.active = name

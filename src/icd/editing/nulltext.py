@@ -27,8 +27,10 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
 
     Step i goes from the pivot at timesteps[-1 - i] to timesteps[-2 - i]: starting from the previous step's
     embedding (the empty prompt at i = 0), Adam minimises MSE(ddim_jump(x, CFG eps), pivot_next) for at most
-    `inner_steps` iterations, each image stopping as soon as its loss is below `nti_threshold(i)`; then x advances
-    with the optimised embedding. A batch gives the same embeddings as inverting its images one by one.
+    `inner_steps` iterations; as in the NTI reference code each iteration takes its Adam step and then stops that
+    image if the loss it stepped on was below `nti_threshold(i)` (so every image takes at least one step per
+    timestep); then x advances with the optimised embedding. A batch gives the same embeddings as inverting its
+    images one by one.
     """
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
@@ -48,15 +50,16 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
                 eps_u = model.eps(x, t, Cond(tokens=emb))
                 x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
                 per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
-            active &= per_image.detach() >= nti_threshold(i)  # early stop, image by image
-            if not bool(active.any()):
-                break
             opt.zero_grad(set_to_none=True)
             per_image[active].sum().backward()  # rows are independent: a batch runs like separate images
             kept = emb.detach().clone()
             opt.step()
             with torch.no_grad():
                 emb[~active] = kept[~active]
+            # early stop, image by image, after the step (the reference order: step, then test the step's loss)
+            active &= per_image.detach() >= nti_threshold(i)
+            if not bool(active.any()):
+                break
         uncond = emb.detach()
         out.append(uncond)
         with torch.no_grad():

@@ -167,3 +167,22 @@ def test_example_images_are_uint8_world_edits(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "e" / "examples.png"))
     assert grid.dtype == np.uint8 and grid.shape[0] > 64
     assert r["methods"]["icd"]["per_kind"]["color"]["n"] == 1
+
+
+def test_lpips_weights_on_disk_add_the_metric_instead_of_a_skip(tmp_path):
+    from safetensors.torch import save_file
+
+    from icd.bench.optional_metrics import ALEXNET_CONVS, LPIPS_CHANNELS
+
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for i, (out, inp, k, _, _) in ALEXNET_CONVS.items():
+        weights[f"features.{i}.weight"] = torch.randn(out, inp, k, k, generator=g) * (2.0 / (inp * k * k)) ** 0.5
+        weights[f"features.{i}.bias"] = torch.zeros(out)
+    for i, c in enumerate(LPIPS_CHANNELS):
+        weights[f"lin{i}.model.1.weight"] = torch.rand(1, c, 1, 1, generator=g) / c
+    save_file(weights, str(tmp_path / "lpips.safetensors"))
+    r = run_bench(_edit_opts(tmp_path / "o", methods="icd", kinds="color", lpips=str(tmp_path / "lpips.safetensors")))
+    m = r["methods"]["icd"]
+    assert m["lpips"] > 0 and m["bg_lpips"] >= 0
+    assert "lpips" not in {s["metric"] for s in r["skipped_metrics"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,19 @@ def plots(results: dict, out: Path) -> list[Path]:
     scale = 100.0 if key.endswith("accuracy") else 1.0
     written = []
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n in names:
-        ax.scatter(methods[n]["nfe"], scale * methods[n][key])
-        ax.annotate(n, (methods[n]["nfe"], scale * methods[n][key]), textcoords="offset points", xytext=(4, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    families: dict[str, list[str]] = {}
+    for n in names:  # ddim1, ddim2, ... form one curve (the step ablation); other methods are single points
+        m = re.fullmatch(r"(ddim|gddim|npi|nti)(\d+)", n)
+        families.setdefault(m.group(1) if m else n, []).append(n)
+    for family, members in families.items():
+        members = sorted(members, key=lambda n: methods[n]["nfe"])
+        xs, ys = [methods[n]["nfe"] for n in members], [scale * methods[n][key] for n in members]
+        if len(members) > 1:
+            ax.plot(xs, ys, marker="o", label=f"{family} ({', '.join(n[len(family):] for n in members)} steps)")
+        else:
+            ax.scatter(xs, ys, label=family, zorder=3, marker="*", s=90)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("UNet calls per image (counted)")
     ax.set_ylabel(label)

@@ -30,6 +30,7 @@ class BenchCase:
     mask: np.ndarray | None = None  # bool [H, W], True where the edit may change pixels (None: unknown)
     target: np.ndarray | None = None  # uint8 [H, W, 3], the exact answer when known (world cases)
     blend_words: tuple[str, str] | None = None  # (source word, target word) for P2P local blend
+    seed: int | None = None  # the world seed the case comes from (generation starts its noise from it)
 
 
 def world_cases(kinds: Sequence[str], n: int, seed_start: int = SEED_START["editing"]) -> list[BenchCase]:
@@ -50,7 +51,7 @@ def world_cases(kinds: Sequence[str], n: int, seed_start: int = SEED_START["edit
                     continue
             cases.append(BenchCase(case_id=f"{kind}-{seed}", kind=kind, source=c.source,
                                    source_prompt=c.source_prompt, target_prompt=c.target_prompt, mask=c.mask,
-                                   target=c.target, blend_words=c.blend_words))
+                                   target=c.target, blend_words=c.blend_words, seed=seed))
     return cases
 
 
@@ -67,5 +68,5 @@ def world_scenes(n: int, seed_start: int = SEED_START["inversion"], *, max_objec
         scene = world.sample_scene(seed_start + i, max_objects=max_objects)
         cases.append(BenchCase(case_id=f"scene-{seed_start + i}", kind=object_kind(len(scene.objects)),
                                source=world.render(scene), source_prompt=scene.caption,
-                               target_prompt=scene.caption))
+                               target_prompt=scene.caption, seed=seed_start + i))
     return cases

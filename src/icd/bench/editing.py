@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from icd import world
 from icd.bench.cases import BenchCase
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, chunked, example_indices
+from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.editor import EditControls, Editor
 from icd.metrics import ms_ssim, psnr, ssim
@@ -121,10 +121,10 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
     """Per-case records of this process's chunks (case["index"] orders them globally)."""
     indexed = list(enumerate(cases))
     chunks = shards.mine(chunked(indexed, batch, key=lambda ic: ic[1].kind))
-    first_of_kind = example_indices(cases, examples)
+    shown = example_indices(cases, examples)
     records = []
     for chunk in tqdm(chunks, desc=f"edit {method.name}", unit="batch", disable=not progress, leave=False):
-        idx, part = [i for i, _ in chunk], [c for _, c in chunk]
+        part = [c for _, c in chunk]
         out = edit_batch(editor, method, part, guidance, tau)
         rows = case_metrics(part, out.images, out.reconstructions)
         if judge is not None:
@@ -134,31 +134,22 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
         if metrics:
             for row, extra in zip(rows, optional_metrics(metrics, part, out.images, out.reconstructions)):
                 row.update(extra)
-        for i, c, row, img in zip(idx, part, rows, out.images):
-            record = {"method": method.name, "index": i, "case_id": c.case_id, "kind": c.kind, **row}
-            if i in first_of_kind:
-                record["_image"] = img
-            records.append(record)
+        records += case_records(method.name, chunk, rows, out.images, shown)
     return records
-
-
-def _synced(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
 
 
 def time_edit(editor: Editor, method: Method, case: BenchCase, guidance: float, tau: float | None) -> dict:
     """One single-image edit, timed from uint8 input to uint8 output; NFE counted by the model's counter."""
     model = editor._for(method.editor_method)
     model.counter.reset()
-    _synced(model)
+    sync(model.device)
     t0 = time.perf_counter()
     inv = editor.invert(case.source[None], [case.source_prompt], method=method.editor_method, steps=method.steps,
                         guidance=guidance)
-    _synced(model)
+    sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
     editor.edit(inv, [case.target_prompt], controls_for(method.family, [case], guidance, tau))
-    _synced(model)
+    sync(model.device)
     t2 = time.perf_counter()
     return {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_edit": t2 - t1, "nfe": model.counter.calls,
             "nfe_invert": nfe_invert, "nfe_edit": model.counter.calls - nfe_invert}
@@ -169,7 +160,7 @@ def bare_network_seconds(editor: Editor, case: BenchCase) -> float:
     """The network evaluations an iCD edit of one image cannot avoid, timed alone: text encoder (source and
     target), VAE encode, the forward UNet calls at batch 1, the reverse calls at batch 2, VAE decode at batch 2."""
     model = editor.icd_model
-    _synced(model)
+    sync(model.device)
     t0 = time.perf_counter()
     cond = model.encode_prompt([case.source_prompt, case.target_prompt])
     z = model.encode_images(case.source[None])
@@ -181,30 +172,21 @@ def bare_network_seconds(editor: Editor, case: BenchCase) -> float:
     for t in model.icd.boundaries.reverse_schedule()[:-1]:
         x = model.eps(x, t, cond, guidance=torch.zeros(2))
     model.decode_latents(x)
-    _synced(model)
+    sync(model.device)
     return time.perf_counter() - t0
-
-
-def timing_cases(cases: Sequence[BenchCase], n: int) -> list[BenchCase]:
-    """`n` cases spread evenly over the list (so over the kinds)."""
-    n = min(n, len(cases))
-    return [cases[(k * len(cases)) // n] for k in range(n)]
 
 
 def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
                   tau: float | None, shards: Shards) -> list[dict]:
-    """Timed single-image edits of this process's share of `cases`, after one untimed warm-up edit."""
-    mine = shards.mine(list(cases))
-    if not mine:
-        return []
-    time_edit(editor, method, mine[0], guidance, tau)  # warm-up: lazy loading, kernel selection
-    out = []
-    for case in mine:
+    """Timed single-image edits of this process's share of `cases` (iCD also times its bare network calls)."""
+
+    def run(case: BenchCase) -> dict:
         t = time_edit(editor, method, case, guidance, tau)
         if method.family == "icd":
             t["seconds_bare"] = bare_network_seconds(editor, case)
-        out.append(t)
-    return out
+        return t
+
+    return timed_runs(shards, cases, run)
 
 
 def strip_images(records: list[dict]) -> tuple[list[dict], list[tuple[dict, np.ndarray]]]:

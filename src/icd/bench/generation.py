@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from icd import world
 from icd.bench.cases import BenchCase
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, chunked, example_indices
+from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
 from icd.editing.editor import Editor
 from icd.imageio import to_uint8
 from icd.sampling import generate
@@ -30,7 +30,7 @@ def prompt_cases(n: int, seed_start: int, objects: Sequence[int] = (1, 2)) -> li
             seed = seed_start + KIND_STRIDE * 100 * j + i
             scene = world.sample_scene(seed, n_objects=k)
             cases.append(BenchCase(case_id=f"prompt-{seed}", kind=object_kind(k), source=world.render(scene),
-                                   source_prompt=scene.caption, target_prompt=scene.caption))
+                                   source_prompt=scene.caption, target_prompt=scene.caption, seed=seed))
     return cases
 
 
@@ -60,39 +60,29 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
     shown = example_indices(cases, examples)
     records = []
     for chunk in tqdm(chunks, desc=f"generate {method.name}", unit="batch", disable=not progress, leave=False):
-        idx, part = [i for i, _ in chunk], [c for _, c in chunk]
-        prompts = [c.source_prompt for c in part]
-        images = sample(editor, method, prompts, [int(c.case_id.split("-")[1]) for c in part], guidance, tau)
-        readings = judge.read(images)
-        for i, c, r, img in zip(idx, part, readings, images):
+        part = [c for _, c in chunk]
+        images = sample(editor, method, [c.source_prompt for c in part], [c.seed for c in part], guidance, tau)
+        rows = []
+        for c, r in zip(part, judge.read(images)):
             truth = world.parse_caption(c.source_prompt)
-            record = {"method": method.name, "index": i, "case_id": c.case_id, "kind": c.kind,
-                      "judge_accuracy": float(r == truth),
-                      "background_accuracy": float(r.background == truth.background),
-                      "count_accuracy": float(len(r.objects) == len(truth.objects))}
-            if i in shown:
-                record["_image"] = img
-            records.append(record)
+            rows.append({"judge_accuracy": float(r == truth),
+                         "background_accuracy": float(r.background == truth.background),
+                         "count_accuracy": float(len(r.objects) == len(truth.objects))})
+        records += case_records(method.name, chunk, rows, images, shown)
     return records
 
 
 def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
                   tau: float | None, shards: Shards) -> list[dict]:
-    mine = shards.mine(list(cases))
-    if not mine:
-        return []
     model = _model(editor, method)
 
     def run(c: BenchCase) -> dict:
         model.counter.reset()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        sync(model.device)
         t0 = time.perf_counter()
-        sample(editor, method, [c.source_prompt], [int(c.case_id.split("-")[1])], guidance, tau)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        sample(editor, method, [c.source_prompt], [c.seed], guidance, tau)
+        sync(model.device)
         return {"seconds": time.perf_counter() - t0, "nfe": model.counter.calls,
                 "unet_rows": sum(model.counter.batch_sizes)}
 
-    run(mine[0])
-    return [run(c) for c in mine]
+    return timed_runs(shards, cases, run)

@@ -21,7 +21,7 @@ from icd.bench.cases import SEED_START, world_cases, world_scenes
 from icd.bench.methods import parse_methods, parse_steps_list
 from icd.bench.report import example_grid, markdown, plots
 from icd.bench.results import SCHEMA_VERSION, method_entry, validate, write_json
-from icd.bench.runtime import Shards, describe_device
+from icd.bench.runtime import Shards, describe_device, timing_cases
 
 TASKS = ("inversion", "editing", "generation")
 ALLOWED = {"inversion": ("icd", "ddim", "gddim"), "editing": ("icd", "ddim", "npi", "nti"),
@@ -136,7 +136,7 @@ def run_bench(opts: BenchOptions) -> dict:
             judge = JudgeScorer.load(None)
 
     module = {"editing": editing, "inversion": inversion, "generation": generation}[opts.task]
-    timed = editing.timing_cases(cases, opts.n_timing)
+    timed = timing_cases(cases, opts.n_timing)
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
                "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau,

@@ -14,16 +14,11 @@ from tqdm.auto import tqdm
 
 from icd.bench.cases import BenchCase
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, chunked, example_indices
+from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
 from icd.editing.editor import Editor
 from icd.editing.inversion import ddim_decode, ddim_invert, icd_decode, icd_invert
 from icd.imageio import to_uint8
 from icd.metrics import ms_ssim, psnr, ssim
-
-
-def _sync(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
 
 
 @torch.no_grad()
@@ -37,7 +32,7 @@ def reconstruct(editor: Editor, method: Method, images: np.ndarray, prompts: lis
     else:
         model = editor.base()
     model.counter.reset()
-    _sync(model)
+    sync(model.device)
     t0 = time.perf_counter()
     z0 = model.encode_images(images)
     cond = model.encode_prompt(prompts)
@@ -46,14 +41,14 @@ def reconstruct(editor: Editor, method: Method, images: np.ndarray, prompts: lis
         inv = icd_invert(model, z0, cond, prompts, b)
     else:
         inv = ddim_invert(model, z0, cond, prompts, steps=method.steps)
-    _sync(model)
+    sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
     if method.family == "icd":
         z = icd_decode(model, inv.noise, cond, b, guidance=guidance, tau=model.icd.tau if tau is None else tau)
     else:
         z = ddim_decode(model, inv, cond, guidance=guidance, tau=tau)
     recon = to_uint8(model.decode_latents(z))
-    _sync(model)
+    sync(model.device)
     t2 = time.perf_counter()
     return recon, {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_decode": t2 - t1,
                    "nfe": model.counter.calls, "nfe_invert": nfe_invert, "nfe_decode": model.counter.calls - nfe_invert}
@@ -73,20 +68,12 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
         values = {"psnr": psnr(src, recon), "ssim": ssim(src, recon), "ms_ssim": ms_ssim(src, recon)}
         if metrics and "lpips" in metrics:
             values["lpips"] = metrics["lpips"](src, recon)
-        for k, ((i, c), img) in enumerate(zip(chunk, recon)):
-            record = {"method": method.name, "index": i, "case_id": c.case_id, "kind": c.kind,
-                      **{name: float(v[k]) for name, v in values.items()}}
-            if i in shown:
-                record["_image"] = img
-            records.append(record)
+        rows = [{name: float(v[k]) for name, v in values.items()} for k in range(len(part))]
+        records += case_records(method.name, chunk, rows, recon, shown)
     return records
 
 
 def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
                   tau: float | None, shards: Shards) -> list[dict]:
-    mine = shards.mine(list(cases))
-    if not mine:
-        return []
-    run = lambda c: reconstruct(editor, method, c.source[None], [c.source_prompt], guidance, tau)[1]  # noqa: E731
-    run(mine[0])  # warm-up
-    return [run(c) for c in mine]
+    return timed_runs(shards, cases,
+                      lambda c: reconstruct(editor, method, c.source[None], [c.source_prompt], guidance, tau)[1])

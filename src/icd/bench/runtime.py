@@ -9,8 +9,6 @@ same threads per process); only timings differ.
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,35 +27,38 @@ def describe_device(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
-    """Median and spread (min, max) of per-image wall times."""
-    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "count": len(seconds)}
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings include it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-class Stopwatch:
-    """``with sw("invert"): ...`` accumulates wall time per label (synchronising CUDA so GPU work is counted)."""
+def timed_runs(shards: Shards, cases: Sequence[T], run: Callable[[T], dict]) -> list[dict]:
+    """`run` on this process's share of `cases` after one untimed warm-up run (lazy loading, kernel selection)."""
+    mine = shards.mine(list(cases))
+    if not mine:
+        return []
+    run(mine[0])
+    return [run(c) for c in mine]
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.seconds: dict[str, float] = {}
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+def timing_cases(cases: Sequence[T], n: int) -> list[T]:
+    """`n` cases spread evenly over the list (so over the kinds)."""
+    n = min(n, len(cases))
+    return [cases[(k * len(cases)) // n] for k in range(n)]
 
-    def __call__(self, label: str):
-        sw = self
 
-        class _Span:
-            def __enter__(self):
-                sw._sync()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                sw._sync()
-                sw.seconds[label] = sw.seconds.get(label, 0.0) + time.perf_counter() - self.t0
-
-        return _Span()
+def case_records(method: str, chunk: Sequence[tuple[int, Any]], rows: Sequence[dict], images, shown: set[int]
+                 ) -> list[dict]:
+    """One record per case of a chunk of (index, case): the case's identity, its metric row, and its output image
+    when the case is one of the examples (`shown`)."""
+    out = []
+    for (i, case), row, img in zip(chunk, rows, images):
+        record = {"method": method, "index": i, "case_id": case.case_id, "kind": case.kind, **row}
+        if i in shown:
+            record["_image"] = img
+        out.append(record)
+    return out
 
 
 class Shards:

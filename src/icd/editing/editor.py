@@ -81,14 +81,10 @@ class Editor:
 
     def with_adapters(self, adapters: str | Path) -> Editor:
         """An editor on the same model folder with other iCD adapters (e.g. an ablation row)."""
-        from icd.models.embedded import load_icd_model
-
         if self._base_path is None:
             raise ValueError("with_adapters needs an editor made by Editor.from_pretrained")
-        other = Editor(load_icd_model(self._base_path, adapters=adapters, device=self.model.device), None,
-                       self.default_guidance)
-        other._base_path = self._base_path
-        return other
+        return Editor.from_pretrained(self._base_path, adapters=adapters, device=self.model.device,
+                                      default_guidance=self.default_guidance)
 
     # ------------------------------------------------------------------ models
     @property

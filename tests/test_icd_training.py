@@ -4,7 +4,8 @@ from safetensors.torch import load_file
 
 from icd.models import lora
 from icd.models.embedded import load_model
-from icd.train.icd import ICDConfig, adapter_objectives, batch_draws, icd_losses, train_icd
+from icd.train.icd import ICDConfig, adapter_objectives, batch_draws, icd_losses, learning_rate, train_icd
+from icd.train.runner import TrainingRun
 
 
 def _cfg(tmp_path, model_dir, out="icd", **kw):
@@ -100,6 +101,32 @@ def test_icd_resume_is_exact(tmp_path, random_distilled_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cosine_learning_rate_decays_and_an_interrupted_run_resumes_exactly(tmp_path, random_distilled_dir,
+                                                                           monkeypatch):
+    cfg = _cfg(tmp_path, random_distilled_dir, out="cos-a", steps=3, lr_schedule="cosine", lr_min=1e-5)
+    assert [learning_rate(cfg, s) for s in (0, 3)] == [pytest.approx(1e-3), pytest.approx(1e-5)]
+    assert learning_rate(cfg, 1) < cfg.lr and learning_rate(_cfg(tmp_path, random_distilled_dir), 1) == 1e-3
+    train_icd(cfg)
+    end_step = TrainingRun.end_step
+
+    def interrupt_after_first_step(run, values):
+        end_step(run, values)
+        if run.step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingRun, "end_step", interrupt_after_first_step)
+    cfg_b = _cfg(tmp_path, random_distilled_dir, out="cos-b", steps=3, lr_schedule="cosine", lr_min=1e-5)
+    with pytest.raises(KeyboardInterrupt):
+        train_icd(cfg_b)
+    monkeypatch.setattr(TrainingRun, "end_step", end_step)
+    train_icd(cfg_b)
+    train_icd(_cfg(tmp_path, random_distilled_dir, out="constant", steps=3))
+    a, b, constant = _final(tmp_path, "cos-a"), _final(tmp_path, "cos-b"), _final(tmp_path, "constant")
+    for name in lora.ADAPTERS:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+        assert any(not torch.equal(a[name][k], constant[name][k]) for k in a[name])
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="update"):
         ICDConfig(update="parallel")
@@ -109,6 +136,10 @@ def test_config_rejects_bad_values():
         ICDConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match="tau"):
         ICDConfig(tau=1.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ICDConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="lr_min"):
+        ICDConfig(lr=1e-4, lr_min=1e-3)
 
 
 def _final(tmp_path, out):

@@ -524,7 +524,9 @@ command under `accelerate launch` or `torchrun`; cases are sharded and gathered 
     b.add_argument("--adapters", action="append", metavar="NAME=DIR", help="extra iCD adapters, method icd:NAME")
     b.add_argument("--model", default="embedded", help="model folder (default: the embedded model)")
     b.add_argument("--guidance", type=float, default=None, help="code w = CFG - 1 (default 1; inversion: 0)")
-    b.add_argument("--tau", type=float, default=None, help="dynamic-CFG threshold (default: adapters' tau for icd)")
+    b.add_argument("--tau", type=float, default=None,
+                   help="dynamic-CFG threshold (default: the adapters' tau for icd inversion and editing; "
+                   "none for generation, as in `icd generate`)")
     b.add_argument("--batch", type=int, default=50, help="cases per batched model call")
     b.add_argument("--n-timing", type=int, default=5, help="single-image runs timed per method")
     b.add_argument("--examples", type=int, default=2, help="example cases per kind in examples.png")

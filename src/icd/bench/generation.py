@@ -41,15 +41,13 @@ def _model(editor: Editor, method: Method):
 @torch.no_grad()
 def sample(editor: Editor, method: Method, prompts: list[str], seeds: list[int], guidance: float,
            tau: float | None) -> np.ndarray:
-    """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent)."""
+    """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent). tau None is constant
+    guidance for every method, as in `icd generate` (method.md §8.4: generation runs without dynamic CFG)."""
     model = _model(editor, method)
-    if method.family == "icd":
-        kw = {"method": "icd", "tau": model.icd.tau if tau is None else tau}
-    else:
-        kw = {"method": "ddim", "steps": method.steps, "tau": tau}
+    kw = {"method": "icd"} if method.family == "icd" else {"method": "ddim", "steps": method.steps}
     if any(b - a != 1 for a, b in zip(seeds, seeds[1:])):
         raise ValueError("a generation batch needs consecutive seeds")
-    return to_uint8(generate(model, prompts, seed=seeds[0], guidance=guidance, batch_size=len(prompts), **kw))
+    return to_uint8(generate(model, prompts, seed=seeds[0], guidance=guidance, tau=tau, batch_size=len(prompts), **kw))
 
 
 def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,

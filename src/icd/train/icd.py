@@ -39,10 +39,11 @@ from icd.models.embedded import load_model, resolve_model_path
 from icd.train.accel import PRECISIONS, Precision, ProcessGroup
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import caption_tokens, step_generator, world_latents
-from icd.train.runner import TrainingRun
+from icd.train.runner import TrainingRun, lr_at
 
 log = logging.getLogger(__name__)
 UPDATES = ("joint", "sequential")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class ICDConfig:
     huber_c: float = 1e-3
     rank: int = 64
     alpha: int = 8
-    lr: float = 8e-6  # AdamW, constant (paper)
+    lr: float = 8e-6  # AdamW; the paper keeps it constant
+    lr_schedule: str = "constant"  # "constant" (paper) | "cosine": cosine decay from lr to lr_min over `steps`
+    lr_min: float = 0.0  # end of the cosine schedule
     steps: int = 6000
     batch_size: int = 32  # global batch (split across processes)
     update: str = "joint"  # "joint" (eq. 5 exactly) or "sequential" (reference compatibility)
@@ -81,6 +84,11 @@ class ICDConfig:
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"ICDConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"ICDConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_min <= self.lr:
+            raise ValueError(f"ICDConfig.lr_min must lie in [0, lr], got {self.lr_min}")
         if self.update not in UPDATES:
             raise ValueError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not self.w_set or any(w < 0 for w in self.w_set):
@@ -99,6 +107,11 @@ class ICDConfig:
         if self.reverse_boundaries or self.forward_boundaries:
             return Boundaries(self.reverse_boundaries, self.forward_boundaries)
         return Boundaries.preset(self.boundaries)
+
+
+def learning_rate(cfg: ICDConfig, step: int) -> float:
+    """The learning rate of optimizer step `step`: cfg.lr, or a cosine decay from cfg.lr to cfg.lr_min."""
+    return lr_at(step, cfg) if cfg.lr_schedule == "cosine" else cfg.lr
 
 
 def eps_functions(model: LatentDiffusion):
@@ -219,7 +232,10 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             d = {k: v[rows].to(sync.device) for k, v in d.items()}
             z0 = z_all[d["idx"].cpu()].to(sync.device)
             cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
-            # 2. losses and updates
+            # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
+            for opt in opts.values():
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, run.step)
             if cfg.update == "joint":
                 with precision.autocast():
                     losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)

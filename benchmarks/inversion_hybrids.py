@@ -11,6 +11,7 @@ reconstruction PSNR of the four pairings (docs/RESULTS.md §2.4).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import torch
@@ -39,8 +40,7 @@ def main() -> None:
         by_icd = icd_invert(model, z0, cond, prompts, b)
         by_ddim = ddim_invert(model, z0, cond, prompts, steps=50)
         # DDIM 50 down from iCD's noise: reuse DDIM inversion's grid with iCD's noise at its top (t = 999)
-        ddim_grid_noise = type(by_ddim)(latents=[*by_ddim.latents[:-1], by_icd.noise], timesteps=by_ddim.timesteps,
-                                        prompts=prompts, method="icd")
+        ddim_grid_noise = dataclasses.replace(by_ddim, latents=[*by_ddim.latents[:-1], by_icd.noise])
         decoded = {"iCD forward | iCD reverse": icd_decode(model, by_icd.noise, cond, b),
                    "iCD forward | DDIM 50": ddim_decode(model, ddim_grid_noise, cond),
                    "DDIM 50 inversion | iCD reverse": icd_decode(model, by_ddim.noise, cond, b),

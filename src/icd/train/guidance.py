@@ -21,7 +21,7 @@ from icd.models.base import Cond
 from icd.models.embedded import load_model, resolve_model_path
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import caption_tokens, step_generator, world_latents
-from icd.train.runner import TrainingRun, lr_at
+from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 GUIDANCE_SUBFOLDER = "unet_guidance"
@@ -86,9 +86,7 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
             cond = Cond(tokens=tokens_all[idx])
             uncond = Cond(tokens=uncond_tokens.expand(cfg.batch_size, -1, -1))
             # 2. loss, backward, clip, step
-            lr = lr_at(run.step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr([opt], lr_at(run.step, cfg))
             losses = guidance_loss(student_eps, teacher_eps, z_all[idx], cond, uncond, eps, t, w, teacher.schedule)
             opt.zero_grad(set_to_none=True)
             losses["guidance"].backward()

@@ -39,7 +39,7 @@ from icd.models.embedded import load_model, resolve_model_path
 from icd.train.accel import PRECISIONS, Precision, ProcessGroup
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import caption_tokens, step_generator, world_latents
-from icd.train.runner import TrainingRun, lr_at
+from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 UPDATES = ("joint", "sequential")
@@ -233,9 +233,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             z0 = z_all[d["idx"].cpu()].to(sync.device)
             cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
             # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
-            for opt in opts.values():
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, run.step)
+            set_lr(opts.values(), learning_rate(cfg, run.step))
             if cfg.update == "joint":
                 with precision.autocast():
                     losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)

@@ -11,7 +11,7 @@ import torch
 from icd import judge as J
 from icd import world
 from icd.train.data import step_generator, to_tensor, world_dataset
-from icd.train.runner import TrainingRun, lr_at
+from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
             strength = torch.rand(1, generator=gen).item() * 0.5 + 0.75
             x[n_clean:] = J.degrade(x[n_clean:], gen, strength)
             tgt = J.targets([attrs[i] for i in idx.tolist()])
-            lr = lr_at(run.step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr([opt], lr_at(run.step, cfg))
             losses = J.judge_loss(model(x), tgt)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()

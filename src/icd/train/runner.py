@@ -15,7 +15,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ def lr_at(step: int, cfg) -> float:
     """Cosine decay from cfg.lr to cfg.lr_min over cfg.steps."""
     frac = min(step / max(cfg.steps, 1), 1.0)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> float:
+    """Give every parameter group of `optimizers` the learning rate `lr` (set each step, so resume is exact)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return lr
 
 
 class TrainingRun:

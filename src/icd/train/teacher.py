@@ -27,7 +27,7 @@ from icd.models import tiny
 from icd.schedule import NoiseSchedule
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import step_generator, world_latents
-from icd.train.runner import TrainingRun, lr_at
+from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
             drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
             ids = torch.where(drop[:, None], empty_ids.expand(cfg.batch_size, -1), ids_all[idx])
             # 2. Loss, backward, clip, step
-            lr = lr_now(run.step)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr([opt], lr_now(run.step))
             losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t, eps, schedule, cfg.snr_gamma)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()

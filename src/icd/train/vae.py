@@ -18,7 +18,7 @@ from icd import world
 from icd.models import tiny
 from icd.train.checkpoint import atomic_directory
 from icd.train.data import step_generator, to_tensor, world_dataset
-from icd.train.runner import TrainingRun, lr_at
+from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
             gen = step_generator(cfg.seed, run.step)
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).numpy()
             x = to_tensor(images[idx])
-            lr = lr_at(run.step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr([opt], lr_at(run.step, cfg))
             losses = vae_loss(vae, x, cfg, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()

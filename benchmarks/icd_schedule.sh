@@ -16,12 +16,6 @@ train() { $ICD train icd --config $ABL --section "$1" --set threads=1 > "runs/$1
 (train G_cos; train G_cos600) &
 train G_cos_r05 &
 wait
-A=(--adapters G_cos=runs/ablation/G_cos/final --adapters G_cos_r05=runs/ablation/G_cos_r05/final
-   --adapters G_cos600=runs/ablation/G_cos600/final)
-M=icd,icd:G_cos,icd:G_cos_r05,icd:G_cos600
-T=(--threads 1 --quiet --force)
-$ICD bench inversion --n 200 --methods "$M,gddim50" "${A[@]}" "${T[@]}" --out "$OUT/inversion"
-$ICD bench inversion --n 200 --methods "$M,gddim50" --guidance 1 --tau 0.8 "${A[@]}" "${T[@]}" --out "$OUT/inversion-guided"
-for w in 1 2; do
-  $ICD bench generation --n 200 --methods "$M,gddim50" --guidance $w "${A[@]}" "${T[@]}" --out "$OUT/generation-w$w"
-done
+bash benchmarks/measure_icd_rows.sh "$OUT" icd,icd:G_cos,icd:G_cos_r05,icd:G_cos600 \
+  --adapters G_cos=runs/ablation/G_cos/final --adapters G_cos_r05=runs/ablation/G_cos_r05/final \
+  --adapters G_cos600=runs/ablation/G_cos600/final

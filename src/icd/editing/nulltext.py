@@ -34,7 +34,8 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
     """
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
-    uncond = model.encode_prompt([""] * len(cond)).tokens.detach().clone()
+    # optimised in fp32 whatever the model's dtype: Adam on fp16 parameters under- and overflows (NaN in a few steps)
+    uncond = model.encode_prompt([""] * len(cond)).tokens.detach().float()
     x = pivots[0]
     w = torch.full((len(cond),), float(guidance))
     out = []
@@ -44,10 +45,10 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
             eps_c = model.eps(x, t, cond)
         emb = uncond.clone().requires_grad_(True)
         opt = torch.optim.Adam([emb], lr=nti_learning_rate(i))
-        active = torch.ones(len(cond), dtype=torch.bool)
+        active = torch.ones(len(cond), dtype=torch.bool, device=x.device)  # on the losses' device (&= with a CUDA mask)
         for _ in range(inner_steps):
             with torch.enable_grad():
-                eps_u = model.eps(x, t, Cond(tokens=emb))
+                eps_u = model.eps(x, t, Cond(tokens=emb.to(model.dtype)))
                 x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
                 per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
             opt.zero_grad(set_to_none=True)
@@ -61,8 +62,8 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
             if not bool(active.any()):
                 break
         uncond = emb.detach()
-        out.append(uncond)
+        out.append(uncond.to(model.dtype))
         with torch.no_grad():
-            eps_u = model.eps(x, t, Cond(tokens=uncond))
+            eps_u = model.eps(x, t, Cond(tokens=out[-1]))
             x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
     return out

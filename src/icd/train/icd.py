@@ -213,9 +213,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         model.unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
-    params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
-    opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-            for name, p in params.items()}
+    params, opts = adapter_optimizers(model, cfg)
     columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
     modules: dict[str, torch.nn.Module] = {"unet": model.unet}
     if cfg.ema_decay:
@@ -234,14 +232,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
             # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
             set_lr(opts.values(), learning_rate(cfg, run.step))
-            if cfg.update == "joint":
-                with precision.autocast():
-                    losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)
-                for name in lora.ADAPTERS:
-                    precision.step(params[name], opts[name], sync)
-                precision.update()
-            else:
-                losses = _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
+            losses = training_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
             if cfg.ema_decay:  # 3. EMA of the adapters (decay warms up from 0.1)
                 decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
                 for name in params:
@@ -261,6 +252,28 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
         save_icd_adapters(model, cfg, boundaries, out / "final")
     sync.barrier()
     return out / "final"
+
+
+def adapter_optimizers(model: LatentDiffusion, cfg: ICDConfig):
+    """({adapter: its LoRA parameters}, {adapter: its AdamW}) -- one optimizer per adapter."""
+    params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
+    opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            for name, p in params.items()}
+    return params, opts
+
+
+def training_step(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
+                  d: dict, params: dict, opts: dict, sync: ProcessGroup, precision: Precision
+                  ) -> dict[str, torch.Tensor]:
+    """One iteration on this process's rows: the losses, backward passes and optimizer steps of `cfg.update`."""
+    if cfg.update == "sequential":
+        return _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
+    with precision.autocast():
+        losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)
+    for name in lora.ADAPTERS:
+        precision.step(params[name], opts[name], sync)
+    precision.update()
+    return losses
 
 
 def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision

@@ -1,0 +1,131 @@
+"""Stable Diffusion 1.5's architecture as diffusers configs, and randomly initialised models of that shape.
+
+No weights: the values below are the published component configs of SD 1.5 (UNet 860 M parameters: four levels
+320/640/1280/1280, two ResNet + transformer layers per level, cross-attention at the three upper levels, CLIP
+ViT-L/14 text width 768; VAE 128/256/512/512, scaling factor 0.18215). The guidance-distilled variant adds a
+256-d time-conditioning projection for e(w) (the LCM convention; method.md §6). What these models are for:
+
+- timing the SD-shaped path (`benchmarks/sd_shaped_timing.py`) where no weights can be downloaded;
+- tests of code that must hold for SD's topology (four levels, attention at 64x64 / 32x32 / 16x16 / 8x8 tokens)
+  at a reduced width (`scaled=`), as diffusers tests itself.
+
+The text side is the world tokenizer padded to SD's 77 positions: the vocabulary differs from CLIP's 49 408
+tokens, which changes nothing about the cost of a step. Loading real SD 1.5 weights goes through
+`icd.models.embedded.load_model(<diffusers folder>)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from icd.models.base import LatentDiffusion
+from icd.schedule import NoiseSchedule
+
+MAX_LENGTH = 77
+GUIDANCE_DIM = 256  # time_cond_proj_dim of the guidance-distilled UNet (LCM-SD1.5 uses 256)
+
+
+def unet_config(*, time_cond_proj_dim: int | None = None, width: int = 320, cross_attention_dim: int = 768,
+                heads: int = 8, sample_size: int = 64) -> dict:
+    """SD 1.5's UNet2DConditionModel config; `width` < 320 (with `cross_attention_dim`) gives a small same-topology
+    model for tests."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[width, 2 * width, 4 * width, 4 * width],
+        layers_per_block=2,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def vae_config(*, width: int = 128, sample_size: int = 512) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[width, 2 * width, 4 * width, 4 * width],
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int, *, width: int = 768,
+                        layers: int = 12) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        projection_dim=width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64),
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+
+
+def random_models(tokenizer_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  scale: int = 1, image_size: int = 512, rank: int | None = 64, seed: int = 0
+                  ) -> tuple[LatentDiffusion, LatentDiffusion]:
+    """(base, icd): a randomly initialised SD-1.5-shaped model and its guidance-distilled twin.
+
+    Both share tokenizer, text encoder, VAE and NFE counter. `icd` has a UNet with the guidance embedding and, unless
+    rank is None, the two iCD LoRA adapters (peft's initialisation: zero deltas) fused for inference, boundaries
+    4step-1 and tau 0.8 -- the layout `icd.models.embedded.load_icd_model` returns, so `Editor(icd, base)` edits.
+    scale: divide every width by this (1 = SD 1.5's sizes; 10 gives a CPU-test model with the same topology).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from icd import world
+    from icd.models.tiny import scheduler_config
+    from icd.models.tokenizer import write_tokenizer
+
+    write_tokenizer(tokenizer_dir, world.vocabulary(), max_length=MAX_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    text_width = 768 // scale - (768 // scale) % 32
+    unet_kw = dict(width=320 // scale - (320 // scale) % 32, cross_attention_dim=text_width,
+                   heads=8 if scale == 1 else 2, sample_size=image_size // 8)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise in place: an 860 M-parameter UNet is slow to build on a CPU
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=text_width,
+            layers=12 if scale == 1 else 2)))
+        vae = AutoencoderKL(**vae_config(width=128 // scale - (128 // scale) % 32 or 32,
+                                            sample_size=image_size))
+        base_unet = UNet2DConditionModel(**unet_config(**unet_kw))
+        distilled_unet = UNet2DConditionModel(**unet_config(time_cond_proj_dim=GUIDANCE_DIM, **unet_kw))
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
+    text_encoder, vae = text_encoder.to(dtype), vae.to(dtype)
+    models = [LatentDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet.to(dtype),
+                              schedule=schedule, name=f"sd15-shaped-random{'' if scale == 1 else f'/{scale}'}",
+                              image_size=image_size, vocabulary=world.vocabulary())
+              for unet in (base_unet, distilled_unet)]
+    base, icd = models
+    icd.counter = base.counter
+    if rank is not None:
+        from icd.boundaries import Boundaries
+        from icd.models import lora
+        from icd.models.embedded import ICDSpec
+
+        lora.add_adapters(icd.unet, rank=rank, alpha=rank, seed=seed)
+        icd.unet.to(device=device, dtype=dtype).requires_grad_(False)
+        icd.icd = ICDSpec(path=Path(tokenizer_dir), boundaries=Boundaries.preset("4step-1"), tau=0.8,
+                          w_set=(0.0, 1.0, 2.0, 3.0))
+        icd.fused = lora.FusedAdapters(icd.unet)
+    return base, icd

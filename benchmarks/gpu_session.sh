@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool; never CI): time the SD-1.5-shaped path, then train the rows of
+# configs/icd-gpu.toml side by side on the one GPU until a deadline, and leave in $OUT what comes back:
+#   sd_timing.json / sd_timing.log          benchmarks/sd_shaped_timing.py (editing at 512x512, training steps)
+#   adapters-N.tar                          final (or latest-checkpoint) adapters of two rows each, + their log.csv
+#   logs.tar                                every row's stdout/stderr and nvidia-smi
+# Usage (on the device machine, after installing diffusers there; see docs/RESULTS.md §2.6 for the exact call):
+#   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh [ROW ...]
+# BUDGET: seconds from the start of this script by which every training is stopped (rows that have not finished
+# return their latest checkpoint, named in exported.txt with its step). Measured on an H100 (2026-11-26): the SD
+# timing takes ~140 s; eight rows side by side train at ~1.2 steps/s each (~10 steps/s in all: each process is
+# bound by Python and kernel launches, not by the GPU), so a 1 400-step row needs ~20 min that way -- a 15-minute
+# device budget fits two or three rows, not eight. A CPU dry run of the whole script:
+#   OUT=/tmp/gs BUDGET=300 DEVICE=cpu TRAIN_SET="--set steps=4 --set checkpoint_every=2 --set n_images=256" \
+#     SD_TIMING_ARGS="--device cpu --scale 10 --image-size 64 --repeats 1 --train-batch 2 --train-steps 1" \
+#     bash benchmarks/gpu_session.sh Q32 SEQ
+set -u
+OUT=${OUT:?set OUT to a folder}
+BUDGET=${BUDGET:-540}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+TRAIN_SET=${TRAIN_SET:-}
+SD_TIMING_ARGS=${SD_TIMING_ARGS:---device cuda --repeats 2 --train-batch 8 --train-steps 3}
+N_IMAGES=60000
+[[ "$TRAIN_SET" =~ n_images=([0-9]+) ]] && N_IMAGES=${BASH_REMATCH[1]}
+CONFIG=configs/icd-gpu.toml
+start=$(date +%s)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+rows=("$@")
+if [ ${#rows[@]} -eq 0 ]; then
+    mapfile -t rows < <(sed -n 's/^\[\([A-Za-z0-9_]*\)\].*/\1/p' "$CONFIG")
+fi
+mkdir -p "$OUT/logs" runs/gpu/cache
+nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1
+
+# 1. the training latents (CPU threads, while the GPU times the SD-shaped path)
+N_IMAGES=$N_IMAGES $PY - > "$OUT/logs/prefill.log" 2>&1 <<'EOF' &
+import os
+import torch
+torch.set_num_threads(8)
+from icd.models.embedded import load_model, resolve_model_path
+from icd.train.data import world_latents
+m = load_model("embedded")
+z, _ = world_latents(m.vae, resolve_model_path("embedded") / "vae", int(os.environ["N_IMAGES"]), max_objects=2, cache_dir="runs/gpu/cache")
+print("latents", tuple(z.shape))
+EOF
+prefill=$!
+
+# 2. SD-shaped timing, alone on the GPU
+# shellcheck disable=SC2086
+timeout 180 $PY benchmarks/sd_shaped_timing.py $SD_TIMING_ARGS --out "$OUT/sd_timing.json" > "$OUT/sd_timing.log" 2>&1
+echo "sd timing rc=$? after $(( $(date +%s) - start )) s"
+wait $prefill
+echo "prefill rc=$? after $(( $(date +%s) - start )) s"
+
+# 3. the rows, side by side, until the deadline
+left=$(( start + BUDGET - 100 - $(date +%s) ))  # ~100 s kept for the exports and the tars
+echo "training ${rows[*]} for at most $left s"
+pids=()
+for row in "${rows[@]}"; do
+    # shellcheck disable=SC2086
+    timeout "$left" $PY -m icd.cli train icd --config "$CONFIG" --section "$row" --set "device=$DEVICE" $TRAIN_SET \
+        > "$OUT/logs/$row.log" 2>&1 &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+echo "training done after $(( $(date +%s) - start )) s"
+
+# 4. export, all rows at once (each export loads the model: ~15 s): final/ or the latest checkpoint's adapters;
+# two rows per tar (each under 16 MB at rank 16)
+: > "$OUT/exported.txt"
+mkdir -p runs/gpu/export
+export_row() {
+    local row=$1 dir=runs/gpu/$1
+    if [ -f "$dir/final/adapters.json" ]; then
+        cp -r "$dir/final" "runs/gpu/export/$row" && echo "$row final" >> "$OUT/exported.txt"
+    elif [ -f "$dir/latest" ]; then
+        $PY -c "import sys; from icd.train.icd import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[2])" \
+            "$dir/$(cat "$dir/latest")" "runs/gpu/export/$row" > /dev/null 2>&1 \
+            && echo "$row $(cat "$dir/latest")" >> "$OUT/exported.txt"
+    else
+        echo "$row none" >> "$OUT/exported.txt"
+    fi
+    cp "$dir/log.csv" "runs/gpu/export/$row/log.csv" 2>/dev/null
+}
+for row in "${rows[@]}"; do export_row "$row" & done
+wait
+i=0
+for ((k = 0; k < ${#rows[@]}; k += 2)); do
+    pair=()
+    for row in "${rows[@]:k:2}"; do [ -d "runs/gpu/export/$row" ] && pair+=("$row"); done
+    [ ${#pair[@]} -gt 0 ] && tar -cf "$OUT/adapters-$i.tar" -C runs/gpu/export "${pair[@]}" && i=$((i + 1))
+done
+tar -cf "$OUT/logs.tar" -C "$OUT" logs && rm -r "$OUT/logs"
+cat "$OUT/exported.txt"
+echo "session done after $(( $(date +%s) - start )) s"

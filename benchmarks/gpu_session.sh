@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool; never CI): time the SD-1.5-shaped path, then train the rows of
 # configs/icd-gpu.toml side by side on the one GPU until a deadline, and leave in $OUT what comes back:
+#   gpu_tests.log                           pytest -m gpu (tests/test_sd15.py on CUDA)
 #   sd_timing.json / sd_timing.log          benchmarks/sd_shaped_timing.py (editing at 512x512, training steps)
 #   adapters-N.tar                          final (or latest-checkpoint) adapters of two rows each, + their log.csv
 #   logs.tar                                every row's stdout/stderr and nvidia-smi
@@ -46,7 +47,9 @@ print("latents", tuple(z.shape))
 EOF
 prefill=$!
 
-# 2. SD-shaped timing, alone on the GPU
+# 2. the GPU tests (pytest -m gpu: every editing method on CUDA in fp16), then SD-shaped timing, alone on the GPU
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$? after $(( $(date +%s) - start )) s"
 # shellcheck disable=SC2086
 timeout 180 $PY benchmarks/sd_shaped_timing.py $SD_TIMING_ARGS --out "$OUT/sd_timing.json" > "$OUT/sd_timing.log" 2>&1
 echo "sd timing rc=$? after $(( $(date +%s) - start )) s"

@@ -85,3 +85,16 @@ def test_training_step_on_sd_topology(tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
     for name in lora.ADAPTERS:
         assert any(not torch.equal(a, b) for a, b in zip(before[name], params[name]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["icd", "ddim", "npi", "nti"])
+def test_every_method_edits_on_cuda_in_fp16(tmp_path, scene, method):
+    """Every editing method runs on a GPU in fp16 (NTI once failed there: a CPU mask met CUDA losses)."""
+    base, icd = sd15.random_models(tmp_path / "tok", scale=10, image_size=64, dtype=torch.float16, device="cuda")
+    image, caption = scene
+    editor = Editor(icd, base)
+    inv = editor.invert(image, [caption], method=method, steps=None if method == "icd" else 3)
+    out = editor.edit(inv, [caption.replace("circle", "square")])
+    assert out.images.shape == (1, 64, 64, 3) and out.nfe == (4 if method == "icd" else 3)

@@ -27,10 +27,17 @@ from icd.editing.editor import EditControls, Editor
 from icd.models import lora, sd15
 from icd.models.base import Cond
 from icd.train.accel import Precision, ProcessGroup
+from icd.train.checkpoint import write_text_atomic
 from icd.train.icd import ICDConfig, adapter_optimizers, batch_draws, training_step
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EDIT_METHODS = (("icd", None), ("ddim", 50), ("npi", 50), ("nti", 50))
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a row that failed: the exception type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -75,7 +82,7 @@ def edit_timings(editor: Editor, device: torch.device, repeats: int, methods=EDI
                     row[key] = row.get(key, 0.0) + value / runs
                 row |= {"nfe_invert": calls1 - calls0, "nfe_edit": result.nfe, "peak_gib": peak_gib(device)}
         except Exception as e:  # a row that fails is reported, the others still run
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = describe_error(e)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -122,7 +129,7 @@ def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, imag
             row |= {"step_s": sum(times) / len(times), "peak_gib": peak_gib(device),
                     "losses": {k: float(v) for k, v in losses.items()}}
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = describe_error(e)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -156,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             report["train"] = train_timings(Path(tmp) / "tok", device, scale=args.scale, image_size=args.image_size,
                                             batch=args.train_batch, settings=settings, steps=args.train_steps)
     out = Path(args.out)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=1) + "\n")
-    tmp_out.replace(out)
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 
 

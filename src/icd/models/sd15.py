@@ -7,7 +7,7 @@ ViT-L/14 text width 768; VAE 128/256/512/512, scaling factor 0.18215). The guida
 
 - timing the SD-shaped path (`benchmarks/sd_shaped_timing.py`) where no weights can be downloaded;
 - tests of code that must hold for SD's topology (four levels, attention at 64x64 / 32x32 / 16x16 / 8x8 tokens)
-  at a reduced width (`scaled=`), as diffusers tests itself.
+  at a reduced width (`scale=`), as diffusers tests itself.
 
 The text side is the world tokenizer padded to SD's 77 positions: the vocabulary differs from CLIP's 49 408
 tokens, which changes nothing about the cost of a step. Loading real SD 1.5 weights goes through
@@ -79,6 +79,11 @@ def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int, *
     )
 
 
+def _scaled(width: int, scale: int) -> int:
+    """`width` / `scale` rounded down to a multiple of 32 (GroupNorm's 32 groups), at least 32."""
+    return max(32, width // scale // 32 * 32)
+
+
 def random_models(tokenizer_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scale: int = 1, image_size: int = 512, rank: int | None = 64, seed: int = 0
                   ) -> tuple[LatentDiffusion, LatentDiffusion]:
@@ -98,16 +103,15 @@ def random_models(tokenizer_dir: str | Path, *, device: str | torch.device = "cp
 
     write_tokenizer(tokenizer_dir, world.vocabulary(), max_length=MAX_LENGTH)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    text_width = 768 // scale - (768 // scale) % 32
-    unet_kw = dict(width=320 // scale - (320 // scale) % 32, cross_attention_dim=text_width,
+    text_width = _scaled(768, scale)
+    unet_kw = dict(width=_scaled(320, scale), cross_attention_dim=text_width,
                    heads=8 if scale == 1 else 2, sample_size=image_size // 8)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise in place: an 860 M-parameter UNet is slow to build on a CPU
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(
             len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=text_width,
             layers=12 if scale == 1 else 2)))
-        vae = AutoencoderKL(**vae_config(width=128 // scale - (128 // scale) % 32 or 32,
-                                            sample_size=image_size))
+        vae = AutoencoderKL(**vae_config(width=_scaled(128, scale), sample_size=image_size))
         base_unet = UNet2DConditionModel(**unet_config(**unet_kw))
         distilled_unet = UNet2DConditionModel(**unet_config(time_cond_proj_dim=GUIDANCE_DIM, **unet_kw))
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())

@@ -3,6 +3,7 @@
 usage:
   python scripts/ship_embedded.py --teacher runs/teacher/final --judge runs/judge/judge.safetensors
   python scripts/ship_embedded.py --guidance runs/guidance/final --icd runs/icd/final
+  python scripts/ship_embedded.py --icd runs/ablation/R64_cos_r05/final --icd-rank 28
 
 Each given component replaces its part of src/icd/assets/ and the rest is kept: --teacher the whole pipeline
 (tokenizer, text encoder, VAE, teacher UNet), --judge the judge, --guidance the guidance-distilled UNet
@@ -52,16 +53,21 @@ def _guidance(src: Path, dst: Path) -> None:
     unet.save_pretrained(dst / "unet_guidance", safe_serialization=True)
 
 
-def _icd(src: Path, dst: Path) -> None:
+def _icd(src: Path, dst: Path, rank: int | None = None) -> None:
     from safetensors.torch import load_file, save_file
 
-    meta = json.loads((src / "adapters.json").read_text())
+    from icd.models.lora import write_truncated
+
     out = dst / "icd"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    for name, file in meta["files"].items():
-        state = {k: v.half().contiguous() for k, v in load_file(str(src / file)).items()}
-        save_file(state, str(out / file), metadata={"adapter": name})
+    if rank is not None:  # SVD-truncated (alpha scales with the rank, so alpha / rank is unchanged)
+        meta = write_truncated(src, out, rank, torch.float16)
+    else:
+        meta = json.loads((src / "adapters.json").read_text())
+        out.mkdir()
+        for name, file in meta["files"].items():
+            state = {k: v.half().contiguous() for k, v in load_file(str(src / file)).items()}
+            save_file(state, str(out / file), metadata={"adapter": name})
     meta["teacher"] = "embedded"  # the shipped adapters sit on the shipped unet_guidance/
     (out / "adapters.json").write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -72,14 +78,28 @@ def main() -> int:
     ap.add_argument("--judge", type=Path, help="judge weights (runs/judge/judge.safetensors)")
     ap.add_argument("--guidance", type=Path, help="folder holding unet_guidance/ (runs/guidance/final)")
     ap.add_argument("--icd", type=Path, help="iCD adapters folder (runs/icd/final)")
+    ap.add_argument("--icd-rank", type=int, metavar="K",
+                    help="ship the iCD adapters cut to rank K by SVD (to fit the size limit)")
     args = ap.parse_args()
+    icd_rank = args.icd_rank
+    del args.icd_rank
     parts = {k: v for k, v in vars(args).items() if v is not None}
+    if icd_rank is not None and "icd" not in parts:
+        ap.error("--icd-rank needs --icd")
     if not parts:
         ap.error("name at least one component to ship")
     checks = {"teacher": "model_index.json", "judge": "", "guidance": "unet_guidance", "icd": "adapters.json"}
     for name, path in parts.items():
         if not (path / checks[name]).exists():
             print(f"error: --{name} {path} lacks {checks[name] or 'the file'}", file=sys.stderr)
+            return 2
+    if icd_rank is not None:
+        from icd.models.lora import truncated_metadata
+
+        try:
+            truncated_metadata(json.loads((parts["icd"] / "adapters.json").read_text()), icd_rank)
+        except ValueError as e:
+            print(f"error: --icd-rank {e}", file=sys.stderr)
             return 2
     final = ASSETS / "embedded"
     tmp = ASSETS / "embedded.tmp"
@@ -91,7 +111,7 @@ def main() -> int:
     if "guidance" in parts:
         _guidance(parts["guidance"], tmp)
     if "icd" in parts:
-        _icd(parts["icd"], tmp)
+        _icd(parts["icd"], tmp, icd_rank)
     old = ASSETS / "embedded.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.is_dir():

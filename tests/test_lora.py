@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from icd.models import lora, tiny
@@ -93,3 +94,33 @@ def test_fused_model_edits_like_the_unfused_one(random_icd_dir):
         inv = editor.invert(case.source[None], [case.source_prompt])
         results.append(editor.edit(inv, [case.target_prompt]).images.astype(int))
     assert np.abs(results[0] - results[1]).max() <= 1  # uint8 rounding of float-rounding differences
+
+
+def test_truncate_rank_keeps_low_rank_products_and_the_best_approximation():
+    g = torch.Generator().manual_seed(0)
+    # a linear pair whose product has rank 3 inside rank 8, and a conv pair (A: [r, in, 3, 3], B: [out, r, 1, 1])
+    a_lin = torch.randn(8, 12, generator=g)
+    b_lin = torch.randn(10, 3, generator=g) @ torch.randn(3, 8, generator=g)
+    a_conv, b_conv = torch.randn(8, 4, 3, 3, generator=g), torch.randn(6, 8, 1, 1, generator=g)
+    state = {"x.lora_A.weight": a_lin, "x.lora_B.weight": b_lin,
+             "y.lora_A.weight": a_conv, "y.lora_B.weight": b_conv}
+    cut = lora.truncate_rank(state, 4)
+    assert cut["x.lora_A.weight"].shape == (4, 12) and cut["x.lora_B.weight"].shape == (10, 4)
+    assert cut["y.lora_A.weight"].shape == (4, 4, 3, 3) and cut["y.lora_B.weight"].shape == (6, 4, 1, 1)
+    torch.testing.assert_close(cut["x.lora_B.weight"] @ cut["x.lora_A.weight"], b_lin @ a_lin, atol=1e-4, rtol=1e-4)
+    full = b_conv.reshape(6, 8) @ a_conv.reshape(8, -1)
+    approx = cut["y.lora_B.weight"].reshape(6, 4) @ cut["y.lora_A.weight"].reshape(4, -1)
+    s = torch.linalg.svdvals(full.double())
+    assert abs(torch.linalg.matrix_norm(full - approx).item() - s[4:].norm().item()) < 1e-4  # Eckart–Young
+    with pytest.raises(ValueError, match="not below"):
+        lora.truncate_rank(state, 8)
+
+
+def test_write_truncated_adapters_load_at_the_new_rank(random_icd_dir, tmp_path):
+    meta = lora.write_truncated(random_icd_dir / "icd", tmp_path / "cut", 2, torch.float16)
+    assert (meta["rank"], meta["alpha"], meta["trained_rank"], meta["trained_alpha"]) == (2, 4, 4, 8)
+    unet = tiny.build_unet()
+    assert lora.attach_adapters(unet, tmp_path / "cut")["rank"] == 2
+    assert all(p.shape[0] == 2 for n, p in unet.named_parameters() if ".lora_A." in n)
+    with pytest.raises(ValueError, match="rank 4"):  # not below the trained rank
+        lora.write_truncated(random_icd_dir / "icd", tmp_path / "bad", 4)

@@ -154,3 +154,55 @@ class FusedAdapters:
         for layer, w in zip(self.layers, self.weights[name]):
             layer.get_base_layer().weight.data = w
         self.active = name
+
+
+def truncate_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """An adapter's LoRA pairs cut to `rank` by SVD: each product B A (the layer's delta up to the scale
+    alpha / r) becomes U_k S_k V_k^T, its best rank-k approximation (Eckart–Young), split as B' = U_k S_k^½ and
+    A' = S_k^½ V_k^T. Linear and conv LoRA pairs alike (A: [r, in, ...], B: [out, r, ...]). Keep the scale
+    unchanged by saving with alpha' = alpha · rank / r. Used to fit a higher-rank adapter into a size budget."""
+    out = dict(state)
+    for key_a in [k for k in state if ".lora_A." in k]:
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        a, b = state[key_a], state[key_b]
+        r = a.shape[0]
+        if rank >= r:
+            raise ValueError(f"truncate_rank: target rank {rank} is not below the adapter's rank {r}")
+        delta = b.reshape(b.shape[0], r).double() @ a.reshape(r, -1).double()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:rank].sqrt()
+        out[key_b] = (u[:, :rank] * root).reshape(b.shape[0], rank, *b.shape[2:]).to(b.dtype).contiguous()
+        out[key_a] = (root[:, None] * vh[:rank]).reshape(rank, *a.shape[1:]).to(a.dtype).contiguous()
+    return out
+
+
+def truncated_metadata(meta: dict, rank: int) -> dict:
+    """``adapters.json`` metadata after `truncate_rank` to `rank`: alpha scales with the rank (alpha / rank, the
+    LoRA scale, is unchanged); the trained rank and alpha are kept. Raises ValueError for an unusable rank."""
+    if not 0 < rank < meta["rank"] or meta["alpha"] * rank % meta["rank"]:
+        raise ValueError(f"rank {rank}: needs 0 < rank < {meta['rank']} with alpha {meta['alpha']} * rank "
+                         f"divisible by {meta['rank']}")
+    return {**meta, "trained_rank": meta["rank"], "trained_alpha": meta["alpha"],
+            "rank": rank, "alpha": meta["alpha"] * rank // meta["rank"]}
+
+
+def write_truncated(src: str | Path, dst: str | Path, rank: int, dtype: torch.dtype | None = None) -> dict:
+    """Copy the adapters folder `src` to `dst` with both adapters cut to `rank` (`truncate_rank`) and, if given,
+    cast to `dtype`; ``adapters.json`` records the new rank, alpha scaled with it (alpha / rank unchanged) and the
+    trained rank and alpha. Returns the new metadata."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    meta = truncated_metadata(json.loads((src / "adapters.json").read_text()), rank)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, file in meta["files"].items():
+        state = truncate_rank(load_file(str(src / file)), rank)
+        if dtype is not None:
+            state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        tmp = dst / (file + ".tmp")
+        save_file(state, str(tmp), metadata={"adapter": name})
+        tmp.replace(dst / file)
+    from icd.train.checkpoint import write_text_atomic
+
+    write_text_atomic(dst / "adapters.json", json.dumps(meta, indent=1) + "\n")
+    return meta

@@ -23,3 +23,6 @@ $ICD bench inversion --n 200 --methods "$M" --guidance 1 --tau 0.8 "${A[@]}" --o
 for w in 1 2; do
   $ICD bench generation --n 200 --methods "$M" --guidance $w "${A[@]}" --out "$OUT/generation-w$w"
 done
+# editing (RESULTS §3's protocol, quality only) for R64 beside G_cos_r05; the shipped G's row is §3's
+$ICD bench editing --n 100 --methods icd:R64,icd:C --adapters R64=runs/ablation/R64_cos_r05/final \
+  --adapters C=runs/ablation/G_cos_r05/final --n-timing 1 --quiet --force --out "$OUT/editing"

@@ -54,20 +54,11 @@ def _guidance(src: Path, dst: Path) -> None:
 
 
 def _icd(src: Path, dst: Path, rank: int | None = None) -> None:
-    from safetensors.torch import load_file, save_file
-
-    from icd.models.lora import write_truncated
+    from icd.models.lora import copy_adapters
 
     out = dst / "icd"
     shutil.rmtree(out, ignore_errors=True)
-    if rank is not None:  # SVD-truncated (alpha scales with the rank, so alpha / rank is unchanged)
-        meta = write_truncated(src, out, rank, torch.float16)
-    else:
-        meta = json.loads((src / "adapters.json").read_text())
-        out.mkdir()
-        for name, file in meta["files"].items():
-            state = {k: v.half().contiguous() for k, v in load_file(str(src / file)).items()}
-            save_file(state, str(out / file), metadata={"adapter": name})
+    meta = copy_adapters(src, out, rank=rank, dtype=torch.float16)  # rank: SVD-truncated, alpha / rank unchanged
     meta["teacher"] = "embedded"  # the shipped adapters sit on the shipped unet_guidance/
     (out / "adapters.json").write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -82,8 +73,7 @@ def main() -> int:
                     help="ship the iCD adapters cut to rank K by SVD (to fit the size limit)")
     args = ap.parse_args()
     icd_rank = args.icd_rank
-    del args.icd_rank
-    parts = {k: v for k, v in vars(args).items() if v is not None}
+    parts = {k: v for k, v in vars(args).items() if v is not None and k != "icd_rank"}
     if icd_rank is not None and "icd" not in parts:
         ap.error("--icd-rank needs --icd")
     if not parts:

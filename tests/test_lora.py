@@ -116,11 +116,11 @@ def test_truncate_rank_keeps_low_rank_products_and_the_best_approximation():
         lora.truncate_rank(state, 8)
 
 
-def test_write_truncated_adapters_load_at_the_new_rank(random_icd_dir, tmp_path):
-    meta = lora.write_truncated(random_icd_dir / "icd", tmp_path / "cut", 2, torch.float16)
+def test_truncated_adapter_copies_load_at_the_new_rank(random_icd_dir, tmp_path):
+    meta = lora.copy_adapters(random_icd_dir / "icd", tmp_path / "cut", rank=2, dtype=torch.float16)
     assert (meta["rank"], meta["alpha"], meta["trained_rank"], meta["trained_alpha"]) == (2, 4, 4, 8)
     unet = tiny.build_unet()
     assert lora.attach_adapters(unet, tmp_path / "cut")["rank"] == 2
     assert all(p.shape[0] == 2 for n, p in unet.named_parameters() if ".lora_A." in n)
     with pytest.raises(ValueError, match="rank 4"):  # not below the trained rank
-        lora.write_truncated(random_icd_dir / "icd", tmp_path / "bad", 4)
+        lora.copy_adapters(random_icd_dir / "icd", tmp_path / "bad", rank=4)

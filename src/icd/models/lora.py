@@ -186,23 +186,28 @@ def truncated_metadata(meta: dict, rank: int) -> dict:
             "rank": rank, "alpha": meta["alpha"] * rank // meta["rank"]}
 
 
-def write_truncated(src: str | Path, dst: str | Path, rank: int, dtype: torch.dtype | None = None) -> dict:
-    """Copy the adapters folder `src` to `dst` with both adapters cut to `rank` (`truncate_rank`) and, if given,
-    cast to `dtype`; ``adapters.json`` records the new rank, alpha scaled with it (alpha / rank unchanged) and the
-    trained rank and alpha. Returns the new metadata."""
+def copy_adapters(src: str | Path, dst: str | Path, *, rank: int | None = None,
+                  dtype: torch.dtype | None = None) -> dict:
+    """Copy the adapters folder `src` to `dst`, both adapters cut to `rank` (`truncate_rank`; ``adapters.json`` then
+    records the new rank, alpha scaled with it and the trained rank and alpha) and cast to `dtype` where given.
+    Returns the written metadata."""
     from safetensors.torch import load_file, save_file
 
+    from icd.train.checkpoint import write_text_atomic
+
     src, dst = Path(src), Path(dst)
-    meta = truncated_metadata(json.loads((src / "adapters.json").read_text()), rank)
+    meta = json.loads((src / "adapters.json").read_text())
+    if rank is not None:
+        meta = truncated_metadata(meta, rank)
     dst.mkdir(parents=True, exist_ok=True)
     for name, file in meta["files"].items():
-        state = truncate_rank(load_file(str(src / file)), rank)
+        state = load_file(str(src / file))
+        if rank is not None:
+            state = truncate_rank(state, rank)
         if dtype is not None:
             state = {k: v.to(dtype).contiguous() for k, v in state.items()}
         tmp = dst / (file + ".tmp")
         save_file(state, str(tmp), metadata={"adapter": name})
         tmp.replace(dst / file)
-    from icd.train.checkpoint import write_text_atomic
-
     write_text_atomic(dst / "adapters.json", json.dumps(meta, indent=1) + "\n")
     return meta

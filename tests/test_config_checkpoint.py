@@ -1,10 +1,15 @@
 import json
+from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from icd.train.config import ConfigError, load_config
+from icd.train.guidance import GuidanceConfig
+from icd.train.icd import ICDConfig
+from icd.train.judge import JudgeConfig
 from icd.train.teacher import TeacherConfig
 from icd.train.vae import VAEConfig
 
@@ -28,6 +33,21 @@ def test_config_errors_name_the_problem(tmp_path, text, needle):
 def test_config_validation_in_post_init():
     with pytest.raises(ValueError, match="caption_dropout"):
         TeacherConfig(caption_dropout=1.5)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+COMPONENTS = {"vae": VAEConfig, "judge": JudgeConfig, "teacher": TeacherConfig, "guidance": GuidanceConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_section_builds_its_typed_config(path):
+    """A typo in an ablation row fails here, not an hour into a training run (icd-*.toml rows are ICDConfig)."""
+    sections = tomllib.loads(path.read_text())
+    assert sections
+    for section in sections:
+        cls = COMPONENTS.get(section, ICDConfig)
+        config = load_config(cls, path, section)
+        assert isinstance(config, cls), section
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

@@ -4,14 +4,14 @@
 #   R64_f30    - the same with λ_f 3.0
 # Both start from the shipped guidance-distilled UNet (model = "embedded"), train side by side as one-thread
 # processes (4-5.5 s/step depending on the CPU, 67-90 min; started again, each resumes from its last checkpoint),
-# then both are measured side by side as §2.9 (one thread each): unguided and guided inversion, 4-step generation at
-# w = 1 and 2, the forward/reverse hybrids of §2.4 and editing (§3's protocol, quality only).
+# then both are measured side by side by benchmarks/measure_icd_row.sh (as §2.9, one thread each): unguided and
+# guided inversion, 4-step generation at w = 1 and 2, the forward/reverse hybrids of §2.4 and editing (§3's
+# protocol, quality only).
 #
 # usage: bash benchmarks/icd_lambda_f.sh [OUT_DIR]      (default out/bench/lambda_f)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICD=${ICD:-.venv/bin/icd}
-PY=${PY:-.venv/bin/python}
 OUT=${1:-out/bench/lambda_f}
 export HF_HUB_OFFLINE=1
 ROWS=(R64_r05_1k R64_f30)
@@ -20,17 +20,7 @@ for row in "${ROWS[@]}"; do
   $ICD train icd --config configs/icd-ablation.toml --section "$row" --set threads=1 > "runs/$row.log" 2>&1 &
 done
 wait
-measure() {  # ROW NAME: §2.9's measurements of one row, one thread, into $OUT/ROW
-  local row=$1 name=$2 out="$OUT/$1"
-  local A=(--adapters "$name=runs/ablation/$row/final" --threads 1 --quiet --force)
-  $ICD bench inversion --n 200 --methods "icd:$name" "${A[@]}" --out "$out/inversion"
-  $ICD bench inversion --n 200 --methods "icd:$name" --guidance 1 --tau 0.8 "${A[@]}" --out "$out/inversion-guided"
-  for w in 1 2; do
-    $ICD bench generation --n 200 --methods "icd:$name" --guidance $w "${A[@]}" --out "$out/generation-w$w"
-  done
-  $PY benchmarks/inversion_hybrids.py --n 100 --adapters "runs/ablation/$row/final" | tail -4 > "$out/hybrids.txt"
-  $ICD bench editing --n 100 --methods "icd:$name" "${A[@]}" --n-timing 1 --out "$out/editing"
-}
-measure R64_r05_1k F15 &
-measure R64_f30 F30 &
+M=benchmarks/measure_icd_row.sh
+bash $M runs/ablation/R64_r05_1k/final F15 "$OUT/R64_r05_1k" &
+bash $M runs/ablation/R64_f30/final F30 "$OUT/R64_f30" &
 wait

@@ -1,0 +1,118 @@
+"""Which of the reverse model's four jumps loses the two-object generations?
+
+Generates held-out world captions from the same noise with hybrids of the 50-step guidance-distilled teacher and
+iCD's reverse model, split at a segment boundary: "teacher above b" runs DDIM on the 50-step grid from t = 999 down
+to the boundary b and then the reverse model's jumps from b to 0; "iCD above b" runs the reverse model's jumps down
+to b and then DDIM from b to 0. With --gamma, the reverse model's jumps are also run with re-noising: each jump
+lands on x0_hat and re-noises it to the boundary with (1 - g^2)^0.5 eps_hat + g z, z fresh noise (g = 1 is
+LCM-style multistep sampling; g = 0 is iCD's deterministic jump). Prints the world judge's exact-caption and
+object-count accuracy per variant (docs/RESULTS.md §2.11). Constant guidance w, as `icd generate`.
+
+    python benchmarks/generation_hybrids.py --n 200
+    python benchmarks/generation_hybrids.py --n 200 --adapters runs/ablation/R64_f30/final --guidance 2
+    python benchmarks/generation_hybrids.py --n 200 --gamma 0.5,1 --no-hybrids
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from icd import world
+from icd.bench.cases import SEED_START
+from icd.bench.generation import prompt_cases
+from icd.imageio import to_uint8
+from icd.judge import JudgeScorer
+from icd.models import lora
+from icd.models.embedded import load_icd_model
+from icd.sampling import initial_noise
+from icd.schedule import ddim_grid
+from icd.solver import ddim_jump, ddim_loop
+
+
+def hybrid_schedule(reverse_schedule: list[int], split: int, teacher_above: bool) -> list[tuple[str, list[int]]]:
+    """[(who, timesteps), ...] from T-1 to 0, switching between the teacher's 50-step grid and the iCD jumps at
+    `split` (one of the reverse model's boundaries)."""
+    grid = [*reversed(ddim_grid(50)), 0]
+    teacher_hi = [t for t in grid if t >= split]
+    teacher_lo = [t for t in grid if t <= split]
+    icd_hi = [t for t in reverse_schedule if t >= split]
+    icd_lo = [t for t in reverse_schedule if t <= split]
+    parts = [("teacher", teacher_hi), ("icd", icd_lo)] if teacher_above else [("icd", icd_hi), ("teacher", teacher_lo)]
+    return [(who, ts) for who, ts in parts if len(ts) > 1]
+
+
+def renoised_jumps(model, x: torch.Tensor, timesteps: list[int], cond, w: torch.Tensor, gamma: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The reverse model's jumps down `timesteps`, each landing on x0_hat and re-noised to the next time with
+    (1 - gamma^2)^0.5 eps_hat + gamma z (z ~ N(0, I) from `generator`); gamma = 0 is the deterministic jump."""
+    model.use_adapter(lora.REVERSE)
+    for t, s in zip(timesteps[:-1], timesteps[1:]):
+        eps = model.eps(x, t, cond, guidance=w)
+        x0 = ddim_jump(x, eps, t, 0, model.schedule)
+        if s == 0:
+            return x0
+        z = torch.randn(x.shape, generator=generator).to(x.device)
+        x = model.schedule.add_noise(x0, (1 - gamma**2) ** 0.5 * eps + gamma * z, s)
+    return x
+
+
+@torch.no_grad()
+def run_variant(model, parts: list[tuple], x: torch.Tensor, cond, w: torch.Tensor, seed: int) -> torch.Tensor:
+    """Clean latents from noise `x`: each part is (who, timesteps[, gamma]), run in order."""
+    for who, ts, *gamma in parts:
+        if who == "renoise":  # fresh noise seeded by the batch's first case, so a row is reproducible
+            x = renoised_jumps(model, x, ts, cond, w, gamma[0], torch.Generator().manual_seed(seed))
+            continue
+        model.use_adapter(lora.REVERSE if who == "icd" else None)
+        x, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=w), x, ts, model.schedule)
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="held-out captions per object count (default 200)")
+    ap.add_argument("--adapters", default=None, help="iCD adapters folder (default: the shipped ones)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="guidance code w = CFG - 1 (default 1)")
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--gamma", default="", help="comma-separated re-noising strengths of extra iCD rows, e.g. 0.5,1")
+    ap.add_argument("--no-hybrids", action="store_true", help="skip the teacher/iCD hybrids (iCD rows only)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_icd_model(adapters=args.adapters)
+    judge = JudgeScorer.load(None)
+    cases = prompt_cases(args.n, SEED_START["generation"])  # `icd bench generation`'s captions and seeds
+    rev = model.icd.boundaries.reverse_schedule()
+    variants = {"iCD (4 jumps)": [("icd", rev)], "teacher DDIM 50": [("teacher", [*reversed(ddim_grid(50)), 0])]}
+    for g in [float(g) for g in args.gamma.split(",") if g]:
+        variants[f"iCD, re-noised gamma {g:g}"] = [("renoise", rev, g)]
+    if args.no_hybrids:
+        del variants["teacher DDIM 50"]
+    for b in [] if args.no_hybrids else rev[1:-1]:
+        variants[f"teacher above {b}, iCD below"] = hybrid_schedule(rev, b, teacher_above=True)
+        variants[f"iCD above {b}, teacher below"] = hybrid_schedule(rev, b, teacher_above=False)
+    for name, parts in variants.items():
+        acc: dict[str, list[float]] = {}
+        for start in range(0, len(cases), args.batch):
+            chunk = cases[start : start + args.batch]
+            prompts = [c.source_prompt for c in chunk]
+            with torch.no_grad():
+                cond = model.encode_prompt(prompts)
+                shape = (model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
+                x = initial_noise(shape, [c.seed for c in chunk], model.device)
+                w = torch.full((len(chunk),), args.guidance)
+                x = run_variant(model, parts, x, cond, w, chunk[0].seed)
+                images = to_uint8(model.decode_latents(x))
+            for c, r in zip(chunk, judge.read(images)):
+                truth = world.parse_caption(c.source_prompt)
+                acc.setdefault(c.kind, []).append(float(r == truth))
+                acc.setdefault(c.kind + " count", []).append(float(len(r.objects) == len(truth.objects)))
+        cells = "  ".join(f"{k} {100 * np.mean(v):5.1f}%" for k, v in acc.items())
+        print(f"{name:34s} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

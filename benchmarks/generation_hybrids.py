@@ -20,9 +20,8 @@ import argparse
 import numpy as np
 import torch
 
-from icd import world
 from icd.bench.cases import SEED_START
-from icd.bench.generation import prompt_cases
+from icd.bench.generation import caption_scores, prompt_cases
 from icd.imageio import to_uint8
 from icd.judge import JudgeScorer
 from icd.models import lora
@@ -31,13 +30,14 @@ from icd.sampling import initial_noise
 from icd.schedule import ddim_grid
 from icd.solver import ddim_jump, ddim_loop
 
+TEACHER_GRID = [*reversed(ddim_grid(50)), 0]  # the teacher's 50-step DDIM, T-1 -> 0
+
 
 def hybrid_schedule(reverse_schedule: list[int], split: int, teacher_above: bool) -> list[tuple[str, list[int]]]:
     """[(who, timesteps), ...] from T-1 to 0, switching between the teacher's 50-step grid and the iCD jumps at
     `split` (one of the reverse model's boundaries)."""
-    grid = [*reversed(ddim_grid(50)), 0]
-    teacher_hi = [t for t in grid if t >= split]
-    teacher_lo = [t for t in grid if t <= split]
+    teacher_hi = [t for t in TEACHER_GRID if t >= split]
+    teacher_lo = [t for t in TEACHER_GRID if t <= split]
     icd_hi = [t for t in reverse_schedule if t >= split]
     icd_lo = [t for t in reverse_schedule if t <= split]
     parts = [("teacher", teacher_hi), ("icd", icd_lo)] if teacher_above else [("icd", icd_hi), ("teacher", teacher_lo)]
@@ -86,32 +86,32 @@ def main() -> None:
     judge = JudgeScorer.load(None)
     cases = prompt_cases(args.n, SEED_START["generation"])  # `icd bench generation`'s captions and seeds
     rev = model.icd.boundaries.reverse_schedule()
-    variants = {"iCD (4 jumps)": [("icd", rev)], "teacher DDIM 50": [("teacher", [*reversed(ddim_grid(50)), 0])]}
+    variants = {"iCD (4 jumps)": [("icd", rev)]}
+    if not args.no_hybrids:
+        variants["teacher DDIM 50"] = [("teacher", TEACHER_GRID)]
     for g in [float(g) for g in args.gamma.split(",") if g]:
         variants[f"iCD, re-noised gamma {g:g}"] = [("renoise", rev, g)]
-    if args.no_hybrids:
-        del variants["teacher DDIM 50"]
-    for b in [] if args.no_hybrids else rev[1:-1]:
-        variants[f"teacher above {b}, iCD below"] = hybrid_schedule(rev, b, teacher_above=True)
-        variants[f"iCD above {b}, teacher below"] = hybrid_schedule(rev, b, teacher_above=False)
-    for name, parts in variants.items():
-        acc: dict[str, list[float]] = {}
-        for start in range(0, len(cases), args.batch):
-            chunk = cases[start : start + args.batch]
-            prompts = [c.source_prompt for c in chunk]
+    if not args.no_hybrids:
+        for b in rev[1:-1]:
+            variants[f"teacher above {b}, iCD below"] = hybrid_schedule(rev, b, teacher_above=True)
+            variants[f"iCD above {b}, teacher below"] = hybrid_schedule(rev, b, teacher_above=False)
+    acc: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    shape = (model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
+    for start in range(0, len(cases), args.batch):  # each batch's prompts and noise serve every variant
+        chunk = cases[start : start + args.batch]
+        prompts = [c.source_prompt for c in chunk]
+        with torch.no_grad():
+            cond = model.encode_prompt(prompts)
+            noise = initial_noise(shape, [c.seed for c in chunk], model.device)
+        w = torch.full((len(chunk),), args.guidance)
+        for name, parts in variants.items():
             with torch.no_grad():
-                cond = model.encode_prompt(prompts)
-                shape = (model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
-                x = initial_noise(shape, [c.seed for c in chunk], model.device)
-                w = torch.full((len(chunk),), args.guidance)
-                x = run_variant(model, parts, x, cond, w, chunk[0].seed)
-                images = to_uint8(model.decode_latents(x))
-            for c, r in zip(chunk, judge.read(images)):
-                truth = world.parse_caption(c.source_prompt)
-                acc.setdefault(c.kind, []).append(float(r == truth))
-                acc.setdefault(c.kind + " count", []).append(float(len(r.objects) == len(truth.objects)))
-        cells = "  ".join(f"{k} {100 * np.mean(v):5.1f}%" for k, v in acc.items())
-        print(f"{name:34s} {cells}", flush=True)
+                images = to_uint8(model.decode_latents(run_variant(model, parts, noise, cond, w, chunk[0].seed)))
+            for c, row in zip(chunk, caption_scores(judge, images, prompts)):
+                acc[name].setdefault(c.kind, []).append(row["judge_accuracy"])
+                acc[name].setdefault(c.kind + " count", []).append(row["count_accuracy"])
+    for name, cells in acc.items():
+        print(f"{name:34s} " + "  ".join(f"{k} {100 * np.mean(v):5.1f}%" for k, v in cells.items()), flush=True)
 
 
 if __name__ == "__main__":

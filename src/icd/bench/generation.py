@@ -50,6 +50,18 @@ def sample(editor: Editor, method: Method, prompts: list[str], seeds: list[int],
     return to_uint8(generate(model, prompts, seed=seeds[0], guidance=guidance, tau=tau, batch_size=len(prompts), **kw))
 
 
+def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[dict]:
+    """Per image, as the world judge reads it against its caption: exact caption, background and object count
+    right (1.0 or 0.0)."""
+    rows = []
+    for caption, r in zip(captions, judge.read(images)):
+        truth = world.parse_caption(caption)
+        rows.append({"judge_accuracy": float(r == truth),
+                     "background_accuracy": float(r.background == truth.background),
+                     "count_accuracy": float(len(r.objects) == len(truth.objects))})
+    return rows
+
+
 def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
                     tau: float | None, batch: int, shards: Shards, judge, examples: int = 0,
                     progress: bool = True) -> list[dict]:
@@ -60,12 +72,7 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
     for chunk in tqdm(chunks, desc=f"generate {method.name}", unit="batch", disable=not progress, leave=False):
         part = [c for _, c in chunk]
         images = sample(editor, method, [c.source_prompt for c in part], [c.seed for c in part], guidance, tau)
-        rows = []
-        for c, r in zip(part, judge.read(images)):
-            truth = world.parse_caption(c.source_prompt)
-            rows.append({"judge_accuracy": float(r == truth),
-                         "background_accuracy": float(r.background == truth.background),
-                         "count_accuracy": float(len(r.objects) == len(truth.objects))})
+        rows = caption_scores(judge, images, [c.source_prompt for c in part])
         records += case_records(method.name, chunk, rows, images, shown)
     return records
 

@@ -1,10 +1,11 @@
 """iCD losses on an analytic Gaussian oracle: exact flow-map students make the preservation losses vanish."""
 
+import pytest
 import torch
 
 from icd.boundaries import Boundaries
 from icd.consistency import consistency_fn
-from icd.distill.icd import forward_preserve, reverse_cd, reverse_preserve, segment_ends
+from icd.distill.icd import forward_preserve, reverse_cd, reverse_preserve, reverse_rollout, segment_ends
 from icd.losses import pseudo_huber
 from icd.models.base import Cond
 from icd.schedule import NoiseSchedule
@@ -124,3 +125,49 @@ def test_changing_the_boundaries_changes_the_training_targets():
     a = reverse_cd(student, teacher, z0, cond, eps, n, w, Boundaries.preset("4step-1"), S)["cd_reverse"]
     b = reverse_cd(student, teacher, z0, cond, eps, n, w, Boundaries.preset("3step"), S)["cd_reverse"]
     assert not torch.isclose(a, b)
+
+
+def test_reverse_rollout_stops_each_row_at_its_boundary_and_matches_the_sampler():
+    """R's own latents: the same jumps as the sampler (999 -> 779 -> 519 -> 259), cut at each row's boundary."""
+    from icd.solver import ddim_loop
+
+    b = Boundaries.preset("4step-1")
+    calls = []
+
+    def student(x, t, cond, w):
+        calls.append(t.tolist())
+        return 0.5 * x + 0.1 * w.reshape(-1, 1, 1, 1)
+
+    x_top, w = torch.randn(3, 4, 4, 4), torch.tensor([0.0, 1.0, 2.0])
+    cond = Cond(tokens=torch.zeros(3, 2, 3))
+    out = reverse_rollout(student, x_top, cond, w, torch.tensor([779, 259, 519]), b, S)
+    assert calls == [[999, 999, 999], [779, 779], [519]]
+    for i, stop in enumerate((779, 259, 519)):
+        grid = [t for t in b.reverse_schedule() if t >= stop]
+        ref, _ = ddim_loop(lambda x, t, i=i: student(x, torch.full((1,), t), cond, w[i : i + 1]), x_top[i : i + 1],
+                           grid, S)
+        torch.testing.assert_close(out[i : i + 1], ref)
+    with pytest.raises(ValueError, match="interior"):
+        reverse_rollout(student, x_top, cond, w, torch.tensor([999, 0, 300]), b, S)
+
+
+def test_reverse_cd_start_rows_begin_at_the_given_latents():
+    b = Boundaries.preset("4step-1")
+    seen = []
+
+    def student(x, t, cond, w):
+        seen.append((t.clone(), x.clone()))
+        return 0.1 * x
+
+    z0 = torch.randn(3, 4, 4, 4)
+    eps, n, w, cond = torch.randn_like(z0), torch.tensor([5, 30, 49]), torch.zeros(3), Cond(tokens=torch.zeros(3, 2, 3))
+    own = torch.randn(1, 4, 4, 4)
+    args = (student, lambda x, t, c, w: 0.2 * x, z0, cond, eps, n, w, b, S)
+    plain = reverse_cd(*args)["cd_reverse"]
+    seen.clear()
+    moved = reverse_cd(*args, start=(torch.tensor([1]), own, torch.tensor([519])))["cd_reverse"]
+    t_online, x_online = seen[-1]
+    assert t_online.tolist() == [119, 519, 999]  # row 1 starts at the boundary 519 instead of 619
+    torch.testing.assert_close(x_online[1], own[0])
+    torch.testing.assert_close(x_online[0], S.add_noise(z0, eps, torch.tensor([119, 619, 999]))[0])
+    assert not torch.isclose(plain, moved)

@@ -140,6 +140,10 @@ def test_config_rejects_bad_values():
         ICDConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="lr_min"):
         ICDConfig(lr=1e-4, lr_min=1e-3)
+    with pytest.raises(ValueError, match="reverse_own_latents"):
+        ICDConfig(reverse_own_latents=1.5)
+    with pytest.raises(ValueError, match="two segments"):
+        ICDConfig(reverse_own_latents=0.5, reverse_boundaries=(0,), forward_boundaries=(999,))
 
 
 def _final(tmp_path, out):
@@ -206,3 +210,20 @@ def test_init_adapters_starts_from_saved_weights_and_checks_the_rank(tmp_path, r
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="rank/alpha 4/8"):
         train_icd(_cfg(tmp_path, random_distilled_dir, out="other", rank=2, init_adapters=str(first)))
+
+
+def test_own_latent_rows_leave_the_other_draws_unchanged_and_train(tmp_path, random_distilled_dir):
+    """Backward distillation (reverse_own_latents > 0): extra draws come last; own rows start at R's latents."""
+    plain = _cfg(tmp_path, random_distilled_dir, batch_size=4)
+    own = _cfg(tmp_path, random_distilled_dir, out="own", batch_size=4, reverse_own_latents=1.0)
+    d0, d1 = batch_draws(plain, 3, 8, (4, 16, 16), 4), batch_draws(own, 3, 8, (4, 16, 16), 4)
+    assert set(d1) - set(d0) == {"own", "own_j"} and all(torch.equal(d0[k], d1[k]) for k in d0)
+    assert bool(d1["own"].all()) and d1["own_j"].min() >= 1 and d1["own_j"].max() <= 3
+    model, b, _, z0, cond = _batch(own)
+    d = batch_draws(own, 0, 8, (4, 16, 16), b.num_segments)
+    d = {k: v[:3] for k, v in d.items()}
+    a = icd_losses(model, own, b, z0, cond, d)["cd_reverse"]
+    p = icd_losses(model, plain, b, z0, cond, {k: v for k, v in d.items() if not k.startswith("own")})["cd_reverse"]
+    assert torch.isfinite(a) and not torch.isclose(a, p)
+    final = train_icd(_cfg(tmp_path, random_distilled_dir, out="own-run", reverse_own_latents=0.5))
+    assert (final / f"{lora.REVERSE}.safetensors").exists()

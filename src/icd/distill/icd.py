@@ -29,13 +29,22 @@ UnguidedEps = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, 
 
 def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,
                n: torch.Tensor, w: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
-               huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
-    """Reverse consistency distillation L_CD^R (method.md §5.1). n: grid index in 0..49 per sample."""
+               huber_c: float = 1e-3, start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Reverse consistency distillation L_CD^R (method.md §5.1). n: grid index in 0..49 per sample.
+
+    `start` = (rows, x, t) replaces those rows' noised data x_t_hi by given latents at times t (any t > 0, e.g. the
+    reverse model's own latents from `reverse_rollout`); their teacher step and target follow from t as for the rest.
+    """
     # 1. t_hi on the DDIM-50 grid, t_lo one teacher step below; 2. the boundary below t_lo
     t_hi = 19 + GRID_STEP * n
+    x_hi = schedule.add_noise(z0, eps, t_hi)  # 4. noise real data
+    if start is not None:
+        rows, x_start, t_start = start
+        x_hi, t_hi = x_hi.clone(), t_hi.clone()
+        x_hi[rows], t_hi[rows] = x_start.to(x_hi.dtype), t_start.to(t_hi.dtype)
     t_lo = (t_hi - GRID_STEP).clamp(min=0)
     s = boundaries.reverse_target(t_lo)
-    x_hi = schedule.add_noise(z0, eps, t_hi)  # 4. noise real data
     with torch.no_grad():
         # 6. teacher DDIM step with the student's w (schedule's abar_0 at t_lo = 0, method.md §4)
         x_lo = ddim_jump(x_hi, teacher(x_hi, t_hi, cond, w), t_hi, t_lo, schedule, hard_zero=False)
@@ -47,6 +56,30 @@ def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: C
             y_target[rows] = ddim_jump(x_lo[rows], eps_lo, t_lo[rows], s[rows], schedule)
     y = ddim_jump(x_hi, reverse(x_hi, t_hi, cond, w), t_hi, s, schedule)  # 5. online student jump (gradient)
     return {"cd_reverse": pseudo_huber(y, y_target, huber_c)}
+
+
+@torch.no_grad()
+def reverse_rollout(reverse: GuidedEps, x_top: torch.Tensor, cond: Cond, w: torch.Tensor, t_stop: torch.Tensor,
+                    boundaries: Boundaries, schedule: NoiseSchedule) -> torch.Tensor:
+    """The reverse model's own latents: x_top (noise at T-1) decoded down R's schedule T-1 -> E_R[-1] -> ... and
+    stopped at t_stop per sample, a boundary E_R[j] with j >= 1, with constant guidance w as in `icd generate`.
+
+    Reverse CD from these latents (the "backward distillation" of Kohler et al. 2024, Imagine Flash) trains R where
+    it samples: at inference each jump starts from the previous jump's output, not from noised real data.
+    """
+    schedule_r = boundaries.reverse_schedule()
+    if not set(t_stop.tolist()) <= set(boundaries.reverse[1:]):
+        raise ValueError(f"reverse_rollout: t_stop must be interior reverse boundaries {boundaries.reverse[1:]}, "
+                         f"got {sorted(set(t_stop.tolist()))}")
+    x = x_top.clone()
+    for t_from, t_to in zip(schedule_r, schedule_r[1:]):
+        rows = (t_stop < t_from).nonzero().flatten()  # rows whose stop lies below t_from
+        if not len(rows):
+            break
+        t = torch.full((len(rows),), t_from, device=x.device)
+        eps = reverse(x[rows], t, cond.index(rows), w[rows])
+        x[rows] = ddim_jump(x[rows], eps, t_from, t_to, schedule).to(x.dtype)
+    return x
 
 
 def forward_cd(forward: UnguidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,

@@ -16,6 +16,11 @@ disable the first one otherwise; `icd.models.lora`), and each backward runs whil
 the order R-CD, F-CD, L_f (F's optimizer), L_r (R's optimizer), where the lambdas act only through Adam's moment
 estimates.
 
+Backward distillation (``reverse_own_latents = p > 0``, off by default and not in the paper): a fraction p of the
+reverse-CD rows start not from noised data but from R's own latents at an interior boundary E_R[j], decoded from
+their noise by R itself (no gradient, constant w as in `icd generate`); their teacher step and target are as usual.
+It trains each reverse jump on the inputs it meets when sampling (RESULTS §2.12).
+
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
 global batch.
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 
 from icd.boundaries import Boundaries
-from icd.distill.icd import forward_cd, forward_preserve, reverse_cd, reverse_preserve
+from icd.distill.icd import forward_cd, forward_preserve, reverse_cd, reverse_preserve, reverse_rollout
 from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
@@ -59,6 +64,8 @@ class ICDConfig:
     lambda_f: float = 1.5  # weight of L_f (trains F)
     lambda_r: float = 1.5  # weight of L_r (trains R)
     forward_cd: bool = True  # False: F learns from L_f alone (paper Table 2 row E, "encoder regime")
+    reverse_own_latents: float = 0.0  # fraction of reverse-CD rows that start from R's own latents at an interior
+    # boundary (decoded from noise by R itself, no gradient) instead of noised data; 0 = the paper's L_CD^R
     huber_c: float = 1e-3
     rank: int = 64
     alpha: int = 8
@@ -99,6 +106,10 @@ class ICDConfig:
             raise ValueError(f"ICDConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lambda_f < 0 or self.lambda_r < 0:
             raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
+        if not 0.0 <= self.reverse_own_latents <= 1.0:
+            raise ValueError(f"ICDConfig.reverse_own_latents must lie in [0, 1], got {self.reverse_own_latents}")
+        if self.reverse_own_latents and self.resolved_boundaries().num_segments < 2:
+            raise ValueError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
         if not self.forward_cd and self.lambda_f == 0:
             raise ValueError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
         self.resolved_boundaries()  # validates
@@ -134,11 +145,14 @@ def eps_functions(model: LatentDiffusion):
 
 
 def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], num_segments: int) -> dict:
-    """Every random draw of one step for the global batch: a pure function of (seed, step)."""
+    """Every random draw of one step for the global batch: a pure function of (seed, step).
+
+    The draws of `reverse_own_latents` come last and only when it is > 0, so the others do not depend on it.
+    """
     gen = step_generator(cfg.seed, step)
     b = cfg.batch_size
     w_set = torch.tensor(cfg.w_set, dtype=torch.float32)
-    return {
+    draws = {
         "idx": torch.randint(n_data, (b,), generator=gen),
         "eps": torch.randn((b, *shape), generator=gen),  # one noise draw shared by the four losses
         "n_reverse": torch.randint(0, 50, (b,), generator=gen),
@@ -147,6 +161,20 @@ def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], 
         "j_forward": torch.randint(num_segments, (b,), generator=gen),
         "j_reverse": torch.randint(num_segments, (b,), generator=gen),
     }
+    if cfg.reverse_own_latents > 0:
+        draws["own"] = torch.rand(b, generator=gen) < cfg.reverse_own_latents
+        draws["own_j"] = torch.randint(1, num_segments, (b,), generator=gen)  # the interior boundary E_R[j]
+    return draws
+
+
+def own_latent_start(reverse, cond: Cond, d: dict, boundaries: Boundaries, schedule):
+    """`reverse_cd`'s `start` for the rows drawn to begin at R's own latents (None when there are none)."""
+    if "own" not in d or not bool(d["own"].any()):
+        return None
+    rows = d["own"].nonzero().flatten()
+    t = torch.tensor(boundaries.reverse, device=rows.device)[d["own_j"][rows]]
+    x = reverse_rollout(reverse, d["eps"][rows], cond.index(rows), d["w"][rows], t, boundaries, schedule)
+    return rows, x, t
 
 
 def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
@@ -160,7 +188,7 @@ def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z
     teacher, reverse, forward = eps_functions(model)
     s, c = model.schedule, cfg.huber_c
     terms = [(1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s,
-                                      huber_c=c))]
+                                      huber_c=c, start=own_latent_start(reverse, cond, d, boundaries, s)))]
     if cfg.forward_cd:
         terms.append((1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
                                               huber_c=c)))
@@ -283,7 +311,8 @@ def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, pr
     s, c = model.schedule, cfg.huber_c
     rounds = [
         (lora.REVERSE, 1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"],
-                                               boundaries, s, huber_c=c)),
+                                               boundaries, s, huber_c=c,
+                                               start=own_latent_start(reverse, cond, d, boundaries, s))),
         (lora.FORWARD, 1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
                                                huber_c=c) if cfg.forward_cd else {}),
         (lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],

@@ -8,7 +8,7 @@ usage:
 Each given component replaces its part of src/icd/assets/ and the rest is kept: --teacher the whole pipeline
 (tokenizer, text encoder, VAE, teacher UNet), --judge the judge, --guidance the guidance-distilled UNet
 (``unet_guidance/``), --icd the two iCD adapters (``icd/``). The new folder is assembled beside the old one and
-swapped in by renames; the total size is checked (<= 30 MB).
+swapped in by renames once its total size is checked (<= 30 MB); over the limit nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "icd" / "assets"
 LIMIT_MB = 30
+
+
+def _size_mb(path: Path) -> float:
+    """Size of a file, or of every file under a folder, in MB (0 when it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
 def _teacher(src: Path, dst: Path) -> None:
@@ -102,6 +109,13 @@ def main() -> int:
         _guidance(parts["guidance"], tmp)
     if "icd" in parts:
         _icd(parts["icd"], tmp, icd_rank)
+    total = _size_mb(tmp) + _size_mb(parts.get("judge", ASSETS / "judge.safetensors")) + sum(
+        _size_mb(p) for p in ASSETS.iterdir() if p.name not in {"embedded", tmp.name, "judge.safetensors"})
+    if total > LIMIT_MB:  # checked before anything is swapped in: the shipped assets stay as they were
+        shutil.rmtree(tmp)
+        print(f"error: the new embedded assets would take {total:.1f} MB, over the {LIMIT_MB} MB limit "
+              "(nothing was changed; try a smaller --icd-rank)", file=sys.stderr)
+        return 1
     old = ASSETS / "embedded.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.is_dir():
@@ -111,11 +125,7 @@ def main() -> int:
     if "judge" in parts:
         shutil.copyfile(parts["judge"], ASSETS / "judge.safetensors.tmp")
         (ASSETS / "judge.safetensors.tmp").rename(ASSETS / "judge.safetensors")
-    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
-    print(f"shipped {', '.join(parts)} into {final}: assets now {total:.1f} MB")
-    if total > LIMIT_MB:
-        print(f"error: embedded assets exceed {LIMIT_MB} MB", file=sys.stderr)
-        return 1
+    print(f"shipped {', '.join(parts)} into {final}: assets now {_size_mb(ASSETS):.1f} MB")
     return 0
 
 

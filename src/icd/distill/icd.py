@@ -41,7 +41,6 @@ def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: C
     x_hi = schedule.add_noise(z0, eps, t_hi)  # 4. noise real data
     if start is not None:
         rows, x_start, t_start = start
-        x_hi, t_hi = x_hi.clone(), t_hi.clone()
         x_hi[rows], t_hi[rows] = x_start.to(x_hi.dtype), t_start.to(t_hi.dtype)
     t_lo = (t_hi - GRID_STEP).clamp(min=0)
     s = boundaries.reverse_target(t_lo)

@@ -108,11 +108,11 @@ class ICDConfig:
             raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
         if not 0.0 <= self.reverse_own_latents <= 1.0:
             raise ValueError(f"ICDConfig.reverse_own_latents must lie in [0, 1], got {self.reverse_own_latents}")
-        if self.reverse_own_latents and self.resolved_boundaries().num_segments < 2:
-            raise ValueError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
         if not self.forward_cd and self.lambda_f == 0:
             raise ValueError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
-        self.resolved_boundaries()  # validates
+        boundaries = self.resolved_boundaries()  # validates
+        if self.reverse_own_latents and boundaries.num_segments < 2:
+            raise ValueError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
 
     def resolved_boundaries(self) -> Boundaries:
         if self.reverse_boundaries or self.forward_boundaries:

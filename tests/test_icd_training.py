@@ -4,7 +4,15 @@ from safetensors.torch import load_file
 
 from icd.models import lora
 from icd.models.embedded import load_model
-from icd.train.icd import ICDConfig, adapter_objectives, batch_draws, icd_losses, learning_rate, train_icd
+from icd.train.icd import (
+    ICDConfig,
+    adapter_objectives,
+    batch_draws,
+    icd_losses,
+    learning_rate,
+    own_latent_start,
+    train_icd,
+)
 from icd.train.runner import TrainingRun
 
 
@@ -144,6 +152,8 @@ def test_config_rejects_bad_values():
         ICDConfig(reverse_own_latents=1.5)
     with pytest.raises(ValueError, match="two segments"):
         ICDConfig(reverse_own_latents=0.5, reverse_boundaries=(0,), forward_boundaries=(999,))
+    with pytest.raises(ValueError, match="reverse_own_w"):
+        ICDConfig(reverse_own_latents=0.5, reverse_own_w=(5.0,))
 
 
 def _final(tmp_path, out):
@@ -227,3 +237,18 @@ def test_own_latent_rows_leave_the_other_draws_unchanged_and_train(tmp_path, ran
     assert torch.isfinite(a) and not torch.isclose(a, p)
     final = train_icd(_cfg(tmp_path, random_distilled_dir, out="own-run", reverse_own_latents=0.5))
     assert (final / f"{lora.REVERSE}.safetensors").exists()
+
+
+def test_own_latent_rows_can_be_restricted_to_guidance_codes(tmp_path, random_distilled_dir):
+    """reverse_own_w: only rows drawn with a listed guidance code start from R's own latents."""
+    cfg = _cfg(tmp_path, random_distilled_dir, batch_size=4, reverse_own_latents=1.0)
+    model, b, _, z0, cond = _batch(cfg)
+    d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
+    d["w"] = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    zero_eps = lambda x, t, c, w: torch.zeros_like(x)  # noqa: E731
+    cond4 = cond.index(torch.tensor([0, 0, 0, 0]))
+    rows, _, _ = own_latent_start(zero_eps, cond4, d, b, model.schedule)
+    assert rows.tolist() == [0, 1, 2, 3]
+    rows, _, _ = own_latent_start(zero_eps, cond4, d, b, model.schedule, (1.0, 2.0))
+    assert rows.tolist() == [1, 3]
+    assert own_latent_start(zero_eps, cond4, d, b, model.schedule, (3.0,)) is None

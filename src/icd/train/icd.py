@@ -66,6 +66,8 @@ class ICDConfig:
     forward_cd: bool = True  # False: F learns from L_f alone (paper Table 2 row E, "encoder regime")
     reverse_own_latents: float = 0.0  # fraction of reverse-CD rows that start from R's own latents at an interior
     # boundary (decoded from noise by R itself, no gradient) instead of noised data; 0 = the paper's L_CD^R
+    reverse_own_w: tuple[float, ...] = ()  # only rows drawn with these guidance codes may start from R's own
+    # latents, e.g. [1, 2, 3] keeps the unguided R (which F inverts) on the paper's loss; () = every code
     huber_c: float = 1e-3
     rank: int = 64
     alpha: int = 8
@@ -113,6 +115,9 @@ class ICDConfig:
         boundaries = self.resolved_boundaries()  # validates
         if self.reverse_own_latents and boundaries.num_segments < 2:
             raise ValueError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
+        if not set(self.reverse_own_w) <= set(self.w_set):
+            raise ValueError(f"ICDConfig.reverse_own_w must be a subset of w_set {list(self.w_set)}, "
+                             f"got {list(self.reverse_own_w)}")
 
     def resolved_boundaries(self) -> Boundaries:
         if self.reverse_boundaries or self.forward_boundaries:
@@ -167,11 +172,20 @@ def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], 
     return draws
 
 
-def own_latent_start(reverse, cond: Cond, d: dict, boundaries: Boundaries, schedule):
-    """`reverse_cd`'s `start` for the rows drawn to begin at R's own latents (None when there are none)."""
-    if "own" not in d or not bool(d["own"].any()):
+def own_latent_start(reverse, cond: Cond, d: dict, boundaries: Boundaries, schedule,
+                     own_w: tuple[float, ...] = ()):
+    """`reverse_cd`'s `start` for the rows drawn to begin at R's own latents (None when there are none).
+
+    With `own_w`, only rows whose guidance code is in it qualify (ICDConfig.reverse_own_w).
+    """
+    if "own" not in d:
         return None
-    rows = d["own"].nonzero().flatten()
+    own = d["own"]
+    if own_w:
+        own = own & torch.isin(d["w"], torch.tensor(own_w, dtype=d["w"].dtype, device=d["w"].device))
+    if not bool(own.any()):
+        return None
+    rows = own.nonzero().flatten()
     t = torch.tensor(boundaries.reverse, device=rows.device)[d["own_j"][rows]]
     x = reverse_rollout(reverse, d["eps"][rows], cond.index(rows), d["w"][rows], t, boundaries, schedule)
     return rows, x, t
@@ -187,8 +201,9 @@ def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z
     """
     teacher, reverse, forward = eps_functions(model)
     s, c = model.schedule, cfg.huber_c
+    own_start = lambda: own_latent_start(reverse, cond, d, boundaries, s, cfg.reverse_own_w)  # noqa: E731
     terms = [(1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s,
-                                      huber_c=c, start=own_latent_start(reverse, cond, d, boundaries, s)))]
+                                      huber_c=c, start=own_start()))]
     if cfg.forward_cd:
         terms.append((1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
                                               huber_c=c)))
@@ -309,10 +324,11 @@ def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, pr
     """Reference-compatible update: four backward/clip/step rounds (R-CD, F-CD, L_f on F, L_r on R)."""
     teacher, reverse, forward = eps_functions(model)
     s, c = model.schedule, cfg.huber_c
+    own_start = lambda: own_latent_start(reverse, cond, d, boundaries, s, cfg.reverse_own_w)  # noqa: E731
     rounds = [
         (lora.REVERSE, 1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"],
                                                boundaries, s, huber_c=c,
-                                               start=own_latent_start(reverse, cond, d, boundaries, s))),
+                                               start=own_start())),
         (lora.FORWARD, 1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
                                                huber_c=c) if cfg.forward_cd else {}),
         (lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],

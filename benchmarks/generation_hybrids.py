@@ -3,9 +3,10 @@
 Generates held-out world captions from the same noise with hybrids of the 50-step guidance-distilled teacher and
 iCD's reverse model, split at a segment boundary: "teacher above b" runs DDIM on the 50-step grid from t = 999 down
 to the boundary b and then the reverse model's jumps from b to 0; "iCD above b" runs the reverse model's jumps down
-to b and then DDIM from b to 0. With --gamma, the reverse model's jumps are also run with re-noising: each jump
-lands on x0_hat and re-noises it to the boundary with (1 - g^2)^0.5 eps_hat + g z, z fresh noise (g = 1 is
-LCM-style multistep sampling; g = 0 is iCD's deterministic jump). Prints the world judge's exact-caption and
+to b and then DDIM from b to 0. With --gamma, the reverse model's jumps are also run with re-noising
+(`icd generate --renoise g`, `icd.solver.renoised_jump`: each jump lands on x0_hat and re-noises it to the boundary
+with (1 - g^2)^0.5 eps_hat + g z, z fresh noise; g = 1 is multistep consistency sampling, g = 0 iCD's deterministic
+jump). Prints the world judge's exact-caption and
 object-count accuracy per variant (docs/RESULTS.md §2.11). Constant guidance w, as `icd generate`.
 
     python benchmarks/generation_hybrids.py --n 200
@@ -22,13 +23,14 @@ import torch
 
 from icd.bench.cases import SEED_START
 from icd.bench.generation import caption_scores, prompt_cases
+from icd.editing.inversion import icd_decode
 from icd.imageio import to_uint8
 from icd.judge import JudgeScorer
 from icd.models import lora
 from icd.models.embedded import load_icd_model
-from icd.sampling import initial_noise
+from icd.sampling import SeededNoise
 from icd.schedule import ddim_grid
-from icd.solver import ddim_jump, ddim_loop
+from icd.solver import ddim_loop
 
 TEACHER_GRID = [*reversed(ddim_grid(50)), 0]  # the teacher's 50-step DDIM, T-1 -> 0
 
@@ -44,27 +46,13 @@ def hybrid_schedule(reverse_schedule: list[int], split: int, teacher_above: bool
     return [(who, ts) for who, ts in parts if len(ts) > 1]
 
 
-def renoised_jumps(model, x: torch.Tensor, timesteps: list[int], cond, w: torch.Tensor, gamma: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The reverse model's jumps down `timesteps`, each landing on x0_hat and re-noised to the next time with
-    (1 - gamma^2)^0.5 eps_hat + gamma z (z ~ N(0, I) from `generator`); gamma = 0 is the deterministic jump."""
-    model.use_adapter(lora.REVERSE)
-    for t, s in zip(timesteps[:-1], timesteps[1:]):
-        eps = model.eps(x, t, cond, guidance=w)
-        x0 = ddim_jump(x, eps, t, 0, model.schedule)
-        if s == 0:
-            return x0
-        z = torch.randn(x.shape, generator=generator).to(x.device)
-        x = model.schedule.add_noise(x0, (1 - gamma**2) ** 0.5 * eps + gamma * z, s)
-    return x
-
-
 @torch.no_grad()
-def run_variant(model, parts: list[tuple], x: torch.Tensor, cond, w: torch.Tensor, seed: int) -> torch.Tensor:
-    """Clean latents from noise `x`: each part is (who, timesteps[, gamma]), run in order."""
-    for who, ts, *gamma in parts:
-        if who == "renoise":  # fresh noise seeded by the batch's first case, so a row is reproducible
-            x = renoised_jumps(model, x, ts, cond, w, gamma[0], torch.Generator().manual_seed(seed))
+def run_variant(model, parts: list[tuple], noise: SeededNoise, cond, w: torch.Tensor) -> torch.Tensor:
+    """Clean latents from the first draw of `noise`: each part is (who, timesteps) or ("renoise", gamma), in order."""
+    x = noise()
+    for who, ts, *_ in parts:
+        if who == "renoise":  # as `icd bench generation --renoise`: later draws of each row's own generator
+            x = icd_decode(model, x, cond, model.icd.boundaries, guidance=w, renoise=ts, fresh_noise=noise)
             continue
         model.use_adapter(lora.REVERSE if who == "icd" else None)
         x, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=w), x, ts, model.schedule)
@@ -90,7 +78,7 @@ def main() -> None:
     if not args.no_hybrids:
         variants["teacher DDIM 50"] = [("teacher", TEACHER_GRID)]
     for g in [float(g) for g in args.gamma.split(",") if g]:
-        variants[f"iCD, re-noised gamma {g:g}"] = [("renoise", rev, g)]
+        variants[f"iCD, re-noised gamma {g:g}"] = [("renoise", g)]
     if not args.no_hybrids:
         for b in rev[1:-1]:
             variants[f"teacher above {b}, iCD below"] = hybrid_schedule(rev, b, teacher_above=True)
@@ -102,11 +90,11 @@ def main() -> None:
         prompts = [c.source_prompt for c in chunk]
         with torch.no_grad():
             cond = model.encode_prompt(prompts)
-            noise = initial_noise(shape, [c.seed for c in chunk], model.device)
         w = torch.full((len(chunk),), args.guidance)
         for name, parts in variants.items():
             with torch.no_grad():
-                images = to_uint8(model.decode_latents(run_variant(model, parts, noise, cond, w, chunk[0].seed)))
+                noise = SeededNoise(shape, [c.seed for c in chunk], model.device)
+                images = to_uint8(model.decode_latents(run_variant(model, parts, noise, cond, w)))
             for c, row in zip(chunk, caption_scores(judge, images, prompts)):
                 acc[name].setdefault(c.kind, []).append(row["judge_accuracy"])
                 acc[name].setdefault(c.kind + " count", []).append(row["count_accuracy"])

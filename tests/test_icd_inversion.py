@@ -57,6 +57,23 @@ def test_icd_generation_uses_the_reverse_adapter_in_one_call_per_segment(tmp_pat
         generate(model, ["a small red star on a black background"], method="icd", steps=3)
 
 
+def test_renoised_generation_is_seeded_per_sample_and_keeps_four_calls(tmp_path, random_distilled_dir):
+    from icd.sampling import generate
+
+    model, _ = _model_with_adapters(tmp_path, random_distilled_dir)
+    prompts = ["a small red star on a black background", "a large blue circle on a white background"]
+    model.counter.reset()
+    both = generate(model, prompts, method="icd", guidance=1.0, renoise=1.0, seed=7)
+    assert model.counter.calls == 4
+    alone = generate(model, prompts[1:], method="icd", guidance=1.0, renoise=1.0, seed=8, batch_size=1)
+    torch.testing.assert_close(both[1:], alone)  # row i's noise, fresh draws included, comes from seed + i only
+    plain = generate(model, prompts, method="icd", guidance=1.0, seed=7)
+    assert not torch.allclose(both, plain)
+    torch.testing.assert_close(generate(model, prompts, method="icd", guidance=1.0, seed=7, renoise=0.0), plain)
+    with pytest.raises(ValueError, match="renoise"):
+        generate(model, prompts, method="ddim", steps=2, renoise=0.5)
+
+
 def test_load_icd_model_without_adapters_is_a_clear_error(tmp_path, random_distilled_dir):
     from icd.models.embedded import ModelError
 

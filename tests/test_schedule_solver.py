@@ -3,7 +3,7 @@ import torch
 
 from icd.guidance import dynamic_guidance, guidance_embedding
 from icd.schedule import NoiseSchedule, ddim_grid
-from icd.solver import cfg_combine, ddim_jump, ddim_loop
+from icd.solver import cfg_combine, ddim_jump, ddim_loop, renoised_jump
 
 S = NoiseSchedule.scaled_linear()
 
@@ -109,3 +109,17 @@ def test_ddim_loop_names_the_step_where_nan_appears():
 
     with pytest.raises(NumericsError, match=r"step 2 \(t = 519 -> 259\) in batch rows \[1\]"):
         ddim_loop(eps_fn, torch.randn(3, 4, 2, 2), [999, 779, 519, 259, 0], schedule)
+
+
+def test_renoised_jump_interpolates_between_ddim_and_fresh_noise():
+    """gamma = 0 is the DDIM jump; gamma = 1 keeps x0_hat and replaces eps by z; a jump to 0 returns x0_hat."""
+    s = S
+    x, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    assert torch.equal(renoised_jump(x, eps, 779, 519, s, 0.0, z), ddim_jump(x, eps, 779, 519, s))
+    x0 = ddim_jump(x, eps, 779, 0, s)
+    a, sig = s.alpha_sigma(519)
+    torch.testing.assert_close(renoised_jump(x, eps, 779, 519, s, 1.0, z), a * x0 + sig * z)
+    for gamma in (0.5, 1.0):
+        torch.testing.assert_close(renoised_jump(x, eps, 779, 0, s, gamma, z), x0)
+    with pytest.raises(ValueError, match="gamma"):
+        renoised_jump(x, eps, 779, 519, s, 1.5, z)

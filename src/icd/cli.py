@@ -135,17 +135,22 @@ def cmd_generate(args) -> None:
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
+    if not 0.0 <= args.renoise <= 1.0:
+        raise CLIError(f"--renoise must lie in [0, 1], got {args.renoise}")
+    if args.renoise and args.method != "icd":
+        raise CLIError("--renoise applies to --method icd (the consistency model's multistep sampling)")
     model = _load(args, args.method)
     model.check_prompts([args.prompt])
     t0 = time.perf_counter()
     model.counter.reset()
     images = to_uint8(generate(model, [args.prompt] * args.n, seed=args.seed, steps=args.steps,
-                               guidance=args.guidance, tau=args.tau, method=args.method))
+                               guidance=args.guidance, tau=args.tau, method=args.method, renoise=args.renoise))
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
     steps = model.icd.boundaries.num_segments if args.method == "icd" else args.steps or 50
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": steps, "guidance": args.guidance,
-              "tau": args.tau, "nfe": model.counter.calls, "seconds": round(seconds, 3), "output": str(args.output)}
+              "tau": args.tau, "renoise": args.renoise, "nfe": model.counter.calls, "seconds": round(seconds, 3),
+              "output": str(args.output)}
     summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)
 
@@ -369,7 +374,8 @@ def cmd_bench(args) -> None:
     try:
         opts = BenchOptions(task=args.task, out=args.out, n=args.n, methods=args.methods, seed_start=args.seed_start,
                             kinds=args.kinds, steps_list=args.steps_list, adapters=_adapters_arg(args.adapters),
-                            model=args.model, guidance=args.guidance, tau=args.tau, batch=args.batch,
+                            model=args.model, guidance=args.guidance, tau=args.tau, renoise=args.renoise,
+                            batch=args.batch,
                             n_timing=args.n_timing, examples=args.examples, pie_bench=args.pie_bench,
                             lpips=args.lpips, clip=args.clip, dino=args.dino, device=args.device, force=args.force,
                             progress=not args.quiet)
@@ -448,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=1.0,
                    help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
+    g.add_argument("--renoise", type=float, default=0.0, metavar="GAMMA",
+                   help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] (1: multistep "
+                   "consistency sampling; 0: the paper's deterministic jumps)")
     g.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1), side by side")
     g.add_argument("-o", "--output", required=True)
     common(g)
@@ -527,6 +536,8 @@ command under `accelerate launch` or `torchrun`; cases are sharded and gathered 
     b.add_argument("--tau", type=float, default=None,
                    help="dynamic-CFG threshold (default: the adapters' tau for icd inversion and editing; "
                    "none for generation, as in `icd generate`)")
+    b.add_argument("--renoise", type=float, default=0.0, metavar="GAMMA",
+                   help="generation: icd methods re-noise each intermediate jump (as `icd generate --renoise`)")
     b.add_argument("--batch", type=int, default=50, help="cases per batched model call")
     b.add_argument("--n-timing", type=int, default=5, help="single-image runs timed per method")
     b.add_argument("--examples", type=int, default=2, help="example cases per kind in examples.png")

@@ -47,19 +47,31 @@ def guided_eps(model: LatentDiffusion, cond: Cond, w: torch.Tensor | float, tau:
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu") -> torch.Tensor:
     """Independent N(0, I) noise per sample: row i comes from seed seeds[i] (batch-size independent)."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device)
+    return SeededNoise(shape, seeds, device)()
+
+
+class SeededNoise:
+    """Per-sample N(0, I) draws: row i comes from its own generator seeded with seeds[i], so every draw of a row is
+    independent of the batch it runs in. The first call gives `initial_noise`; later calls give fresh noise."""
+
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device="cpu"):
+        self.shape, self.device = tuple(shape), device
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
 
 
 @torch.no_grad()
 def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, steps: int | None = None,
              guidance: float = 0.0, tau: float | None = None, method: str = "ddim", batch_size: int = 64,
-             progress: bool = False) -> torch.Tensor:
+             renoise: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Text-to-image: images float [N,3,H,W] in [-1, 1]. `guidance` is the code w = CFG - 1.
 
     ``method="ddim"``: DDIM with `steps` (default 50) on the model's UNet. ``method="icd"``: the reverse iCD model's
-    jumps down its boundaries (one UNet call per segment; needs `load_icd_model`). Sample i starts from noise
-    seeded with ``seed + i``.
+    jumps down its boundaries (one UNet call per segment; needs `load_icd_model`); `renoise` = gamma in [0, 1]
+    re-noises each intermediate landing with fresh noise (`icd.solver.renoised_jump`; 0: the paper's deterministic
+    jumps). Sample i starts from noise seeded with ``seed + i``, and its fresh noise comes from the same generator.
     """
     from icd.editing.inversion import icd_decode
 
@@ -71,16 +83,22 @@ def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, s
             raise ValueError(f"these iCD adapters were trained for {segments} steps, not {steps}")
     elif method != "ddim":
         raise ValueError(f"unknown generation method {method!r} (ddim or icd)")
+    if not 0.0 <= renoise <= 1.0:
+        raise ValueError(f"renoise must lie in [0, 1], got {renoise}")
+    if renoise and method != "icd":
+        raise ValueError("renoise applies to method 'icd' (the consistency model's multistep sampling)")
     latent = model.unet.config.sample_size
     channels = model.unet.config.in_channels
     timesteps = [*reversed(ddim_grid(steps or 50)), 0]
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = list(prompts[start : start + batch_size])
-        x = initial_noise((channels, latent, latent), range(seed + start, seed + start + len(chunk)), model.device)
+        noise = SeededNoise((channels, latent, latent), range(seed + start, seed + start + len(chunk)), model.device)
+        x = noise()
         cond = model.encode_prompt(chunk)
         if method == "icd":
-            z0 = icd_decode(model, x, cond, model.icd.boundaries, guidance=guidance, tau=tau)
+            z0 = icd_decode(model, x, cond, model.icd.boundaries, guidance=guidance, tau=tau, renoise=renoise,
+                            fresh_noise=noise)
         else:
             model.use_adapter(None)
             z0, _ = ddim_loop(guided_eps(model, cond, guidance, tau), x, timesteps, model.schedule)

@@ -43,6 +43,27 @@ def ddim_jump(
     return (_bcast(a_s, x) * x0 + _bcast(s_s, x) * e).to(x_t.dtype)
 
 
+def renoised_jump(x_t: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, schedule: NoiseSchedule,
+                  gamma: float, z: torch.Tensor) -> torch.Tensor:
+    """One step of stochastic multistep consistency sampling from `t_from` down to `t_to` (generation only).
+
+    x_s = alpha_s x0_hat + sigma_s ((1 - gamma^2)^(1/2) eps + gamma z),  z ~ N(0, I) fresh,
+    the gamma-sampling of CTM (Kim et al. 2023, §4.3): gamma = 0 is the deterministic DDIM jump (`ddim_jump`, the
+    iCD paper's sampler, the only one that can be inverted), gamma = 1 re-noises x0_hat with fresh noise as in the
+    multistep consistency sampling of Song et al. 2023 (Alg. 1) and LCM. A jump to 0 returns x0_hat for any gamma.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"renoised_jump: gamma must lie in [0, 1], got {gamma}")
+    if gamma == 0:
+        return ddim_jump(x_t, eps, t_from, t_to, schedule)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x, e = x_t.to(dtype), eps.to(dtype)
+    a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=True)
+    a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=True)
+    noise = (1 - gamma**2) ** 0.5 * e + gamma * z.to(dtype)
+    return (_bcast(a_s, x) * eps_to_x0(x, e, a_t, s_t) + _bcast(s_s, x) * noise).to(x_t.dtype)
+
+
 def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
     """Classifier-free guidance with guidance code w = CFG - 1 (Meng et al. 2023): eps_c + w (eps_c - eps_u).
 

@@ -40,11 +40,12 @@ def _model(editor: Editor, method: Method):
 
 @torch.no_grad()
 def sample(editor: Editor, method: Method, prompts: list[str], seeds: list[int], guidance: float,
-           tau: float | None) -> np.ndarray:
+           tau: float | None, renoise: float = 0.0) -> np.ndarray:
     """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent). tau None is constant
-    guidance for every method, as in `icd generate` (method.md §8.4: generation runs without dynamic CFG)."""
+    guidance for every method, as in `icd generate` (method.md §8.4: generation runs without dynamic CFG); renoise
+    applies to icd methods only."""
     model = _model(editor, method)
-    kw = {"method": "icd"} if method.family == "icd" else {"method": "ddim", "steps": method.steps}
+    kw = {"method": "icd", "renoise": renoise} if method.family == "icd" else {"method": "ddim", "steps": method.steps}
     if any(b - a != 1 for a, b in zip(seeds, seeds[1:])):
         raise ValueError("a generation batch needs consecutive seeds")
     return to_uint8(generate(model, prompts, seed=seeds[0], guidance=guidance, tau=tau, batch_size=len(prompts), **kw))
@@ -63,7 +64,7 @@ def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[d
 
 
 def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                    tau: float | None, batch: int, shards: Shards, judge, examples: int = 0,
+                    tau: float | None, batch: int, renoise: float = 0.0, shards: Shards, judge, examples: int = 0,
                     progress: bool = True) -> list[dict]:
     indexed = list(enumerate(cases))
     chunks = shards.mine(chunked(indexed, batch, key=lambda ic: ic[1].kind))
@@ -71,21 +72,22 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
     records = []
     for chunk in tqdm(chunks, desc=f"generate {method.name}", unit="batch", disable=not progress, leave=False):
         part = [c for _, c in chunk]
-        images = sample(editor, method, [c.source_prompt for c in part], [c.seed for c in part], guidance, tau)
+        images = sample(editor, method, [c.source_prompt for c in part], [c.seed for c in part], guidance, tau,
+                        renoise)
         rows = caption_scores(judge, images, [c.source_prompt for c in part])
         records += case_records(method.name, chunk, rows, images, shown)
     return records
 
 
 def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                  tau: float | None, shards: Shards) -> list[dict]:
+                  tau: float | None, shards: Shards, renoise: float = 0.0) -> list[dict]:
     model = _model(editor, method)
 
     def run(c: BenchCase) -> dict:
         model.counter.reset()
         sync(model.device)
         t0 = time.perf_counter()
-        sample(editor, method, [c.source_prompt], [c.seed], guidance, tau)
+        sample(editor, method, [c.source_prompt], [c.seed], guidance, tau, renoise)
         sync(model.device)
         return {"seconds": time.perf_counter() - t0, "nfe": model.counter.calls,
                 "unet_rows": sum(model.counter.batch_sizes)}

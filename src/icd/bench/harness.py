@@ -44,6 +44,7 @@ class BenchOptions:
     model: str = "embedded"
     guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
     tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
+    renoise: float = 0.0  # generation: icd methods' re-noising strength (icd.solver.renoised_jump)
     batch: int = 50
     n_timing: int = 5
     examples: int = 2  # example cases per kind in examples.png
@@ -58,6 +59,11 @@ class BenchOptions:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown benchmark {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.renoise and self.task != "generation":
+            raise ValueError("--renoise applies to the generation benchmark only (inversion needs the deterministic "
+                             "jumps)")
+        if not 0.0 <= self.renoise <= 1.0:
+            raise ValueError(f"--renoise must lie in [0, 1], got {self.renoise}")
         for name in ("n", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -140,10 +146,13 @@ def run_bench(opts: BenchOptions) -> dict:
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
                "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau,
+               "renoise": opts.renoise,
                "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
     shown: dict[str, list] = {}
     for m in methods:
         kw = dict(guidance=guidance, tau=opts.tau, shards=shards)
+        if opts.task == "generation":
+            kw.update(renoise=opts.renoise)
         quality_kw = dict(batch=opts.batch, examples=opts.examples,
                           progress=opts.progress and shards.is_main)
         if opts.task == "editing":

@@ -30,9 +30,11 @@ def _metrics(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     r = results
+    renoise = f", renoise = {r['renoise']}" if r.get("renoise") else ""
     head = (f"task: {r['task']}, model: {r.get('model')}, cases: {r.get('cases')}, n = {r['n']}"
             f"{' per kind' if r['task'] != 'inversion' else ''}, seed_start = {r['seed_start']}, "
-            f"guidance w = {r.get('guidance')}, tau = {r.get('tau')}; device: {r['device']}, torch {r['torch']}, "
+            f"guidance w = {r.get('guidance')}, tau = {r.get('tau')}{renoise}; "
+            f"device: {r['device']}, torch {r['torch']}, "
             f"{r.get('processes', 1)} process(es)")
     metrics = _metrics(r)
     lines = [head, "", "| method | NFE | median s / image | s invert | s edit/decode | kind | n | "

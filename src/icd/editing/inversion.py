@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
 from icd.sampling import guided_eps, initial_noise
 from icd.schedule import ddim_grid
-from icd.solver import ddim_loop
+from icd.solver import ddim_loop, renoised_jump
 
 
 @dataclass
@@ -120,10 +121,26 @@ def icd_invert(model: LatentDiffusion, z0: torch.Tensor, cond: Cond, prompts: li
 
 @torch.no_grad()
 def icd_decode(model: LatentDiffusion, noise: torch.Tensor, cond: Cond, boundaries: Boundaries, *,
-               guidance: torch.Tensor | float = 0.0, tau: float | None = None) -> torch.Tensor:
-    """Reverse-model decoding 999 -> ... -> 0 with per-sample guidance codes and dynamic CFG threshold tau."""
+               guidance: torch.Tensor | float = 0.0, tau: float | None = None, renoise: float = 0.0,
+               fresh_noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Reverse-model decoding 999 -> ... -> 0 with per-sample guidance codes and dynamic CFG threshold tau.
+
+    `renoise` = gamma > 0 (generation only) re-noises each intermediate landing with `fresh_noise()`
+    (`icd.solver.renoised_jump`); 0 is the paper's deterministic jumps, which inversion needs.
+    """
     w = torch.as_tensor(guidance, dtype=torch.float32).expand(noise.shape[0]).clone()
     model.use_adapter(lora.REVERSE)
-    z0, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=dynamic_guidance(t, w, tau)), noise,
-                      boundaries.reverse_schedule(), model.schedule)
-    return z0
+
+    def eps(x, t):
+        return model.eps(x, t, cond, guidance=dynamic_guidance(t, w, tau))
+
+    schedule = boundaries.reverse_schedule()
+    if not renoise:
+        return ddim_loop(eps, noise, schedule, model.schedule)[0]
+    if fresh_noise is None:
+        raise ValueError("icd_decode: renoise > 0 needs fresh_noise")
+    x = noise
+    for t, s in zip(schedule, schedule[1:]):
+        z = fresh_noise() if s > 0 else torch.zeros_like(x)
+        x = renoised_jump(x, eps(x, t), t, s, model.schedule, renoise, z)
+    return x

@@ -27,4 +27,4 @@ $ICD bench inversion --n 200 --methods "$ICDS,gddim,ddim" --steps-list 1,2,3,4,5
 $ICD bench inversion --n 200 --methods "$ICDS,gddim50,ddim50" --guidance 1 --tau 0.8 "${ROWS[@]}" \
     --out "$OUT/inversion-guided" --force
 # §4.5 generation: 4-step iCD against 50-step DDIM on the guidance-distilled and the original UNet
-$ICD bench generation --n 200 --methods icd,gddim50,ddim50 --out "$OUT/generation" --force
+$ICD bench generation --n 200 --methods icd,gddim50,ddim50 --renoise 0 --out "$OUT/generation" --force

@@ -11,6 +11,6 @@ OUT=${1:-out/bench/renoise}; shift || true
 export HF_HUB_OFFLINE=1
 T=(--n 500 --threads 1 --quiet --force)
 for w in 1 2; do
-  $ICD bench generation --methods icd,gddim50 --guidance $w "${T[@]}" "$@" --out "$OUT/w$w"
+  $ICD bench generation --methods icd,gddim50 --renoise 0 --guidance $w "${T[@]}" "$@" --out "$OUT/w$w"
   $ICD bench generation --methods icd --renoise 1 --guidance $w "${T[@]}" "$@" --out "$OUT/w$w-r1"
 done

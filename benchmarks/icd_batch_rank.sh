@@ -21,7 +21,7 @@ M=icd:LB,icd:R64
 $ICD bench inversion --n 200 --methods "$M" "${A[@]}" --out "$OUT/inversion"
 $ICD bench inversion --n 200 --methods "$M" --guidance 1 --tau 0.8 "${A[@]}" --out "$OUT/inversion-guided"
 for w in 1 2; do
-  $ICD bench generation --n 200 --methods "$M" --guidance $w "${A[@]}" --out "$OUT/generation-w$w"
+  $ICD bench generation --n 200 --methods "$M" --guidance $w --renoise 0 "${A[@]}" --out "$OUT/generation-w$w"
 done
 # editing (RESULTS §3's protocol, quality only) for R64 beside G_cos_r05; the shipped G's row is §3's
 $ICD bench editing --n 100 --methods icd:R64,icd:C --adapters R64=runs/ablation/R64_cos_r05/final \

@@ -24,7 +24,7 @@ M=icd:R025,icd:R10
 $ICD bench inversion --n 200 --methods "$M" "${A[@]}" --out "$OUT/inversion"
 $ICD bench inversion --n 200 --methods "$M" --guidance 1 --tau 0.8 "${A[@]}" --out "$OUT/inversion-guided"
 for w in 1 2; do
-  $ICD bench generation --n 200 --methods "$M" --guidance $w "${A[@]}" --out "$OUT/generation-w$w"
+  $ICD bench generation --n 200 --methods "$M" --guidance $w --renoise 0 "${A[@]}" --out "$OUT/generation-w$w"
 done
 $ICD bench editing --n 100 --methods "$M" "${A[@]}" --n-timing 1 --out "$OUT/editing"
 for row in "${ROWS[@]}"; do

@@ -104,10 +104,10 @@ def test_inversion_and_generation_benches(tmp_path):
     assert set(gen["methods"]["icd"]["per_kind"]) == {"1-object", "2-objects"}
     assert gen["methods"]["icd"]["nfe"] == 4 and gen["methods"]["gddim3"]["nfe"] == 3
     assert 0.0 <= gen["methods"]["icd"]["judge_accuracy"] <= 1.0
-    renoised = run_bench(BenchOptions(task="generation", out=str(tmp_path / "gen-r"), n=1, methods="icd", batch=2,
-                                      n_timing=1, renoise=1.0, progress=False))
-    assert renoised["renoise"] == 1.0 and renoised["methods"]["icd"]["nfe"] == 4
-    assert "renoise = 1.0" in (tmp_path / "gen-r" / "results.md").read_text()
+    assert gen["renoise"] == 1.0 and "renoise = 1.0" in (tmp_path / "gen" / "results.md").read_text()  # the default
+    paper = run_bench(BenchOptions(task="generation", out=str(tmp_path / "gen-r0"), n=1, methods="icd", batch=2,
+                                   n_timing=1, renoise=0.0, progress=False))
+    assert paper["renoise"] == 0.0 and paper["methods"]["icd"]["nfe"] == 4
     with pytest.raises(ValueError, match="generation benchmark only"):
         BenchOptions(task="inversion", out=str(tmp_path / "x"), renoise=1.0)
 

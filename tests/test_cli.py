@@ -103,9 +103,10 @@ def test_icd_invert_and_generate_default_to_four_steps(tmp_path, capsys, random_
                         "-o", str(tmp_path / "g.png")], capsys)
     report = json.loads(out)
     assert code == 0 and report["method"] == "icd" and report["nfe"] == 4 and report["steps"] == 4
-    code, out, _ = run(["generate", scene.caption, "--model", str(random_icd_dir), "--renoise", "1", "--json",
-                        "-o", str(tmp_path / "g1.png")], capsys)
-    assert code == 0 and json.loads(out)["renoise"] == 1.0 and json.loads(out)["nfe"] == 4
+    assert report["renoise"] == 1.0  # multistep consistency sampling by default (RESULTS §2.13)
+    code, out, _ = run(["generate", scene.caption, "--model", str(random_icd_dir), "--renoise", "0", "--json",
+                        "-o", str(tmp_path / "g0.png")], capsys)
+    assert code == 0 and json.loads(out)["renoise"] == 0.0 and json.loads(out)["nfe"] == 4
     code, _, err = run(["generate", scene.caption, "--model", str(random_icd_dir), "--renoise", "2",
                         "-o", str(tmp_path / "g2.png")], capsys)
     _assert_one_line_error(code, err, "--renoise")

@@ -130,12 +130,12 @@ def _load(args, method: str = "ddim"):
 def cmd_generate(args) -> None:
     from icd.imageio import check_output, save_image, to_uint8
     from icd.plotting import hstack
-    from icd.sampling import generate
+    from icd.sampling import DEFAULT_RENOISE, generate
 
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    if not 0.0 <= args.renoise <= 1.0:
+    if args.renoise is not None and not 0.0 <= args.renoise <= 1.0:
         raise CLIError(f"--renoise must lie in [0, 1], got {args.renoise}")
     if args.renoise and args.method != "icd":
         raise CLIError("--renoise applies to --method icd (the consistency model's multistep sampling)")
@@ -148,8 +148,9 @@ def cmd_generate(args) -> None:
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
     steps = model.icd.boundaries.num_segments if args.method == "icd" else args.steps or 50
+    renoise = args.renoise if args.renoise is not None else DEFAULT_RENOISE if args.method == "icd" else 0.0
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": steps, "guidance": args.guidance,
-              "tau": args.tau, "renoise": args.renoise, "nfe": model.counter.calls, "seconds": round(seconds, 3),
+              "tau": args.tau, "renoise": renoise, "nfe": model.counter.calls, "seconds": round(seconds, 3),
               "output": str(args.output)}
     summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)
@@ -454,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=1.0,
                    help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
-    g.add_argument("--renoise", type=float, default=0.0, metavar="GAMMA",
-                   help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] (1: multistep "
-                   "consistency sampling; 0: the paper's deterministic jumps)")
+    g.add_argument("--renoise", type=float, default=None, metavar="GAMMA",
+                   help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] (default 1: "
+                   "multistep consistency sampling, more exact captions; 0: the paper's deterministic jumps)")
     g.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1), side by side")
     g.add_argument("-o", "--output", required=True)
     common(g)
@@ -536,8 +537,9 @@ command under `accelerate launch` or `torchrun`; cases are sharded and gathered 
     b.add_argument("--tau", type=float, default=None,
                    help="dynamic-CFG threshold (default: the adapters' tau for icd inversion and editing; "
                    "none for generation, as in `icd generate`)")
-    b.add_argument("--renoise", type=float, default=0.0, metavar="GAMMA",
-                   help="generation: icd methods re-noise each intermediate jump (as `icd generate --renoise`)")
+    b.add_argument("--renoise", type=float, default=None, metavar="GAMMA",
+                   help="generation: icd methods' re-noising strength, as `icd generate --renoise` (default 1; "
+                   "0: the paper's deterministic jumps)")
     b.add_argument("--batch", type=int, default=50, help="cases per batched model call")
     b.add_argument("--n-timing", type=int, default=5, help="single-image runs timed per method")
     b.add_argument("--examples", type=int, default=2, help="example cases per kind in examples.png")

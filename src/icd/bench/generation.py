@@ -40,7 +40,7 @@ def _model(editor: Editor, method: Method):
 
 @torch.no_grad()
 def sample(editor: Editor, method: Method, prompts: list[str], seeds: list[int], guidance: float,
-           tau: float | None, renoise: float = 0.0) -> np.ndarray:
+           tau: float | None, renoise: float | None = None) -> np.ndarray:
     """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent). tau None is constant
     guidance for every method, as in `icd generate` (method.md §8.4: generation runs without dynamic CFG); renoise
     applies to icd methods only."""
@@ -64,8 +64,8 @@ def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[d
 
 
 def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                    tau: float | None, batch: int, renoise: float = 0.0, shards: Shards, judge, examples: int = 0,
-                    progress: bool = True) -> list[dict]:
+                    tau: float | None, batch: int, shards: Shards, judge, examples: int = 0,
+                    progress: bool = True, renoise: float | None = None) -> list[dict]:
     indexed = list(enumerate(cases))
     chunks = shards.mine(chunked(indexed, batch, key=lambda ic: ic[1].kind))
     shown = example_indices(cases, examples)
@@ -80,7 +80,7 @@ def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], 
 
 
 def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                  tau: float | None, shards: Shards, renoise: float = 0.0) -> list[dict]:
+                  tau: float | None, shards: Shards, renoise: float | None = None) -> list[dict]:
     model = _model(editor, method)
 
     def run(c: BenchCase) -> dict:

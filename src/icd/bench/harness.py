@@ -44,7 +44,7 @@ class BenchOptions:
     model: str = "embedded"
     guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
     tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
-    renoise: float = 0.0  # generation: icd methods' re-noising strength (icd.solver.renoised_jump)
+    renoise: float | None = None  # generation: icd methods' re-noising strength (None: icd.sampling.DEFAULT_RENOISE)
     batch: int = 50
     n_timing: int = 5
     examples: int = 2  # example cases per kind in examples.png
@@ -59,10 +59,10 @@ class BenchOptions:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown benchmark {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.renoise and self.task != "generation":
+        if self.renoise is not None and self.task != "generation":
             raise ValueError("--renoise applies to the generation benchmark only (inversion needs the deterministic "
                              "jumps)")
-        if not 0.0 <= self.renoise <= 1.0:
+        if self.renoise is not None and not 0.0 <= self.renoise <= 1.0:
             raise ValueError(f"--renoise must lie in [0, 1], got {self.renoise}")
         for name in ("n", "batch"):
             if getattr(self, name) < 1:
@@ -146,13 +146,13 @@ def run_bench(opts: BenchOptions) -> dict:
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
                "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau,
-               "renoise": opts.renoise,
+               "renoise": _renoise(opts),
                "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
     shown: dict[str, list] = {}
     for m in methods:
         kw = dict(guidance=guidance, tau=opts.tau, shards=shards)
         if opts.task == "generation":
-            kw.update(renoise=opts.renoise)
+            kw.update(renoise=_renoise(opts))
         quality_kw = dict(batch=opts.batch, examples=opts.examples,
                           progress=opts.progress and shards.is_main)
         if opts.task == "editing":
@@ -183,6 +183,15 @@ def run_bench(opts: BenchOptions) -> dict:
             example_grid(shown, sources, out)
     shards.barrier()
     return results
+
+
+def _renoise(opts: BenchOptions) -> float | None:
+    """The icd methods' re-noising strength of a generation run (None for the other tasks)."""
+    if opts.task != "generation":
+        return None
+    from icd.sampling import DEFAULT_RENOISE
+
+    return DEFAULT_RENOISE if opts.renoise is None else opts.renoise
 
 
 def _adapters_folder(path: str, out: Path, name: str, shards: Shards) -> str:

@@ -130,7 +130,7 @@ def _load(args, method: str = "ddim"):
 def cmd_generate(args) -> None:
     from icd.imageio import check_output, save_image, to_uint8
     from icd.plotting import hstack
-    from icd.sampling import DEFAULT_RENOISE, generate
+    from icd.sampling import generate, resolved_renoise
 
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
@@ -148,10 +148,9 @@ def cmd_generate(args) -> None:
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
     steps = model.icd.boundaries.num_segments if args.method == "icd" else args.steps or 50
-    renoise = args.renoise if args.renoise is not None else DEFAULT_RENOISE if args.method == "icd" else 0.0
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": steps, "guidance": args.guidance,
-              "tau": args.tau, "renoise": renoise, "nfe": model.counter.calls, "seconds": round(seconds, 3),
-              "output": str(args.output)}
+              "tau": args.tau, "renoise": resolved_renoise(args.renoise, args.method), "nfe": model.counter.calls,
+              "seconds": round(seconds, 3), "output": str(args.output)}
     summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)
 

@@ -19,6 +19,13 @@ from icd.solver import cfg_combine, ddim_loop
 DEFAULT_RENOISE = 1.0  # iCD generation's default re-noising strength (RESULTS §2.13); inversion never re-noises
 
 
+def resolved_renoise(renoise: float | None, method: str = "icd") -> float:
+    """A generation's re-noising strength: the given one, else DEFAULT_RENOISE for icd and 0 for ddim."""
+    if renoise is not None:
+        return renoise
+    return DEFAULT_RENOISE if method == "icd" else 0.0
+
+
 class CFGEps:
     """eps(x, t) with classifier-free guidance code `w` (per sample) on a non-distilled model."""
 
@@ -86,8 +93,7 @@ def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, s
             raise ValueError(f"these iCD adapters were trained for {segments} steps, not {steps}")
     elif method != "ddim":
         raise ValueError(f"unknown generation method {method!r} (ddim or icd)")
-    if renoise is None:
-        renoise = DEFAULT_RENOISE if method == "icd" else 0.0
+    renoise = resolved_renoise(renoise, method)
     if not 0.0 <= renoise <= 1.0:
         raise ValueError(f"renoise must lie in [0, 1], got {renoise}")
     if renoise and method != "icd":

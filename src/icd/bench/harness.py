@@ -187,11 +187,9 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _renoise(opts: BenchOptions) -> float | None:
     """The icd methods' re-noising strength of a generation run (None for the other tasks)."""
-    if opts.task != "generation":
-        return None
-    from icd.sampling import DEFAULT_RENOISE
+    from icd.sampling import resolved_renoise
 
-    return DEFAULT_RENOISE if opts.renoise is None else opts.renoise
+    return resolved_renoise(opts.renoise) if opts.task == "generation" else None
 
 
 def _adapters_folder(path: str, out: Path, name: str, shards: Shards) -> str:

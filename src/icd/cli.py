@@ -135,21 +135,21 @@ def cmd_generate(args) -> None:
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    if args.renoise is not None and not 0.0 <= args.renoise <= 1.0:
-        raise CLIError(f"--renoise must lie in [0, 1], got {args.renoise}")
-    if args.renoise and args.method != "icd":
-        raise CLIError("--renoise applies to --method icd (the consistency model's multistep sampling)")
+    try:
+        renoise = resolved_renoise(args.renoise, args.method, name="--renoise")
+    except ValueError as e:
+        raise CLIError(str(e)) from e
     model = _load(args, args.method)
     model.check_prompts([args.prompt])
     t0 = time.perf_counter()
     model.counter.reset()
     images = to_uint8(generate(model, [args.prompt] * args.n, seed=args.seed, steps=args.steps,
-                               guidance=args.guidance, tau=args.tau, method=args.method, renoise=args.renoise))
+                               guidance=args.guidance, tau=args.tau, method=args.method, renoise=renoise))
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
     steps = model.icd.boundaries.num_segments if args.method == "icd" else args.steps or 50
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": steps, "guidance": args.guidance,
-              "tau": args.tau, "renoise": resolved_renoise(args.renoise, args.method), "nfe": model.counter.calls,
+              "tau": args.tau, "renoise": renoise, "nfe": model.counter.calls,
               "seconds": round(seconds, 3), "output": str(args.output)}
     summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)

@@ -19,11 +19,16 @@ from icd.solver import cfg_combine, ddim_loop
 DEFAULT_RENOISE = 1.0  # iCD generation's default re-noising strength (RESULTS §2.13); inversion never re-noises
 
 
-def resolved_renoise(renoise: float | None, method: str = "icd") -> float:
-    """A generation's re-noising strength: the given one, else DEFAULT_RENOISE for icd and 0 for ddim."""
-    if renoise is not None:
-        return renoise
-    return DEFAULT_RENOISE if method == "icd" else 0.0
+def resolved_renoise(renoise: float | None, method: str = "icd", *, name: str = "renoise") -> float:
+    """A generation's re-noising strength: the given one, else DEFAULT_RENOISE for icd and 0 for ddim. Raises
+    ValueError (naming the option `name`) outside [0, 1], or when it is > 0 for a method other than icd."""
+    if renoise is None:
+        return DEFAULT_RENOISE if method == "icd" else 0.0
+    if not 0.0 <= renoise <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {renoise}")
+    if renoise and method != "icd":
+        raise ValueError(f"{name} applies to method 'icd' (the consistency model's multistep sampling)")
+    return renoise
 
 
 class CFGEps:
@@ -94,10 +99,6 @@ def generate(model: LatentDiffusion, prompts: Sequence[str], *, seed: int = 0, s
     elif method != "ddim":
         raise ValueError(f"unknown generation method {method!r} (ddim or icd)")
     renoise = resolved_renoise(renoise, method)
-    if not 0.0 <= renoise <= 1.0:
-        raise ValueError(f"renoise must lie in [0, 1], got {renoise}")
-    if renoise and method != "icd":
-        raise ValueError("renoise applies to method 'icd' (the consistency model's multistep sampling)")
     latent = model.unet.config.sample_size
     channels = model.unet.config.in_channels
     timesteps = [*reversed(ddim_grid(steps or 50)), 0]

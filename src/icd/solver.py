@@ -56,12 +56,8 @@ def renoised_jump(x_t: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, 
         raise ValueError(f"renoised_jump: gamma must lie in [0, 1], got {gamma}")
     if gamma == 0:
         return ddim_jump(x_t, eps, t_from, t_to, schedule)
-    dtype = torch.promote_types(x_t.dtype, torch.float32)
-    x, e = x_t.to(dtype), eps.to(dtype)
-    a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=True)
-    a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=True)
-    noise = (1 - gamma**2) ** 0.5 * e + gamma * z.to(dtype)
-    return (_bcast(a_s, x) * eps_to_x0(x, e, a_t, s_t) + _bcast(s_s, x) * noise).to(x_t.dtype)
+    x0 = ddim_jump(x_t, eps, t_from, 0, schedule)  # x0_hat
+    return ddim_jump(x0, (1 - gamma**2) ** 0.5 * eps + gamma * z, 0, t_to, schedule)  # from 0: alpha_s x0 + sigma_s n
 
 
 def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:

@@ -62,8 +62,7 @@ class BenchOptions:
         if self.renoise is not None and self.task != "generation":
             raise ValueError("--renoise applies to the generation benchmark only (inversion needs the deterministic "
                              "jumps)")
-        if self.renoise is not None and not 0.0 <= self.renoise <= 1.0:
-            raise ValueError(f"--renoise must lie in [0, 1], got {self.renoise}")
+        _renoise(self)  # validates
         for name in ("n", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -189,7 +188,7 @@ def _renoise(opts: BenchOptions) -> float | None:
     """The icd methods' re-noising strength of a generation run (None for the other tasks)."""
     from icd.sampling import resolved_renoise
 
-    return resolved_renoise(opts.renoise) if opts.task == "generation" else None
+    return resolved_renoise(opts.renoise, name="--renoise") if opts.task == "generation" else None
 
 
 def _adapters_folder(path: str, out: Path, name: str, shards: Shards) -> str:

@@ -9,9 +9,12 @@ from icd.models.embedded import embedded_model_path, load_model
 
 
 def test_shipped_model_loads_in_stable_diffusion_pipeline():
+    """The plain call, no dtype: transformers >= 5 loads the text encoder in its config's dtype and diffusers the
+    UNet in fp32, so the shipped text encoder must be fp32 (an fp16 one failed at the first generation)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype == torch.float32
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     out = pipe("a large red circle on a gray background", num_inference_steps=4, guidance_scale=3.0,

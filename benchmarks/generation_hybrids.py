@@ -7,7 +7,7 @@ to b and then DDIM from b to 0. With --gamma, the reverse model's jumps are also
 (`icd generate --renoise g`, `icd.solver.renoised_jump`: each jump lands on x0_hat and re-noises it to the boundary
 with (1 - g^2)^0.5 eps_hat + g z, z fresh noise; g = 1 is multistep consistency sampling, g = 0 iCD's deterministic
 jump). Prints the world judge's exact-caption and
-object-count accuracy per variant (docs/RESULTS.md §2.11). Constant guidance w, as `icd generate`.
+object-count accuracy per variant (docs/experiments/renoised-generation.md). Constant guidance w, as `icd generate`.
 
     python benchmarks/generation_hybrids.py --n 200
     python benchmarks/generation_hybrids.py --n 200 --adapters runs/ablation/R64_f30/final --guidance 2
@@ -23,14 +23,12 @@ import torch
 
 from icd.bench.cases import SEED_START
 from icd.bench.generation import caption_scores, prompt_cases
-from icd.editing.inversion import icd_decode
 from icd.imageio import to_uint8
 from icd.judge import JudgeScorer
 from icd.models import lora
 from icd.models.embedded import load_icd_model
-from icd.sampling import SeededNoise
+from icd.samplers import SeededNoise, ddim_loop, icd_decode
 from icd.schedule import ddim_grid
-from icd.solver import ddim_loop
 
 TEACHER_GRID = [*reversed(ddim_grid(50)), 0]  # the teacher's 50-step DDIM, T-1 -> 0
 
@@ -52,10 +50,11 @@ def run_variant(model, parts: list[tuple], noise: SeededNoise, cond, w: torch.Te
     x = noise()
     for who, ts, *_ in parts:
         if who == "renoise":  # as `icd bench generation --renoise`: later draws of each row's own generator
-            x = icd_decode(model, x, cond, model.icd.boundaries, guidance=w, renoise=ts, fresh_noise=noise)
+            eps = model.eps_fn(adapter=lora.REVERSE, guidance=w)
+            x = icd_decode(eps, x, cond, model.icd.boundaries, schedule=model.schedule, renoise=ts, fresh_noise=noise)
             continue
-        model.use_adapter(lora.REVERSE if who == "icd" else None)
-        x, _ = ddim_loop(lambda x, t: model.eps(x, t, cond, guidance=w), x, ts, model.schedule)
+        eps = model.eps_fn(adapter=lora.REVERSE if who == "icd" else None, guidance=w)
+        x, _ = ddim_loop(eps, x, cond, ts, schedule=model.schedule)
     return x
 
 

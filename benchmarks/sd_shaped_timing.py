@@ -23,12 +23,13 @@ import torch
 
 from icd import world
 from icd.bench.runtime import describe_device, sync
-from icd.editing.editor import EditControls, Editor
+from icd.editing.edit import EditControls
+from icd.io import write_text_atomic
 from icd.models import lora, sd15
 from icd.models.base import Cond
-from icd.train.accel import Precision, ProcessGroup
-from icd.train.checkpoint import write_text_atomic
-from icd.train.icd import ICDConfig, adapter_optimizers, batch_draws, training_step
+from icd.pipeline import Pipeline
+from icd.runtime import Precision, ProcessGroup
+from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EDIT_METHODS = (("icd", None), ("ddim", 50), ("npi", 50), ("nti", 50))
@@ -50,7 +51,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def edit_timings(editor: Editor, device: torch.device, repeats: int, methods=EDIT_METHODS) -> list[dict]:
+def edit_timings(editor: Pipeline, device: torch.device, repeats: int, methods=EDIT_METHODS) -> list[dict]:
     """Seconds and UNet calls of invert + edit per method: one warm-up run, then the mean of `repeats` runs (NTI,
     ~40x the others: one run, after the others have warmed the same kernels)."""
     scene = world.sample_scene(7, max_objects=1)
@@ -91,8 +92,8 @@ def edit_timings(editor: Editor, device: torch.device, repeats: int, methods=EDI
 def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, image_size: int, batch: int,
                   settings: list[tuple[str, bool]], steps: int) -> list[dict]:
     """Seconds per `training_step` (fp32 master weights, rank-64 adapters) for each (precision, checkpointing)."""
-    _, model = sd15.random_models(tokenizer_dir, device=device, dtype=torch.float32, scale=scale,
-                                  image_size=image_size, rank=None)
+    _, model = sd15.random_models(tokenizer_dir, vocabulary=world.vocabulary(), device=device,
+                                  dtype=torch.float32, scale=scale, image_size=image_size, rank=None)
     lora.add_adapters(model.unet, rank=64, alpha=64)
     model.unet.to(device)
     group = ProcessGroup(str(device))
@@ -117,12 +118,13 @@ def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, imag
             reset_peak(device)
             times, losses = [], {}
             for step in range(2 + steps):
-                d = batch_draws(cfg, step, batch, tuple(z_all.shape[1:]), boundaries.num_segments)
+                d = batch_draws(cfg, step, n_data=batch, shape=tuple(z_all.shape[1:]),
+                                num_segments=boundaries.num_segments)
                 d = {k: v.to(device) for k, v in d.items()}
                 sync(device)
                 t0 = time.perf_counter()
-                losses = training_step(model, cfg, boundaries, z_all[d["idx"]], Cond(tokens=tokens[d["idx"]]), d,
-                                       params, opts, group, precision)
+                losses = training_step(model, cfg, Batch(z_all[d["idx"]], Cond(tokens=tokens[d["idx"]]), d, boundaries),
+                                       params=params, opts=opts, sync=group, precision=precision)
                 sync(device)
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
@@ -153,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
               "image_size": args.image_size, "inference_dtype": args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         if "edit" not in skip:
-            base, icd = sd15.random_models(Path(tmp) / "tok", device=device, dtype=DTYPES[args.dtype],
-                                           scale=args.scale, image_size=args.image_size)
+            base, icd = sd15.random_models(Path(tmp) / "tok", vocabulary=world.vocabulary(), device=device,
+                                           dtype=DTYPES[args.dtype], scale=args.scale, image_size=args.image_size)
             report["params_unet_m"] = sum(p.numel() for p in base.unet.parameters()) / 1e6
-            report["edit"] = edit_timings(Editor(icd, base), device, args.repeats)
+            report["edit"] = edit_timings(Pipeline(icd, base), device, args.repeats)
             del base, icd
         if "train" not in skip:
             settings = [("bf16", False), ("bf16", True), ("fp16", False), ("no", False)]

@@ -1,4 +1,4 @@
-"""Copy trained runs into the package as the embedded model (fp16 safetensors).
+"""Copy trained runs into the package as the embedded model (safetensors: fp16, the text encoder fp32).
 
 usage:
   python scripts/ship_embedded.py --teacher runs/teacher/final --judge runs/judge/judge.safetensors
@@ -40,13 +40,15 @@ def _teacher(src: Path, dst: Path) -> None:
     from icd.models.tiny import VOCABULARY_FILE, write_tokenizer_files
 
     pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, torch_dtype=torch.float32)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    # The text encoder stays fp32 (0.4 MB): transformers >= 5 loads a model in the dtype its config.json records,
+    # while diffusers loads the UNet in fp32, so an fp16 text encoder breaks a plain `from_pretrained(folder)`.
+    for module in (pipe.unet, pipe.vae):
         module.half()
     keep = {name: dst / name for name in ("unet_guidance", "icd") if (dst / name).is_dir()}
     saved = {name: Path(shutil.move(str(path), str(dst.parent / f".keep-{name}"))) for name, path in keep.items()}
     shutil.rmtree(dst, ignore_errors=True)
     pipe.save_pretrained(dst, safe_serialization=True)
-    write_tokenizer_files(dst / "tokenizer")
+    write_tokenizer_files(dst / "tokenizer", world.vocabulary())
     (dst / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
     for name, path in saved.items():
         path.rename(dst / name)

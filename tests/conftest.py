@@ -20,9 +20,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory):
     """A randomly initialised pipeline folder with the embedded architecture (no training, no download)."""
+    from icd import world
     from icd.models import tiny
 
-    return tiny.build_random_pipeline(tmp_path_factory.mktemp("random_model") / "model", seed=0)
+    return tiny.build_random_pipeline(tmp_path_factory.mktemp("random_model") / "model",
+                                      vocabulary=world.vocabulary(), seed=0)
 
 
 @pytest.fixture(scope="session")

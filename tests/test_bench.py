@@ -47,7 +47,8 @@ def test_summarize_means_per_kind_and_validate_rejects_missing_or_nan():
     records = [{"method": "m", "index": i, "case_id": str(i), "kind": k, "psnr": v}
                for i, (k, v) in enumerate([("a", 10.0), ("a", 20.0), ("b", 40.0)])]
     s = summarize(records, ["a", "b"])
-    assert s["psnr"] == pytest.approx(70 / 3) and s["per_kind"]["a"] == {"n": 2, "psnr": 15.0}
+    assert s["psnr"] == pytest.approx(70 / 3) and s["per_kind"]["a"] == {"n": 2, "psnr": 15.0, "psnr_min": 10.0}
+    assert s["psnr_min"] == 10.0  # the worst case beside the mean
     results = {"schema_version": 1, "task": "inversion", "device": "cpu", "torch": "x", "n": 3, "seed_start": 0,
                "methods": {"m": {"nfe": 8, "seconds_per_image": 0.1, "seconds_invert": 0.05, "seconds_decode": 0.05,
                                  "ssim": 0.9, "ms_ssim": 0.9, **s}}}
@@ -178,7 +179,7 @@ def test_example_images_are_uint8_world_edits(tmp_path):
 def test_lpips_weights_on_disk_add_the_metric_instead_of_a_skip(tmp_path):
     from safetensors.torch import save_file
 
-    from icd.bench.optional_metrics import ALEXNET_CONVS, LPIPS_CHANNELS
+    from icd.bench.lpips import ALEXNET_CONVS, LPIPS_CHANNELS
 
     g = torch.Generator().manual_seed(0)
     weights = {}

@@ -5,14 +5,15 @@ import torch
 from icd import world
 from icd.editing.attention import controlled, layer_infos
 from icd.editing.controllers import Controller, MasaCtrlControls, P2PControls, PromptToPrompt
-from icd.editing.editor import EditControls, Editor
+from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
 from icd.models.base import PromptError
+from icd.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
 def editor(random_icd_dir):
-    return Editor.from_pretrained(random_icd_dir)
+    return Pipeline.from_pretrained(random_icd_dir)
 
 
 def _case(seed=7, kind="color"):
@@ -23,10 +24,10 @@ def test_controlled_processors_without_control_match_diffusers(editor):
     model = editor.model
     x = torch.randn(3, 4, 16, 16)
     cond = model.encode_prompt(["a small red star on a black background"] * 3)
-    model.use_adapter(None)
-    ref = model.eps(x, 500, cond, guidance=torch.zeros(3))
+    eps = model.eps_fn()
+    ref = eps(x, 500, cond)
     with controlled(model.unet, Controller([0, 0], 4)):
-        got = model.eps(x, 500, cond, guidance=torch.zeros(3))
+        got = eps(x, 500, cond)
     assert torch.allclose(ref, got, atol=1e-5)
     assert not any(type(p).__name__ == "ControlledAttnProcessor" for p in model.unet.attn_processors.values())
 
@@ -74,7 +75,7 @@ def test_unequal_prompts_refine_and_bad_words_fail(editor):
     model = editor.model
     p2p = PromptToPrompt(model.tokenizer, ["a red star on a black background"],
                          ["a large red star on a black background", "a blue star on a black background"],
-                         [0, 0], 4, P2PControls(), latent_size=16)
+                         [0, 0], num_steps=4, controls=P2PControls(), latent_size=16)
     assert p2p.modes == ["refine", "replace"]
     case = _case()
     inv = editor.invert(case.source[None], [case.source_prompt])
@@ -84,7 +85,7 @@ def test_unequal_prompts_refine_and_bad_words_fail(editor):
         editor.edit(inv, [case.target_prompt], EditControls(p2p=P2PControls(blend_words=(("lion",), ("star",)))))
 
 
-def test_only_controlled_layers_materialise_attention(editor):
+def test_only_controlled_layers_materialise_attention(editor, monkeypatch):
     model = editor.model
     seen = []
 
@@ -95,13 +96,11 @@ def test_only_controlled_layers_materialise_attention(editor):
 
     case = _case()
     controls = P2PControls(cross_replace=0.3, self_replace=0.6)  # cross on step 0, self on steps 0-1 (4 steps)
-    spy = Spy(model.tokenizer, [case.source_prompt], [case.target_prompt], [0], 4, controls, latent_size=16)
+    spy = Spy(model.tokenizer, [case.source_prompt], [case.target_prompt], [0], num_steps=4, controls=controls,
+              latent_size=16)
     inv = editor.invert(case.source[None], [case.source_prompt])
-    editor._controller = lambda *a, **k: spy
-    try:
-        editor.edit(inv, [case.target_prompt], EditControls(p2p=controls))
-    finally:
-        del editor._controller
+    monkeypatch.setattr("icd.pipeline.make_controller", lambda *a, **k: spy)
+    editor.edit(inv, [case.target_prompt], EditControls(p2p=controls))
     assert {s for s, cross in seen if cross} == {0} and {s for s, cross in seen if not cross} == {0, 1}
 
 
@@ -124,19 +123,24 @@ def test_npi_and_nti_run_on_the_original_unet(editor):
 
 
 def test_null_text_batch_equals_one_by_one(editor):
-    from icd.editing.inversion import ddim_invert
     from icd.editing.nulltext import null_text_optimize
+    from icd.samplers import ddim_invert
 
     model = editor.base()
     cases = [_case(seed=s) for s in (1, 2)]
     z0 = model.encode_images(np.stack([c.source for c in cases]))
     cond = model.encode_prompt([c.source_prompt for c in cases])
-    inv = ddim_invert(model, z0, cond, [c.source_prompt for c in cases], steps=3)
-    both = null_text_optimize(model, inv, cond, 2.0)
+
+    def invert(rows):
+        timesteps, latents = ddim_invert(model.eps_fn(), z0[rows], cond.index(rows), steps=3,
+                                         schedule=model.schedule)
+        return Inversion(latents=latents, timesteps=timesteps, prompts=[cases[k].source_prompt for k in rows],
+                         method="nti")
+
+    both = null_text_optimize(model, invert([0, 1]), cond, guidance=2.0)
     empty = model.encode_prompt([""]).tokens[0]
     for k in range(2):
-        one = ddim_invert(model, z0[k:k + 1], cond.index([k]), [cases[k].source_prompt], steps=3)
-        single = null_text_optimize(model, one, cond.index([k]), 2.0)
+        single = null_text_optimize(model, invert([k]), cond.index([k]), guidance=2.0)
         diffs = [float((a[k] - b[0]).abs().mean()) for a, b in zip(both, single)]
         moved = [float((b[0] - empty).abs().mean()) for b in single]
         # equal up to Adam's sign-like first steps on near-zero gradients (batched convolutions round differently)
@@ -147,7 +151,7 @@ def test_p2p_on_the_shipped_model_keeps_the_background_and_reaches_the_target():
     """World cases on the embedded model: pixels outside the ground-truth mask stay close to the source."""
     from icd.metrics import psnr
 
-    editor = Editor.from_pretrained()
+    editor = Pipeline.from_pretrained()
     cases = [world.make_case("color", world.EVAL_SEED_START + 700_000 + i) for i in range(6)]
     inv = editor.invert(np.stack([c.source for c in cases]), [c.source_prompt for c in cases])
     old, new = zip(*(c.blend_words for c in cases))
@@ -166,11 +170,11 @@ def test_blend_words_per_target(editor):
     model = editor.model
     sources = ["a red star on a black background", "a blue circle on a gray background"]
     targets = ["a green star on a black background", "a blue square on a gray background"]
-    p2p = PromptToPrompt(model.tokenizer, sources, targets, [0, 1], 4,
-                         P2PControls(blend_words=[(("red",), ("green",)), (("circle",), ("square",))]),
+    p2p = PromptToPrompt(model.tokenizer, sources, targets, [0, 1], num_steps=4,
+                         controls=P2PControls(blend_words=[(("red",), ("green",)), (("circle",), ("square",))]),
                          latent_size=16)
     src_v, tgt_v = p2p.blend
     assert src_v[0, 2] == 1 and tgt_v[0, 2] == 1 and src_v[1, 3] == 1 and tgt_v[1, 3] == 1
     with pytest.raises(ValueError, match="blend-word pairs"):
-        PromptToPrompt(model.tokenizer, sources, targets, [0, 1], 4,
-                       P2PControls(blend_words=[(("red",), ("green",))]), latent_size=16)
+        PromptToPrompt(model.tokenizer, sources, targets, [0, 1], num_steps=4,
+                       controls=P2PControls(blend_words=[(("red",), ("green",))]), latent_size=16)

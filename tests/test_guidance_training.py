@@ -12,7 +12,7 @@ def test_guidance_training_runs_and_ships_a_distilled_unet(tmp_path, random_mode
     model = load_model(final, unet_subfolder=GUIDANCE_SUBFOLDER)
     assert model.guidance_distilled and model.unet.config.time_cond_proj_dim == 512
     cond = model.encode_prompt(["a large red circle on a gray background"] * 2)
-    eps = model.eps(torch.randn(2, 4, 16, 16), 500, cond, guidance=torch.tensor([0.0, 2.0]))
+    eps = model.eps_fn(guidance=torch.tensor([0.0, 2.0]))(torch.randn(2, 4, 16, 16), 500, cond)
     assert eps.shape == (2, 4, 16, 16) and torch.isfinite(eps).all()
     assert (tmp_path / "g" / "log.csv").read_text().count("\n") == 4
 

@@ -3,8 +3,10 @@ import torch
 
 from icd import world
 from icd.boundaries import Boundaries
-from icd.editing.inversion import icd_decode, icd_invert
+from icd.models import lora
 from icd.models.embedded import load_icd_model
+from icd.pipeline import Pipeline
+from icd.samplers import icd_decode, icd_invert, initial_noise
 from icd.train.icd import ICDConfig, train_icd
 
 
@@ -23,15 +25,19 @@ def test_icd_round_trip_counts_calls_and_is_deterministic(tmp_path, random_disti
     prompts = [s.caption for s in scenes]
     cond = model.encode_prompt(prompts)
     z0 = model.encode_images(images)
+    forward = model.eps_fn(adapter=lora.FORWARD)
+    reverse = model.eps_fn(adapter=lora.REVERSE, guidance=torch.tensor([0.0, 1.0, 2.0]), tau=0.8)
+    noise = initial_noise(z0.shape[1:], [0] * 3)
     model.counter.reset()
-    inv = icd_invert(model, z0, cond, prompts, b)
-    z0_hat = icd_decode(model, inv.noise, cond, b, guidance=torch.tensor([0.0, 1.0, 2.0]), tau=0.8)
+    timesteps, latents = icd_invert(forward, z0, cond, b, schedule=model.schedule, noise=noise)
+    z0_hat = icd_decode(reverse, latents[-1], cond, b, schedule=model.schedule)
     assert model.counter.calls == 8 and model.counter.batch_sizes == [3] * 8
-    assert inv.timesteps == [19, 259, 519, 779, 999] and z0_hat.shape == z0.shape
-    again = icd_invert(model, z0, cond, prompts, b)
-    assert torch.equal(again.noise, inv.noise)  # a pure function of (image, prompt, noise seed)
-    other = icd_invert(model, z0, cond, prompts, b, seed=1)
-    assert not torch.equal(other.noise, inv.noise)
+    assert timesteps == [19, 259, 519, 779, 999] and z0_hat.shape == z0.shape
+    pipe = Pipeline(model)
+    inv = pipe.invert(images, prompts)
+    torch.testing.assert_close(inv.noise, latents[-1])  # the pipeline runs the same sampler
+    assert torch.equal(pipe.invert(images, prompts).noise, inv.noise)  # a pure function of (image, prompt, seed)
+    assert not torch.equal(pipe.invert(images, prompts, seed=1).noise, inv.noise)
 
 
 def test_three_step_boundaries_give_six_calls(tmp_path, random_distilled_dir):
@@ -39,39 +45,39 @@ def test_three_step_boundaries_give_six_calls(tmp_path, random_distilled_dir):
     cond = model.encode_prompt(["a small red star on a black background"])
     z0 = torch.randn(1, 4, 16, 16)
     model.counter.reset()
-    icd_decode(model, icd_invert(model, z0, cond, ["x"], b).noise, cond, b)
+    _, latents = icd_invert(model.eps_fn(adapter=lora.FORWARD), z0, cond, b, schedule=model.schedule,
+                            noise=torch.randn_like(z0))
+    icd_decode(model.eps_fn(adapter=lora.REVERSE), latents[-1], cond, b, schedule=model.schedule)
     assert model.counter.calls == 6
 
 
 def test_icd_generation_uses_the_reverse_adapter_in_one_call_per_segment(tmp_path, random_distilled_dir):
-    from icd.sampling import generate
-
     model, b = _model_with_adapters(tmp_path, random_distilled_dir)
+    pipe = Pipeline(model)
     model.counter.reset()
-    images = generate(model, ["a small red star on a black background"] * 2, method="icd", guidance=1.0, tau=0.8)
+    images = pipe.generate(["a small red star on a black background"] * 2, method="icd", guidance=1.0, tau=0.8)
     assert images.shape == (2, 3, 64, 64) and model.counter.calls == 4
     model.counter.reset()
-    generate(model, ["a small red star on a black background"], method="ddim", steps=3)
-    assert model.counter.calls == 3  # the base UNet (adapters off)
-    with pytest.raises(ValueError, match="trained for 4 steps"):
-        generate(model, ["a small red star on a black background"], method="icd", steps=3)
+    pipe.generate(["a small red star on a black background"], method="gddim", steps=3)
+    assert model.counter.calls == 3  # the guidance-distilled UNet with its adapters off
+    with pytest.raises(ValueError, match="take 4 steps"):
+        pipe.generate(["a small red star on a black background"], method="icd", steps=3)
 
 
 def test_renoised_generation_is_seeded_per_sample_and_keeps_four_calls(tmp_path, random_distilled_dir):
-    from icd.sampling import generate
-
     model, _ = _model_with_adapters(tmp_path, random_distilled_dir)
+    generate = Pipeline(model).generate
     prompts = ["a small red star on a black background", "a large blue circle on a white background"]
     model.counter.reset()
-    both = generate(model, prompts, method="icd", guidance=1.0, renoise=1.0, seed=7)
+    both = generate(prompts, method="icd", guidance=1.0, renoise=1.0, seed=7)
     assert model.counter.calls == 4
-    alone = generate(model, prompts[1:], method="icd", guidance=1.0, renoise=1.0, seed=8, batch_size=1)
+    alone = generate(prompts[1:], method="icd", guidance=1.0, renoise=1.0, seed=8, batch_size=1)
     torch.testing.assert_close(both[1:], alone)  # row i's noise, fresh draws included, comes from seed + i only
-    plain = generate(model, prompts, method="icd", guidance=1.0, seed=7, renoise=0.0)
+    plain = generate(prompts, method="icd", guidance=1.0, seed=7, renoise=0.0)
     assert not torch.allclose(both, plain)
-    torch.testing.assert_close(generate(model, prompts, method="icd", guidance=1.0, seed=7), both)  # the default
+    torch.testing.assert_close(generate(prompts, method="icd", guidance=1.0, seed=7), both)  # the default
     with pytest.raises(ValueError, match="renoise"):
-        generate(model, prompts, method="ddim", steps=2, renoise=0.5)
+        generate(prompts, method="gddim", steps=2, renoise=0.5)
 
 
 def test_load_icd_model_without_adapters_is_a_clear_error(tmp_path, random_distilled_dir):

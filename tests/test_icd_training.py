@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 from icd.models import lora
 from icd.models.embedded import load_model
 from icd.train.icd import (
+    Batch,
     ICDConfig,
     adapter_objectives,
     batch_draws,
@@ -35,7 +36,7 @@ def _batch(cfg):
     """A model with live adapters and one step's draws for a batch of 3."""
     model = _setup(cfg)
     b = cfg.resolved_boundaries()
-    d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
+    d = batch_draws(cfg, 0, n_data=8, shape=(4, 16, 16), num_segments=b.num_segments)
     z0 = torch.randn(3, 4, 16, 16)
     cond = model.encode_prompt(["a large red circle on a gray background"] * 3)
     return model, b, d, z0, cond
@@ -46,7 +47,7 @@ def _batch(cfg):
 def test_each_loss_sends_gradient_only_to_its_adapter(tmp_path, random_distilled_dir, term, owner):
     cfg = _cfg(tmp_path, random_distilled_dir, batch_size=3)
     model, b, d, z0, cond = _batch(cfg)
-    losses = icd_losses(model, cfg, b, z0, cond, d)
+    losses = icd_losses(model, cfg, Batch(z0, cond, d, b))
     losses[term].backward()
     for name in lora.ADAPTERS:
         grads = [p.grad for p in lora.lora_parameters(model.unet, name)]
@@ -77,10 +78,8 @@ def test_training_saves_distinct_adapters_with_their_boundaries(tmp_path, random
     assert meta["boundaries"]["reverse"] == list(Boundaries.preset(boundaries).reverse)
     x, cond = torch.randn(1, 4, 16, 16), model.encode_prompt(["a small blue star on a white background"])
     with torch.no_grad():
-        lora.use(model.unet, lora.REVERSE)
-        a = model.eps(x, 500, cond)
-        lora.use(model.unet, lora.FORWARD)
-        b = model.eps(x, 500, cond)
+        a = model.eps_fn(adapter=lora.REVERSE)(x, 500, cond)
+        b = model.eps_fn(adapter=lora.FORWARD)(x, 500, cond)
     assert not torch.equal(a, b)
 
 
@@ -166,7 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, random_distil
 
     def grads():
         model.unet.zero_grad(set_to_none=True)
-        icd_losses(model, cfg, b, z0, cond, d, backward=torch.Tensor.backward)
+        icd_losses(model, cfg, Batch(z0, cond, d, b), backward=torch.Tensor.backward)
         return [p.grad.clone() for name in lora.ADAPTERS for p in lora.lora_parameters(model.unet, name)]
 
     plain = grads()
@@ -226,14 +225,16 @@ def test_own_latent_rows_leave_the_other_draws_unchanged_and_train(tmp_path, ran
     """Backward distillation (reverse_own_latents > 0): extra draws come last; own rows start at R's latents."""
     plain = _cfg(tmp_path, random_distilled_dir, batch_size=4)
     own = _cfg(tmp_path, random_distilled_dir, out="own", batch_size=4, reverse_own_latents=1.0)
-    d0, d1 = batch_draws(plain, 3, 8, (4, 16, 16), 4), batch_draws(own, 3, 8, (4, 16, 16), 4)
+    kw = dict(n_data=8, shape=(4, 16, 16), num_segments=4)
+    d0, d1 = batch_draws(plain, 3, **kw), batch_draws(own, 3, **kw)
     assert set(d1) - set(d0) == {"own", "own_j"} and all(torch.equal(d0[k], d1[k]) for k in d0)
     assert bool(d1["own"].all()) and d1["own_j"].min() >= 1 and d1["own_j"].max() <= 3
     model, b, _, z0, cond = _batch(own)
-    d = batch_draws(own, 0, 8, (4, 16, 16), b.num_segments)
+    d = batch_draws(own, 0, n_data=8, shape=(4, 16, 16), num_segments=b.num_segments)
     d = {k: v[:3] for k, v in d.items()}
-    a = icd_losses(model, own, b, z0, cond, d)["cd_reverse"]
-    p = icd_losses(model, plain, b, z0, cond, {k: v for k, v in d.items() if not k.startswith("own")})["cd_reverse"]
+    a = icd_losses(model, own, Batch(z0, cond, d, b))["cd_reverse"]
+    rest = {k: v for k, v in d.items() if not k.startswith("own")}
+    p = icd_losses(model, plain, Batch(z0, cond, rest, b))["cd_reverse"]
     assert torch.isfinite(a) and not torch.isclose(a, p)
     final = train_icd(_cfg(tmp_path, random_distilled_dir, out="own-run", reverse_own_latents=0.5))
     assert (final / f"{lora.REVERSE}.safetensors").exists()
@@ -243,12 +244,12 @@ def test_own_latent_rows_can_be_restricted_to_guidance_codes(tmp_path, random_di
     """reverse_own_w: only rows drawn with a listed guidance code start from R's own latents."""
     cfg = _cfg(tmp_path, random_distilled_dir, batch_size=4, reverse_own_latents=1.0)
     model, b, _, z0, cond = _batch(cfg)
-    d = batch_draws(cfg, 0, 8, (4, 16, 16), b.num_segments)
+    d = batch_draws(cfg, 0, n_data=8, shape=(4, 16, 16), num_segments=b.num_segments)
     d["w"] = torch.tensor([0.0, 1.0, 0.0, 2.0])
-    zero_eps = lambda x, t, c, w: torch.zeros_like(x)  # noqa: E731
+    zero_eps = lambda w: lambda x, t, c: torch.zeros_like(x)  # noqa: E731
     cond4 = cond.index(torch.tensor([0, 0, 0, 0]))
-    rows, _, _ = own_latent_start(zero_eps, cond4, d, b, model.schedule)
+    rows, _, _ = own_latent_start(zero_eps, cond4, d, boundaries=b, schedule=model.schedule)
     assert rows.tolist() == [0, 1, 2, 3]
-    rows, _, _ = own_latent_start(zero_eps, cond4, d, b, model.schedule, (1.0, 2.0))
+    rows, _, _ = own_latent_start(zero_eps, cond4, d, boundaries=b, schedule=model.schedule, own_w=(1.0, 2.0))
     assert rows.tolist() == [1, 3]
-    assert own_latent_start(zero_eps, cond4, d, b, model.schedule, (3.0,)) is None
+    assert own_latent_start(zero_eps, cond4, d, boundaries=b, schedule=model.schedule, own_w=(3.0,)) is None

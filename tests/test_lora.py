@@ -84,13 +84,13 @@ def test_fused_model_edits_like_the_unfused_one(random_icd_dir):
     import numpy as np
 
     from icd import world
-    from icd.editing import Editor
     from icd.models.embedded import load_icd_model
+    from icd.pipeline import Pipeline
 
     case = world.make_case("color", world.EVAL_SEED_START + 3)
     results = []
     for fuse in (True, False):
-        editor = Editor(load_icd_model(random_icd_dir, fuse=fuse))
+        editor = Pipeline(load_icd_model(random_icd_dir, fuse=fuse))
         inv = editor.invert(case.source[None], [case.source_prompt])
         results.append(editor.edit(inv, [case.target_prompt]).images.astype(int))
     assert np.abs(results[0] - results[1]).max() <= 1  # uint8 rounding of float-rounding differences

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from icd.bench.lpips import ALEXNET_CONVS, LPIPS_CHANNELS
 from icd.bench.optional_metrics import (
-    ALEXNET_CONVS,
-    LPIPS_CHANNELS,
     NO_CLIP,
     NO_DINO,
     NO_LPIPS,

@@ -2,9 +2,12 @@ import pytest
 import torch
 
 from icd.guidance import dynamic_guidance, guidance_embedding
+from icd.models.base import Cond
+from icd.samplers import ddim_loop
 from icd.schedule import NoiseSchedule, ddim_grid
-from icd.solver import cfg_combine, ddim_jump, ddim_loop, renoised_jump
+from icd.solver import cfg_combine, ddim_jump, renoised_jump
 
+NO_COND = Cond(tokens=torch.zeros(1, 1, 1))  # the oracles below ignore the conditioning
 S = NoiseSchedule.scaled_linear()
 
 # method.md §1 regression constants
@@ -31,33 +34,33 @@ def test_ddim_grid():
 @pytest.mark.parametrize("t", [1, 19, 259, 999])
 def test_ddim_jump_to_the_same_time_is_the_identity(t):
     x, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    torch.testing.assert_close(ddim_jump(x, eps, t, t, S), x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ddim_jump(x, eps, t, t, schedule=S), x, rtol=0, atol=1e-6)
 
 
 def test_encode_decode_with_the_exact_eps_is_the_identity():
     x0, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for t in (19, 500, 999):
-        x_t = ddim_jump(x0, eps, 0, t, S)
+        x_t = ddim_jump(x0, eps, 0, t, schedule=S)
         torch.testing.assert_close(x_t, S.add_noise(x0, eps, t) if t else x0)
-        torch.testing.assert_close(ddim_jump(x_t, eps, t, 0, S), x0)
+        torch.testing.assert_close(ddim_jump(x_t, eps, t, 0, schedule=S), x0)
     # round trip t -> s -> t with a fixed eps
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(ddim_jump(ddim_jump(x, eps, 259, 779, S), eps, 779, 259, S), x)
+    torch.testing.assert_close(ddim_jump(ddim_jump(x, eps, 259, 779, schedule=S), eps, 779, 259, schedule=S), x)
 
 
 def test_ddim_jump_is_per_sample():
     x, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     t_from, t_to = torch.tensor([999, 519, 259]), torch.tensor([779, 259, 0])
-    batched = ddim_jump(x, eps, t_from, t_to, S)
+    batched = ddim_jump(x, eps, t_from, t_to, schedule=S)
     for i in range(3):
         torch.testing.assert_close(batched[i : i + 1], ddim_jump(x[i : i + 1], eps[i : i + 1], int(t_from[i]),
-                                                                  int(t_to[i]), S))
+                                                                  int(t_to[i]), schedule=S))
 
 
 def test_ddim_jump_computes_in_fp32_for_half_inputs():
     x, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
-    ref = ddim_jump(x, eps, 999, 0, S)
-    half = ddim_jump(x.half(), eps.half(), 999, 0, S)
+    ref = ddim_jump(x, eps, 999, 0, schedule=S)
+    half = ddim_jump(x.half(), eps.half(), 999, 0, schedule=S)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.01)
 
@@ -66,7 +69,7 @@ def test_ddim_converges_on_a_gaussian_oracle():
     """For data N(mu, s^2 I) the ideal eps is known; DDIM error to the exact flow shrinks with more steps."""
     mu, s = 0.7, 0.5
 
-    def eps_star(x, t):
+    def eps_star(x, t, cond):
         a, sg = S.alpha(t).float(), S.sigma(t).float()
         return sg * (x - a * mu) / (a**2 * s**2 + sg**2)
 
@@ -76,7 +79,7 @@ def test_ddim_converges_on_a_gaussian_oracle():
     exact = mu + (s / r_T) * (x_T - a * mu)  # flow map to t = 0 with hard boundary (alpha 1, sigma 0 -> r_0 = s)
     errs = []
     for n in (5, 10, 20, 40):
-        out, _ = ddim_loop(eps_star, x_T, [*reversed(ddim_grid(n)), 0], S)
+        out, _ = ddim_loop(eps_star, x_T, NO_COND, [*reversed(ddim_grid(n)), 0], schedule=S)
         errs.append(float((out - exact).abs().mean()))
     assert errs[0] > errs[1] > errs[2] > errs[3]
     assert errs[3] < 0.6 * errs[2]
@@ -101,25 +104,26 @@ def test_ddim_loop_names_the_step_where_nan_appears():
 
     schedule = NoiseSchedule.scaled_linear()
 
-    def eps_fn(x, t):
+    def eps_fn(x, t, cond):
         out = torch.zeros_like(x)
         if t == 519:
             out[1] = float("nan")
         return out
 
     with pytest.raises(NumericsError, match=r"step 2 \(t = 519 -> 259\) in batch rows \[1\]"):
-        ddim_loop(eps_fn, torch.randn(3, 4, 2, 2), [999, 779, 519, 259, 0], schedule)
+        ddim_loop(eps_fn, torch.randn(3, 4, 2, 2), NO_COND, [999, 779, 519, 259, 0], schedule=schedule)
 
 
 def test_renoised_jump_interpolates_between_ddim_and_fresh_noise():
     """gamma = 0 is the DDIM jump; gamma = 1 keeps x0_hat and replaces eps by z; a jump to 0 returns x0_hat."""
     s = S
     x, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    assert torch.equal(renoised_jump(x, eps, 779, 519, s, 0.0, z), ddim_jump(x, eps, 779, 519, s))
-    x0 = ddim_jump(x, eps, 779, 0, s)
+    assert torch.equal(renoised_jump(x, eps, 779, 519, schedule=s, gamma=0.0, z=z),
+                       ddim_jump(x, eps, 779, 519, schedule=s))
+    x0 = ddim_jump(x, eps, 779, 0, schedule=s)
     a, sig = s.alpha_sigma(519)
-    torch.testing.assert_close(renoised_jump(x, eps, 779, 519, s, 1.0, z), a * x0 + sig * z)
+    torch.testing.assert_close(renoised_jump(x, eps, 779, 519, schedule=s, gamma=1.0, z=z), a * x0 + sig * z)
     for gamma in (0.5, 1.0):
-        torch.testing.assert_close(renoised_jump(x, eps, 779, 0, s, gamma, z), x0)
+        torch.testing.assert_close(renoised_jump(x, eps, 779, 0, schedule=s, gamma=gamma, z=z), x0)
     with pytest.raises(ValueError, match="gamma"):
-        renoised_jump(x, eps, 779, 519, s, 1.5, z)
+        renoised_jump(x, eps, 779, 519, schedule=s, gamma=1.5, z=z)

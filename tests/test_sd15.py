@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from icd import world
-from icd.editing.editor import EditControls, Editor
+from icd.editing.edit import EditControls
 from icd.models import lora, sd15
 from icd.models.base import Cond
-from icd.train.accel import Precision, ProcessGroup
-from icd.train.icd import ICDConfig, adapter_optimizers, batch_draws, training_step
+from icd.pipeline import Pipeline
+from icd.runtime import Precision, ProcessGroup
+from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
+
+VOCAB = world.vocabulary()
 
 
 def test_configs_are_sd15():
@@ -25,7 +28,7 @@ def test_configs_are_sd15():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    return sd15.random_models(tmp_path_factory.mktemp("sd15") / "tok", scale=10, image_size=64)
+    return sd15.random_models(tmp_path_factory.mktemp("sd15") / "tok", vocabulary=VOCAB, scale=10, image_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def test_identity_edit_on_sd_topology(small, scene, method):
     grey level: the random-weight SD-shaped UNet amplifies float rounding between batch rows (the trained embedded
     model gives bit-identical rows, tests/test_editing.py)."""
     image, caption = scene
-    editor = Editor(small[1], small[0])
+    editor = Pipeline(small[1], small[0])
     inv = editor.invert(image, [caption], method=method, steps=None if method == "icd" else 4)
     out = editor.edit(inv, [caption], EditControls(guidance=0.0))
     assert out.nfe == 4 and out.images.shape == (1, 64, 64, 3)
@@ -58,9 +61,10 @@ def test_identity_edit_on_sd_topology(small, scene, method):
 
 def test_null_text_inversion_in_fp16_stays_finite(tmp_path, scene):
     """fp16 models: the null embedding is optimised in fp32 (Adam on fp16 parameters gave NaN at the first step)."""
-    base, icd = sd15.random_models(tmp_path / "tok", scale=10, image_size=64, dtype=torch.float16, rank=None)
+    base, icd = sd15.random_models(tmp_path / "tok", vocabulary=VOCAB, scale=10, image_size=64,
+                                   dtype=torch.float16, rank=None)
     image, caption = scene
-    editor = Editor(None, base)
+    editor = Pipeline(None, base)
     inv = editor.invert(image, [caption], method="nti", steps=2)
     assert all(e.dtype == torch.float16 and torch.isfinite(e).all() for e in inv.null_embeddings)
     out = editor.edit(inv, [caption.replace("circle", "square")])
@@ -70,7 +74,7 @@ def test_null_text_inversion_in_fp16_stays_finite(tmp_path, scene):
 def test_training_step_on_sd_topology(tmp_path):
     """One iCD step (all four losses) moves both adapters and gives finite losses (fp32: bf16 autocast is slow on
     CPUs; it is tested on the embedded model in tests/test_icd_training.py)."""
-    _, model = sd15.random_models(tmp_path / "tok", scale=10, image_size=64, rank=None)
+    _, model = sd15.random_models(tmp_path / "tok", vocabulary=VOCAB, scale=10, image_size=64, rank=None)
     lora.add_adapters(model.unet, rank=4, alpha=4)
     cfg = ICDConfig(batch_size=2, rank=4, alpha=4, device="cpu", lr=1e-3)
     boundaries = cfg.resolved_boundaries()
@@ -78,9 +82,10 @@ def test_training_step_on_sd_topology(tmp_path):
     before = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
     z0 = torch.randn(2, 4, 8, 8)
     cond = Cond(tokens=torch.randn(2, sd15.MAX_LENGTH, model.unet.config.cross_attention_dim))
-    d = batch_draws(cfg, 0, 2, (4, 8, 8), boundaries.num_segments)
-    losses = training_step(model, cfg, boundaries, z0[d["idx"]], Cond(tokens=cond.tokens[d["idx"]]), d, params,
-                           opts, ProcessGroup("cpu"), Precision("no", torch.device("cpu")))
+    d = batch_draws(cfg, 0, n_data=2, shape=(4, 8, 8), num_segments=boundaries.num_segments)
+    batch = Batch(z0[d["idx"]], Cond(tokens=cond.tokens[d["idx"]]), d, boundaries)
+    losses = training_step(model, cfg, batch, params=params, opts=opts, sync=ProcessGroup("cpu"),
+                           precision=Precision("no", torch.device("cpu")))
     assert set(losses) == {"cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"}
     assert all(torch.isfinite(v) for v in losses.values())
     for name in lora.ADAPTERS:
@@ -92,9 +97,10 @@ def test_training_step_on_sd_topology(tmp_path):
 @pytest.mark.parametrize("method", ["icd", "ddim", "npi", "nti"])
 def test_every_method_edits_on_cuda_in_fp16(tmp_path, scene, method):
     """Every editing method runs on a GPU in fp16 (NTI once failed there: a CPU mask met CUDA losses)."""
-    base, icd = sd15.random_models(tmp_path / "tok", scale=10, image_size=64, dtype=torch.float16, device="cuda")
+    base, icd = sd15.random_models(tmp_path / "tok", vocabulary=VOCAB, scale=10, image_size=64,
+                                   dtype=torch.float16, device="cuda")
     image, caption = scene
-    editor = Editor(icd, base)
+    editor = Pipeline(icd, base)
     inv = editor.invert(image, [caption], method=method, steps=None if method == "icd" else 3)
     out = editor.edit(inv, [caption.replace("circle", "square")])
     assert out.images.shape == (1, 64, 64, 3) and out.nfe == (4 if method == "icd" else 3)

@@ -1,6 +1,7 @@
 """icd: invertible consistency distillation for fast text-guided image editing with latent diffusion models.
 
-Entry points: `icd.models.embedded.load_model`, `icd.sampling.generate`, `icd.editing.inversion`, `icd.world`.
+Entry points: `icd.pipeline.Pipeline` (invert, edit, generate), `icd.models.embedded.load_model`, `icd.bench`,
+`icd.world`. The layers are described in docs/architecture.md.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Multi-boundary segments of the forward and reverse consistency models (method.md §3; paper Fig. 3).
+"""Multi-boundary segments of the forward and reverse consistency models (docs/method.md §3; paper Fig. 3).
 
 The time axis 0..999 is split into m segments ``[E_R[j], E_F[j]]``. The reverse model (noise -> image) jumps from t
 down to the segment's lower end E_R[j]; the forward model (image -> noise) jumps up to the upper end E_F[j].
@@ -59,7 +59,7 @@ class Boundaries:
     def num_segments(self) -> int:
         return len(self.reverse)
 
-    # ---------------------------------------------------------------- training lookups (method.md §3)
+    # ---------------------------------------------------------------- training lookups (docs/method.md §3)
     def reverse_target(self, t_lo: torch.Tensor) -> torch.Tensor:
         """s = max{e in E_R : e <= t_lo}, per sample."""
         edges = torch.tensor(self.reverse, device=t_lo.device)
@@ -82,6 +82,12 @@ class Boundaries:
     def segment_of(self, t: int) -> int:
         """Index j of the segment with E_R[j] <= t < E_F[j] (t = T-1 belongs to the last)."""
         return min(bisect.bisect_right(self.reverse, t) - 1, self.num_segments - 1)
+
+    def segment_ends(self, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(l, u) = (E_R[j], or `start` where that is 0; E_F[j]) per sample: segment j's ends (docs/method.md §5.3)."""
+        lower = torch.tensor(self.reverse, device=j.device)[j]
+        upper = torch.tensor(self.forward, device=j.device)[j]
+        return lower.clamp(min=self.start), upper
 
     def to_dict(self) -> dict:
         return {"reverse": list(self.reverse), "forward": list(self.forward), "start": self.start}

@@ -1,4 +1,4 @@
-"""The consistency function of iCD (paper eq. 3; method.md §2).
+"""The consistency function of iCD (paper eq. 3; docs/method.md §2).
 
 f_theta(x_t, t, s, c, w) = ddim_jump(x_t, eps_theta(x_t, t, c, e(w)), t -> s)
 
@@ -9,18 +9,19 @@ network predicts. There is no LCM-style c_skip / c_out and no timestep scaling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from icd.schedule import NoiseSchedule
 from icd.solver import ddim_jump
 
-# eps_fn(x_t, t) -> eps_hat; t is a per-sample LongTensor [B]
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:  # the convention's types only: the math layer does not depend on the model layer
+    from icd.models.base import Cond, EpsFn
 
 
-def consistency_fn(eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+def consistency_fn(eps: EpsFn, x_t: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor | int, *, cond: Cond,
                    schedule: NoiseSchedule) -> torch.Tensor:
-    """f(x_t, t, s): one network call, then the DDIM jump t -> s (per sample, fp32 jump)."""
-    return ddim_jump(x_t, eps_fn(x_t, t), t, s, schedule)
+    """f(x_t, t, s, c) = ddim_jump(x_t, eps(x_t, t, c), t -> s): one network call, then the DDIM jump (per sample,
+    fp32 jump). The guidance code and adapter are bound in `eps` (`LatentDiffusion.eps_fn`)."""
+    return ddim_jump(x_t, eps(x_t, t, cond), t, s, schedule=schedule)

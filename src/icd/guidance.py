@@ -1,4 +1,4 @@
-"""Guidance: the guidance code, its embedding, and dynamic classifier-free guidance (method.md §1, §6, §7).
+"""Guidance: the guidance code, its embedding, and dynamic classifier-free guidance (docs/method.md §1, §6, §7).
 
 Convention: every API takes the guidance **code** ``w = CFG - 1`` (unguided is w = 0; "CFG 8" is w = 7).
 """
@@ -21,7 +21,7 @@ def code_to_cfg(w: float) -> float:
 
 
 def guidance_embedding(w: torch.Tensor, dim: int = 512) -> torch.Tensor:
-    """e(w): sinusoidal embedding of 1000 w in [sin | cos] order (method.md §6; the LCM guidance embedding).
+    """e(w): sinusoidal embedding of 1000 w in [sin | cos] order (docs/method.md §6; the LCM guidance embedding).
 
     f_k = exp(-ln(10000) k / (dim/2 - 1)), e(w) = [sin(1000 w f_k), cos(1000 w f_k)], k = 0..dim/2-1.
     w: [B] -> [B, dim] float32. e(0) = [0 ... 0, 1 ... 1].

@@ -126,3 +126,10 @@ def to_uint8(x) -> np.ndarray:
     """float tensor [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3]."""
     arr = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return np.ascontiguousarray(arr)
+
+
+def to_tensor(images: np.ndarray):
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1] (a torch tensor)."""
+    import torch  # imageio serves the CLI's input checks before torch is needed
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from icd import world
+from icd.imageio import to_tensor
+from icd.paths import embedded_judge_path
 
 MAX_OBJECTS = 3
 COMBOS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(world.SIZES, world.COLORS, world.SHAPES))
@@ -131,10 +134,6 @@ class JudgeScorer:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> JudgeScorer:
-        from safetensors.torch import load_file
-
-        from icd.models.embedded import embedded_judge_path
-
         path = Path(path) if path is not None else embedded_judge_path()
         state = load_file(str(path))
         model = Judge()
@@ -145,8 +144,6 @@ class JudgeScorer:
     def read(self, images: torch.Tensor | np.ndarray, batch: int = 256) -> list[world.SceneAttributes]:
         """images: uint8 [N,H,W,3] array or float [N,3,H,W] tensor in [-1, 1]."""
         if isinstance(images, np.ndarray):
-            from icd.train.data import to_tensor
-
             images = to_tensor(images)
         out = []
         for i in range(0, len(images), batch):

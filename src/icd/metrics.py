@@ -1,4 +1,4 @@
-"""Image quality metrics that need no weights: PSNR, SSIM (whole-image or inside a mask; baselines.md §6) and
+"""Image quality metrics that need no weights: PSNR, SSIM (whole-image or inside a mask; docs/baselines.md §9) and
 MS-SSIM.
 
 All functions take uint8 RGB batches ``[N, H, W, 3]`` (numpy) and return one value per image. A mask is a boolean

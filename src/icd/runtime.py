@@ -1,14 +1,16 @@
-"""Device, process group and mixed precision for the training loops (through `accelerate`, no home-made launcher).
+"""Device, process group, mixed precision and timing synchronisation for training and the bench (through
+`accelerate`, no home-made launcher).
 
 - `ProcessGroup`: the processes that `accelerate launch` (or torchrun) started. `accelerate.PartialState` joins the
   group (NCCL on GPUs, gloo on CPUs) and picks this process's device; a single process needs no launcher.
 - `Precision`: autocast for the forward passes (``bf16`` or ``fp16``; weights and optimizer states stay fp32) and a
-  loss scaler for ``fp16``. Losses and DDIM jumps run in fp32 because their inputs are fp32 (method.md §2).
+  loss scaler for ``fp16``. Losses and DDIM jumps run in fp32 because their inputs are fp32 (docs/method.md §2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 import torch
@@ -20,7 +22,7 @@ class ProcessGroup:
     """Rank, world size, device, barrier and gradient averaging across the launched processes."""
 
     def __init__(self, device: str = "auto"):
-        from accelerate import PartialState
+        from accelerate import PartialState  # heavy: a single-process CPU run never needs it
 
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         state = PartialState(cpu=device == "cpu") if distributed or device == "auto" else None
@@ -90,3 +92,19 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler and state:
             self.scaler.load_state_dict(state)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so a timer reads the work itself; a no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, stream).
+
+    Every random draw of training step `step` comes from here, so a resumed run repeats an uninterrupted one
+    exactly without saving RNG state.
+    """
+    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -1,4 +1,4 @@
-"""The discrete noise schedule (method.md §1) and step grids.
+"""The discrete noise schedule (docs/method.md §1) and step grids.
 
 Symbol table (paper symbol -> code):
 
@@ -91,7 +91,7 @@ def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_grid(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> list[int]:
-    """Ascending DDIM grid ending at T-1 with stride T // n: n = 50 gives 19, 39, ..., 999 (method.md §1)."""
+    """Ascending DDIM grid ending at T-1 with stride T // n: n = 50 gives 19, 39, ..., 999 (docs/method.md §1)."""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in 1..{num_timesteps}, got {num_steps}")
     stride = num_timesteps // num_steps

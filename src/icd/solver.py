@@ -1,13 +1,7 @@
-"""Deterministic DDIM between any two integer times, and the loops built on it (method.md §2, §4).
-
-Every network here is an `EpsModel`: ``model(x_t, t, cond) -> eps_hat``. Loops take explicit timestep lists and
-run in either direction: a descending list samples (noise -> data), an ascending list inverts (data -> noise),
-with the noise always evaluated at the step's starting point.
-"""
+"""Deterministic DDIM between any two integer times, its re-noised variant and the CFG combination
+(docs/method.md §2, §4). Pure tensor functions; the loops built on them live in `icd.samplers`."""
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,11 +18,11 @@ def ddim_jump(
     eps: torch.Tensor,
     t_from: torch.Tensor | int,
     t_to: torch.Tensor | int,
-    schedule: NoiseSchedule,
     *,
+    schedule: NoiseSchedule,
     hard_zero: bool = True,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from `t_from` to `t_to`, either direction (method.md §2; paper eq. 3).
+    """Deterministic DDIM (eta = 0) from `t_from` to `t_to`, either direction (docs/method.md §2; paper eq. 3).
 
     x0_hat = (x_t - sigma_t eps) / alpha_t, then x_s = alpha_s x0_hat + sigma_s eps.
     With `hard_zero`, time 0 is clean data (alpha = 1, sigma = 0): a jump to 0 returns x0_hat and a jump from 0 treats
@@ -43,7 +37,7 @@ def ddim_jump(
     return (_bcast(a_s, x) * x0 + _bcast(s_s, x) * e).to(x_t.dtype)
 
 
-def renoised_jump(x_t: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, schedule: NoiseSchedule,
+def renoised_jump(x_t: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, *, schedule: NoiseSchedule,
                   gamma: float, z: torch.Tensor) -> torch.Tensor:
     """One step of stochastic multistep consistency sampling from `t_from` down to `t_to` (generation only).
 
@@ -55,9 +49,10 @@ def renoised_jump(x_t: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int, 
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"renoised_jump: gamma must lie in [0, 1], got {gamma}")
     if gamma == 0:
-        return ddim_jump(x_t, eps, t_from, t_to, schedule)
-    x0 = ddim_jump(x_t, eps, t_from, 0, schedule)  # x0_hat
-    return ddim_jump(x0, (1 - gamma**2) ** 0.5 * eps + gamma * z, 0, t_to, schedule)  # from 0: alpha_s x0 + sigma_s n
+        return ddim_jump(x_t, eps, t_from, t_to, schedule=schedule)
+    x0 = ddim_jump(x_t, eps, t_from, 0, schedule=schedule)  # x0_hat
+    # from 0: alpha_s x0_hat + sigma_s n with the mixed noise n
+    return ddim_jump(x0, (1 - gamma**2) ** 0.5 * eps + gamma * z, 0, t_to, schedule=schedule)
 
 
 def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -71,34 +66,3 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tenso
 
 class NumericsError(FloatingPointError):
     """NaN or Inf appeared in the latents; the message names the step."""
-
-
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-def ddim_loop(
-    eps_fn: EpsFn,
-    x: torch.Tensor,
-    timesteps: Sequence[int],
-    schedule: NoiseSchedule,
-    *,
-    callback: Callable[[int, int, int, torch.Tensor], torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run DDIM jumps timesteps[0] -> timesteps[1] -> ... with eps evaluated at each starting point.
-
-    `eps_fn(x, t)` returns the noise prediction for the whole batch at integer time t. `callback(i, t_from, t_to,
-    x_to)` may return a replacement latent (used by editors). Returns the final latent and every visited latent
-    (including the start).
-    """
-    visited = [x]
-    for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        eps = eps_fn(x, int(t_from))
-        x = ddim_jump(x, eps, int(t_from), int(t_to), schedule)
-        if not bool(torch.isfinite(x).all()):
-            rows = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
-            raise NumericsError(f"NaN/Inf latents at step {i} (t = {t_from} -> {t_to}) in batch rows {rows}")
-        if callback is not None:
-            replaced = callback(i, int(t_from), int(t_to), x)
-            x = x if replaced is None else replaced
-        visited.append(x)
-    return x, visited

@@ -16,7 +16,7 @@ from icd import world
 
 # default first seed of each benchmark's world cases: held out from training, one block per task
 SEED_START = {"editing": world.EVAL_SEED_START + 500_000, "inversion": world.EVAL_SEED_START + 300_000,
-              "generation": world.EVAL_SEED_START + 100_000}
+              "generation": world.EVAL_SEED_START + 100_000, "guidance": world.EVAL_SEED_START + 400_000}
 KIND_STRIDE = 1000  # world cases of kind j use seeds seed_start + KIND_STRIDE * j + i (i < n <= KIND_STRIDE)
 
 

@@ -1,10 +1,11 @@
 """`icd bench editing`: every method edits the same cases with the same controls; quality against the world's
 ground truth (or a PIE-Bench mask), counted NFE and timed single-image edits, in one run.
 
-Controls per case kind (method.md §8.2, baselines.md §3-4): Prompt-to-Prompt word swap with the case's blend words
-for rigid edits, MasaCtrl for non-rigid ones (`NON_RIGID_KINDS`). Quality is measured on batches of `batch` cases of
-one kind (one UNet call per step for the batch of [sources, targets]); speed on `n_timing` single-image edits, each
-timed from the uint8 image to the uint8 edit (text encoder, VAE and UNet calls included, model loading excluded).
+Controls per case kind (docs/method.md §8.2, docs/baselines.md §3-4): Prompt-to-Prompt word swap with the case's
+blend words for rigid edits, MasaCtrl for non-rigid ones (`NON_RIGID_KINDS`). Quality is measured on batches of
+`batch` cases of one kind (one UNet call per step for the batch of [sources, targets]); speed on `n_timing`
+single-image edits, each timed from the uint8 image to the uint8 edit (text encoder, VAE and UNet calls included,
+model loading excluded).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from tqdm.auto import tqdm
 from icd import world
 from icd.bench.cases import BenchCase
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
+from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
+from icd.bench.task import BenchTask, RunContext
 from icd.editing.controllers import MasaCtrlControls, P2PControls
-from icd.editing.editor import EditControls, Editor
+from icd.editing.edit import EditControls
 from icd.metrics import ms_ssim, psnr, ssim
 from icd.models import lora
+from icd.pipeline import Pipeline
 
 NON_RIGID_KINDS = frozenset({"size", "change_pose"})
-# Prompt-to-Prompt settings per family: iCD as the official iCD launch (method.md §8.2); DDIM and NPI as NPI's
-# paper; NTI as the NTI paper (baselines.md §3-4)
+# Prompt-to-Prompt settings per family: iCD as the official iCD launch (docs/method.md §8.2); DDIM and NPI as NPI's
+# paper; NTI as the NTI paper (docs/baselines.md §3-4)
 P2P_SETTINGS = {"icd": dict(cross_replace=0.3, self_replace=0.6, reweight_new_words=4.0),
                 "ddim": dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0),
                 "npi": dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0),
@@ -106,49 +109,45 @@ def optional_metrics(metrics: dict[str, Callable], cases: Sequence[BenchCase], e
     return rows
 
 
-def edit_batch(editor: Editor, method: Method, cases: Sequence[BenchCase], guidance: float, tau: float | None):
+def edit_batch(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext):
     sources = np.stack([c.source for c in cases])
-    inv = editor.invert(sources, [c.source_prompt for c in cases], method=method.editor_method, steps=method.steps,
-                        guidance=guidance)
-    out = editor.edit(inv, [c.target_prompt for c in cases],
-                      controls_for(method.family, cases, guidance, tau))
-    return out
+    inv = pipe.invert(sources, [c.source_prompt for c in cases], method=method.family, steps=method.steps,
+                      guidance=ctx.guidance)
+    return pipe.edit(inv, [c.target_prompt for c in cases], controls_for(method.family, cases, ctx.guidance, ctx.tau))
 
 
-def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                    tau: float | None, batch: int, shards: Shards, judge=None, metrics: dict | None = None,
-                    examples: int = 0, progress: bool = True) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     """Per-case records of this process's chunks (case["index"] orders them globally)."""
     indexed = list(enumerate(cases))
-    chunks = shards.mine(chunked(indexed, batch, key=lambda ic: ic[1].kind))
-    shown = example_indices(cases, examples)
+    chunks = ctx.shards.mine(chunked(indexed, ctx.batch, key=lambda ic: ic[1].kind))
+    shown = example_indices(cases, ctx.examples)
     records = []
-    for chunk in tqdm(chunks, desc=f"edit {method.name}", unit="batch", disable=not progress, leave=False):
+    for chunk in tqdm(chunks, desc=f"edit {method.name}", unit="batch", disable=not ctx.progress, leave=False):
         part = [c for _, c in chunk]
-        out = edit_batch(editor, method, part, guidance, tau)
+        out = edit_batch(pipe, method, part, ctx)
         rows = case_metrics(part, out.images, out.reconstructions)
-        if judge is not None:
-            for row, ok in zip(rows, judge_correct(judge, part, out.images)):
+        if ctx.judge is not None:
+            for row, ok in zip(rows, judge_correct(ctx.judge, part, out.images)):
                 if ok is not None:
                     row["judge_accuracy"] = ok
-        if metrics:
-            for row, extra in zip(rows, optional_metrics(metrics, part, out.images, out.reconstructions)):
+        if ctx.metrics:
+            for row, extra in zip(rows, optional_metrics(ctx.metrics, part, out.images, out.reconstructions)):
                 row.update(extra)
-        records += case_records(method.name, chunk, rows, out.images, shown)
+        records += case_records(method.name, chunk, rows, images=out.images, shown=shown)
     return records
 
 
-def time_edit(editor: Editor, method: Method, case: BenchCase, guidance: float, tau: float | None) -> dict:
+def time_edit(pipe: Pipeline, method: Method, case: BenchCase, ctx: RunContext) -> dict:
     """One single-image edit, timed from uint8 input to uint8 output; NFE counted by the model's counter."""
-    model = editor._for(method.editor_method)
+    model = pipe.model_for(method.family)
     model.counter.reset()
     sync(model.device)
     t0 = time.perf_counter()
-    inv = editor.invert(case.source[None], [case.source_prompt], method=method.editor_method, steps=method.steps,
-                        guidance=guidance)
+    inv = pipe.invert(case.source[None], [case.source_prompt], method=method.family, steps=method.steps,
+                      guidance=ctx.guidance)
     sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
-    editor.edit(inv, [case.target_prompt], controls_for(method.family, [case], guidance, tau))
+    pipe.edit(inv, [case.target_prompt], controls_for(method.family, [case], ctx.guidance, ctx.tau))
     sync(model.device)
     t2 = time.perf_counter()
     return {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_edit": t2 - t1, "nfe": model.counter.calls,
@@ -156,45 +155,37 @@ def time_edit(editor: Editor, method: Method, case: BenchCase, guidance: float, 
 
 
 @torch.no_grad()
-def bare_network_seconds(editor: Editor, case: BenchCase) -> float:
+def bare_network_seconds(pipe: Pipeline, case: BenchCase) -> float:
     """The network evaluations an iCD edit of one image cannot avoid, timed alone: text encoder (source and
     target), VAE encode, the forward UNet calls at batch 1, the reverse calls at batch 2, VAE decode at batch 2."""
-    model = editor.icd_model
+    model = pipe.model_for("icd")
+    forward, reverse = model.eps_fn(adapter=lora.FORWARD), model.eps_fn(adapter=lora.REVERSE)
     sync(model.device)
     t0 = time.perf_counter()
     cond = model.encode_prompt([case.source_prompt, case.target_prompt])
     z = model.encode_images(case.source[None])
-    model.use_adapter(lora.FORWARD)
     for t in model.icd.boundaries.forward_schedule()[:-1]:
-        z = model.eps(z, t, cond.index([0]), guidance=torch.zeros(1))
-    model.use_adapter(lora.REVERSE)
+        z = forward(z, t, cond.index([0]))
     x = torch.cat([z, z])
     for t in model.icd.boundaries.reverse_schedule()[:-1]:
-        x = model.eps(x, t, cond, guidance=torch.zeros(2))
+        x = reverse(x, t, cond)
     model.decode_latents(x)
     sync(model.device)
     return time.perf_counter() - t0
 
 
-def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                  tau: float | None, shards: Shards) -> list[dict]:
+def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     """Timed single-image edits of this process's share of `cases` (iCD also times its bare network calls)."""
 
     def run(case: BenchCase) -> dict:
-        t = time_edit(editor, method, case, guidance, tau)
+        t = time_edit(pipe, method, case, ctx)
         if method.family == "icd":
-            t["seconds_bare"] = bare_network_seconds(editor, case)
+            t["seconds_bare"] = bare_network_seconds(pipe, case)
         return t
 
-    return timed_runs(shards, cases, run)
+    return timed_runs(ctx.shards, cases, run)
 
 
-def strip_images(records: list[dict]) -> tuple[list[dict], list[tuple[dict, np.ndarray]]]:
-    """Records without example images, and the (record, image) pairs that carried one."""
-    shown = [(r, r["_image"]) for r in records if "_image" in r]
-    return [{k: v for k, v in r.items() if k != "_image"} for r in records], shown
-
-
-def with_method_adapters(editor: Editor, method: Method, adapters: dict[str, str]) -> Editor:
-    """The editor for `method`: ``icd:NAME`` gets an editor on those adapters."""
-    return editor if method.adapters is None else editor.with_adapters(adapters[method.adapters])
+TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti"), default_methods="icd,ddim50,ddim4,npi50,nti50",
+                 default_guidance=1.0, measure_quality=measure_quality, measure_speed=measure_speed,
+                 optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)

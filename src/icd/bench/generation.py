@@ -11,19 +11,17 @@ import torch
 from tqdm.auto import tqdm
 
 from icd import world
-from icd.bench.cases import BenchCase
+from icd.bench.cases import KIND_STRIDE, BenchCase, object_kind
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
-from icd.editing.editor import Editor
+from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
+from icd.bench.task import BenchTask, RunContext
 from icd.imageio import to_uint8
-from icd.sampling import generate
+from icd.pipeline import Pipeline
 
 
 def prompt_cases(n: int, seed_start: int, objects: Sequence[int] = (1, 2)) -> list[BenchCase]:
     """`n` held-out captions per object count (kind ``1-object`` / ``2-objects``); case.source is the rendered
     scene of the caption (a reference, not a target: the layout is free)."""
-    from icd.bench.cases import KIND_STRIDE, object_kind
-
     cases = []
     for j, k in enumerate(objects):
         for i in range(n):
@@ -34,21 +32,16 @@ def prompt_cases(n: int, seed_start: int, objects: Sequence[int] = (1, 2)) -> li
     return cases
 
 
-def _model(editor: Editor, method: Method):
-    return editor.base() if method.family == "ddim" else editor.icd_model
-
-
 @torch.no_grad()
-def sample(editor: Editor, method: Method, prompts: list[str], seeds: list[int], guidance: float,
-           tau: float | None, renoise: float | None = None) -> np.ndarray:
+def sample(pipe: Pipeline, method: Method, prompts: list[str], seeds: list[int], *, ctx: RunContext) -> np.ndarray:
     """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent). tau None is constant
-    guidance for every method, as in `icd generate` (method.md §8.4: generation runs without dynamic CFG); renoise
-    applies to icd methods only."""
-    model = _model(editor, method)
-    kw = {"method": "icd", "renoise": renoise} if method.family == "icd" else {"method": "ddim", "steps": method.steps}
+    guidance for every method, as in `icd generate` (docs/method.md §8.4: generation runs without dynamic CFG);
+    renoise applies to icd methods only."""
     if any(b - a != 1 for a, b in zip(seeds, seeds[1:])):
         raise ValueError("a generation batch needs consecutive seeds")
-    return to_uint8(generate(model, prompts, seed=seeds[0], guidance=guidance, tau=tau, batch_size=len(prompts), **kw))
+    renoise = ctx.renoise if method.family == "icd" else None
+    return to_uint8(pipe.generate(prompts, method=method.family, steps=method.steps, guidance=ctx.guidance,
+                                  tau=ctx.tau, renoise=renoise, seed=seeds[0], batch_size=len(prompts)))
 
 
 def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[dict]:
@@ -63,33 +56,34 @@ def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[d
     return rows
 
 
-def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                    tau: float | None, batch: int, shards: Shards, judge, examples: int = 0,
-                    progress: bool = True, renoise: float | None = None) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     indexed = list(enumerate(cases))
-    chunks = shards.mine(chunked(indexed, batch, key=lambda ic: ic[1].kind))
-    shown = example_indices(cases, examples)
+    chunks = ctx.shards.mine(chunked(indexed, ctx.batch, key=lambda ic: ic[1].kind))
+    shown = example_indices(cases, ctx.examples)
     records = []
-    for chunk in tqdm(chunks, desc=f"generate {method.name}", unit="batch", disable=not progress, leave=False):
+    for chunk in tqdm(chunks, desc=f"generate {method.name}", unit="batch", disable=not ctx.progress, leave=False):
         part = [c for _, c in chunk]
-        images = sample(editor, method, [c.source_prompt for c in part], [c.seed for c in part], guidance, tau,
-                        renoise)
-        rows = caption_scores(judge, images, [c.source_prompt for c in part])
-        records += case_records(method.name, chunk, rows, images, shown)
+        images = sample(pipe, method, [c.source_prompt for c in part], [c.seed for c in part], ctx=ctx)
+        rows = caption_scores(ctx.judge, images, [c.source_prompt for c in part])
+        records += case_records(method.name, chunk, rows, images=images, shown=shown)
     return records
 
 
-def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                  tau: float | None, shards: Shards, renoise: float | None = None) -> list[dict]:
-    model = _model(editor, method)
+def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+    model = pipe.model_for(method.family)
 
     def run(c: BenchCase) -> dict:
         model.counter.reset()
         sync(model.device)
         t0 = time.perf_counter()
-        sample(editor, method, [c.source_prompt], [c.seed], guidance, tau, renoise)
+        sample(pipe, method, [c.source_prompt], [c.seed], ctx=ctx)
         sync(model.device)
         return {"seconds": time.perf_counter() - t0, "nfe": model.counter.calls,
                 "unet_rows": sum(model.counter.batch_sizes)}
 
-    return timed_runs(shards, cases, run)
+    return timed_runs(ctx.shards, cases, run)
+
+
+TASK = BenchTask("generation", families=("icd", "ddim", "gddim"), default_methods="icd,gddim50,ddim50",
+                 default_guidance=1.0, measure_quality=measure_quality, measure_speed=measure_speed,
+                 uses_judge=True)

@@ -10,24 +10,29 @@ Writes ``results.json`` (schema: `icd.bench.results`), ``results.md``, ``quality
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from icd import world
-from icd.bench import editing, generation, inversion
+from icd.bench import editing, generation, guidance, inversion
 from icd.bench.cases import SEED_START, world_cases, world_scenes
 from icd.bench.methods import parse_methods, parse_steps_list
+from icd.bench.optional_metrics import load_optional_metrics
+from icd.bench.piebench import load_pie_bench
 from icd.bench.report import example_grid, markdown, plots
 from icd.bench.results import SCHEMA_VERSION, method_entry, validate, write_json
-from icd.bench.runtime import Shards, describe_device, timing_cases
+from icd.bench.runtime import Shards, describe_device, strip_images, timing_cases
+from icd.bench.task import BenchTask, RunContext
+from icd.io import write_text_atomic
+from icd.judge import JudgeScorer
+from icd.pipeline import DEFAULT_RENOISE, Pipeline
 
-TASKS = ("inversion", "editing", "generation")
-ALLOWED = {"inversion": ("icd", "ddim", "gddim"), "editing": ("icd", "ddim", "npi", "nti"),
-           "generation": ("icd", "ddim", "gddim")}
-DEFAULT_METHODS = {"inversion": "icd,ddim50,ddim4", "editing": "icd,ddim50,ddim4,npi50,nti50",
-                   "generation": "icd,gddim50,ddim50"}
+REGISTRY: dict[str, BenchTask] = {t.name: t for t in (inversion.TASK, editing.TASK, generation.TASK, guidance.TASK)}
+TASKS = tuple(REGISTRY)
 RESULT_FILES = ("results.json", "results.md")
 
 
@@ -36,15 +41,17 @@ class BenchOptions:
     task: str
     out: str
     n: int = 20  # cases per kind (editing, generation) or images (inversion)
-    methods: str | None = None  # default: DEFAULT_METHODS[task]
+    methods: str | None = None  # default: the task's default_methods
     seed_start: int | None = None  # default: SEED_START[task] (held out from training)
     kinds: str | None = None  # editing: world edit kinds (default all); PIE-Bench: editing types
     steps_list: str | None = None  # expands ddim / gddim / npi / nti without a step count
-    adapters: dict[str, str] = field(default_factory=dict)  # icd:NAME -> adapters folder
+    adapters: dict[str, str] = field(default_factory=dict)  # icd:NAME -> adapters folder (or training checkpoint)
+    export_checkpoint: Callable[[Path, Path], object] | None = None  # exports a training checkpoint's adapters
+    # (`icd.train.icd.export_checkpoint`; the CLI passes it: the bench itself does not depend on training)
     model: str = "embedded"
     guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
     tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
-    renoise: float | None = None  # generation: icd methods' re-noising strength (None: icd.sampling.DEFAULT_RENOISE)
+    renoise: float | None = None  # generation: icd methods' re-noising strength (None: icd.pipeline.DEFAULT_RENOISE)
     batch: int = 50
     n_timing: int = 5
     examples: int = 2  # example cases per kind in examples.png
@@ -62,20 +69,19 @@ class BenchOptions:
         if self.renoise is not None and self.task != "generation":
             raise ValueError("--renoise applies to the generation benchmark only (inversion needs the deterministic "
                              "jumps)")
-        _renoise(self)  # validates
+        if self.renoise is not None and not 0.0 <= self.renoise <= 1.0:
+            raise ValueError(f"--renoise must lie in [0, 1], got {self.renoise}")
         for name in ("n", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.n_timing < 1 or self.examples < 0:
             raise ValueError("--n-timing must be >= 1 and --examples >= 0")
-        if self.pie_bench and self.task == "generation":
+        if self.pie_bench and self.task not in ("inversion", "editing"):
             raise ValueError("--pie-bench applies to the inversion and editing benchmarks")
 
 
 def _cases(opts: BenchOptions, model) -> tuple[list, str, list[str], int | None]:
     if opts.pie_bench:
-        from icd.bench.piebench import load_pie_bench
-
         kinds = opts.kinds.split(",") if opts.kinds else None
         cases = load_pie_bench(opts.pie_bench, limit=None, kinds=kinds, image_size=model.image_size)
         if opts.n:
@@ -96,7 +102,7 @@ def _cases(opts: BenchOptions, model) -> tuple[list, str, list[str], int | None]
         return world_cases(kinds, opts.n, seed), "world", kinds, seed
     if opts.kinds:
         raise ValueError(f"--kinds applies to editing; the {opts.task} benchmark groups cases by object count")
-    if opts.task == "inversion":
+    if opts.task in ("inversion", "guidance"):
         cases = world_scenes(opts.n, seed)
     else:
         cases = generation.prompt_cases(opts.n, seed)
@@ -105,64 +111,45 @@ def _cases(opts: BenchOptions, model) -> tuple[list, str, list[str], int | None]
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run one benchmark; every process returns the same results dict, the main process writes the files."""
-    from icd.editing.editor import Editor
-
+    task = REGISTRY[opts.task]
     out = Path(opts.out)
     if not opts.force and any((out / f).exists() for f in RESULT_FILES):
         raise FileExistsError(f"{out} already holds results; pass --force to replace them")
-    methods = parse_methods(opts.methods or DEFAULT_METHODS[opts.task], steps_list=parse_steps_list(opts.steps_list),
-                            allowed=ALLOWED[opts.task], adapters=opts.adapters)
+    methods = parse_methods(opts.methods or task.default_methods, steps_list=parse_steps_list(opts.steps_list),
+                            allowed=task.families, adapters=opts.adapters, stepped=task.stepped)
     shards = Shards(opts.device)
-    adapters = {name: _adapters_folder(path, out, name, shards) for name, path in opts.adapters.items()}
-    guidance = opts.guidance if opts.guidance is not None else (0.0 if opts.task == "inversion" else 1.0)
-    editor = Editor.from_pretrained(opts.model, device=shards.device)
-    editors = {m.name: editing.with_method_adapters(editor, m, adapters) for m in methods}
-    cases, source, kinds, seed = _cases(opts, editor.model)
+    adapters = {name: _adapters_folder(opts, path, name, shards) for name, path in opts.adapters.items()}
+    guidance = opts.guidance if opts.guidance is not None else task.default_guidance
+    pipe = Pipeline.from_pretrained(opts.model, device=shards.device)
+    pipes = {m.name: pipe if m.adapters is None else pipe.with_adapters(adapters[m.adapters]) for m in methods}
+    cases, source, kinds, seed = _cases(opts, pipe.model)
     if not cases:
         raise ValueError("no cases to measure (check --kinds / the PIE-Bench folder)")
 
     skipped: list[dict] = []
     metrics: dict = {}
-    if opts.task != "generation":
-        from icd.bench.optional_metrics import load_optional_metrics
-
+    if task.optional_metrics:
         metrics, skips = load_optional_metrics(lpips=opts.lpips, clip=opts.clip, dino=opts.dino,
                                                device=shards.device)
-        if opts.task == "inversion":  # only LPIPS applies to a reconstruction
-            skips = [s for s in skips if s.metric == "lpips"]
-        skipped += [{"metric": s.metric, "reason": s.reason} for s in skips]
+        skipped += [{"metric": s.metric, "reason": s.reason} for s in skips if s.metric in task.optional_metrics]
     judge = None
-    if opts.task in ("editing", "generation"):
+    if task.uses_judge:
         if all(world.unknown_words(c.target_prompt) for c in cases):
             skipped.append({"metric": "judge_accuracy", "reason": "the world judge reads world captions only"})
         else:
-            from icd.judge import JudgeScorer
-
             judge = JudgeScorer.load(None)
-
-    module = {"editing": editing, "inversion": inversion, "generation": generation}[opts.task]
+    renoise = _renoise(opts)
+    ctx = RunContext(guidance=guidance, tau=opts.tau, shards=shards, renoise=renoise, batch=opts.batch,
+                     examples=opts.examples, progress=opts.progress and shards.is_main, judge=judge, metrics=metrics)
     timed = timing_cases(cases, opts.n_timing)
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
-               "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau,
-               "renoise": _renoise(opts),
+               "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau, "renoise": renoise,
                "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
     shown: dict[str, list] = {}
     for m in methods:
-        kw = dict(guidance=guidance, tau=opts.tau, shards=shards)
-        if opts.task == "generation":
-            kw.update(renoise=_renoise(opts))
-        quality_kw = dict(batch=opts.batch, examples=opts.examples,
-                          progress=opts.progress and shards.is_main)
-        if opts.task == "editing":
-            quality_kw.update(judge=judge, metrics=metrics)
-        elif opts.task == "generation":
-            quality_kw.update(judge=judge)
-        else:
-            quality_kw.update(metrics=metrics)
-        records = shards.gather(module.measure_quality(editors[m.name], m, cases, **kw, **quality_kw))
-        timings = shards.gather(module.measure_speed(editors[m.name], m, timed, **kw))
-        records, shown[m.name] = editing.strip_images(records)
+        records, timings = task.measure(pipes[m.name], m, cases, timed=timed, ctx=ctx)
+        records, shown[m.name] = strip_images(records)
         results["methods"][m.name] = method_entry(records, timings, kinds)
         if shards.is_main and opts.progress:
             e = results["methods"][m.name]
@@ -172,8 +159,6 @@ def run_bench(opts: BenchOptions) -> dict:
     if shards.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", results)
-        from icd.train.checkpoint import write_text_atomic
-
         write_text_atomic(out / "results.md", markdown(results))
         plots(results, out)
         sources = {c.case_id: (c.source, c.target_prompt if opts.task == "editing" else c.source_prompt,
@@ -186,30 +171,29 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _renoise(opts: BenchOptions) -> float | None:
     """The icd methods' re-noising strength of a generation run (None for the other tasks)."""
-    from icd.sampling import resolved_renoise
+    if opts.task != "generation":
+        return None
+    return DEFAULT_RENOISE if opts.renoise is None else opts.renoise
 
-    return resolved_renoise(opts.renoise, name="--renoise") if opts.task == "generation" else None
 
-
-def _adapters_folder(path: str, out: Path, name: str, shards: Shards) -> str:
+def _adapters_folder(opts: BenchOptions, path: str, name: str, shards: Shards) -> str:
     """An adapters folder as is; a training checkpoint (``step-NNNNNN`` with state.json) is exported first."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--adapters {name}: {p} does not exist")
     if not (p / "state.json").is_file():
         return path
-    target = out / f"adapters-{name}"
+    if opts.export_checkpoint is None:
+        raise ValueError(f"--adapters {name}: {p} is a training checkpoint; pass BenchOptions(export_checkpoint="
+                         "icd.train.icd.export_checkpoint) or an adapters folder")
+    target = Path(opts.out) / f"adapters-{name}"
     if shards.is_main:
-        from icd.train.icd import export_checkpoint
-
-        export_checkpoint(p, target)
+        opts.export_checkpoint(p, target)
     shards.barrier()
     return str(target)
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("icd")
     except PackageNotFoundError:

@@ -14,66 +14,64 @@ from tqdm.auto import tqdm
 
 from icd.bench.cases import BenchCase
 from icd.bench.methods import Method
-from icd.bench.runtime import Shards, case_records, chunked, example_indices, sync, timed_runs
-from icd.editing.editor import Editor
-from icd.editing.inversion import ddim_decode, ddim_invert, icd_decode, icd_invert
+from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
+from icd.bench.task import BenchTask, RunContext
 from icd.imageio import to_uint8
 from icd.metrics import ms_ssim, psnr, ssim
+from icd.pipeline import Pipeline
 
 
 @torch.no_grad()
-def reconstruct(editor: Editor, method: Method, images: np.ndarray, prompts: list[str], guidance: float,
-                tau: float | None) -> tuple[np.ndarray, dict]:
+def reconstruct(pipe: Pipeline, method: Method, images: np.ndarray, prompts: list[str], *, ctx: RunContext
+                ) -> tuple[np.ndarray, dict]:
     """uint8 reconstructions and the timing / NFE of the two halves (uint8 in, uint8 out)."""
-    if method.family == "icd":
-        model = editor.icd_model
-    elif method.family == "gddim":
-        model = editor.icd_model  # the guidance-distilled UNet, adapters off
-    else:
-        model = editor.base()
-    model.counter.reset()
+    if method.family == "vae":
+        return autoencode(pipe, images)
+    pipe.model_for(method.family).counter.reset()
+    r = pipe.reconstruct(images, prompts, method=method.family, steps=method.steps, guidance=ctx.guidance,
+                         tau=ctx.tau)
+    return r.images, {"seconds": r.seconds_invert + r.seconds_decode, "seconds_invert": r.seconds_invert,
+                      "seconds_decode": r.seconds_decode, "nfe": r.nfe_invert + r.nfe_decode,
+                      "nfe_invert": r.nfe_invert, "nfe_decode": r.nfe_decode}
+
+
+def autoencode(pipe: Pipeline, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The `vae` method: encode to clean latents and decode, no UNet call (timed like a reconstruction)."""
+    model = pipe.model
     sync(model.device)
     t0 = time.perf_counter()
     z0 = model.encode_images(images)
-    cond = model.encode_prompt(prompts)
-    if method.family == "icd":
-        b = model.icd.boundaries
-        inv = icd_invert(model, z0, cond, prompts, b)
-    else:
-        inv = ddim_invert(model, z0, cond, prompts, steps=method.steps)
     sync(model.device)
-    t1, nfe_invert = time.perf_counter(), model.counter.calls
-    if method.family == "icd":
-        z = icd_decode(model, inv.noise, cond, b, guidance=guidance, tau=model.icd.tau if tau is None else tau)
-    else:
-        z = ddim_decode(model, inv, cond, guidance=guidance, tau=tau)
-    recon = to_uint8(model.decode_latents(z))
+    t1 = time.perf_counter()
+    recon = to_uint8(model.decode_latents(z0))
     sync(model.device)
     t2 = time.perf_counter()
-    return recon, {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_decode": t2 - t1,
-                   "nfe": model.counter.calls, "nfe_invert": nfe_invert, "nfe_decode": model.counter.calls - nfe_invert}
+    return recon, {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_decode": t2 - t1, "nfe": 0,
+                   "nfe_invert": 0, "nfe_decode": 0}
 
 
-def measure_quality(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                    tau: float | None, batch: int, shards: Shards, examples: int = 0, metrics: dict | None = None,
-                    progress: bool = True) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     indexed = list(enumerate(cases))
-    chunks = shards.mine(chunked(indexed, batch))
-    shown = example_indices(cases, examples)
+    chunks = ctx.shards.mine(chunked(indexed, ctx.batch))
+    shown = example_indices(cases, ctx.examples)
     records = []
-    for chunk in tqdm(chunks, desc=f"invert {method.name}", unit="batch", disable=not progress, leave=False):
+    for chunk in tqdm(chunks, desc=f"invert {method.name}", unit="batch", disable=not ctx.progress, leave=False):
         part = [c for _, c in chunk]
         src = np.stack([c.source for c in part])
-        recon, _ = reconstruct(editor, method, src, [c.source_prompt for c in part], guidance, tau)
+        recon, _ = reconstruct(pipe, method, src, [c.source_prompt for c in part], ctx=ctx)
         values = {"psnr": psnr(src, recon), "ssim": ssim(src, recon), "ms_ssim": ms_ssim(src, recon)}
-        if metrics and "lpips" in metrics:
-            values["lpips"] = metrics["lpips"](src, recon)
+        if "lpips" in ctx.metrics:
+            values["lpips"] = ctx.metrics["lpips"](src, recon)
         rows = [{name: float(v[k]) for name, v in values.items()} for k in range(len(part))]
-        records += case_records(method.name, chunk, rows, recon, shown)
+        records += case_records(method.name, chunk, rows, images=recon, shown=shown)
     return records
 
 
-def measure_speed(editor: Editor, method: Method, cases: Sequence[BenchCase], *, guidance: float,
-                  tau: float | None, shards: Shards) -> list[dict]:
-    return timed_runs(shards, cases,
-                      lambda c: reconstruct(editor, method, c.source[None], [c.source_prompt], guidance, tau)[1])
+def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+    return timed_runs(ctx.shards, cases,
+                      lambda c: reconstruct(pipe, method, c.source[None], [c.source_prompt], ctx=ctx)[1])
+
+
+TASK = BenchTask("inversion", families=("icd", "ddim", "gddim", "vae"), default_methods="icd,ddim50,ddim4",
+                 default_guidance=0.0, measure_quality=measure_quality, measure_speed=measure_speed,
+                 optional_metrics=("lpips",))

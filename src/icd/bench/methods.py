@@ -5,6 +5,8 @@
 - ``ddimK``: DDIM inversion and decoding with K steps on the original UNet (two-pass CFG when guided);
   ``gddimK``: the same on the guidance-distilled UNet (guidance is an input, one call per step).
 - ``npiK``: negative-prompt inversion; ``ntiK``: null-text inversion (10 inner Adam steps per step, early stop).
+- ``vae`` (inversion only): the autoencoder alone, encode then decode (0 UNet calls): the ceiling of every latent
+  method's reconstruction.
 A family without K takes 50 steps, or each value of ``--steps-list`` (the step ablation).
 """
 
@@ -13,41 +15,45 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-FAMILIES = ("icd", "ddim", "gddim", "npi", "nti")
-_PATTERN = re.compile(r"^(icd)(?::([A-Za-z0-9_.-]+))?$|^(ddim|gddim|npi|nti)(\d+)?$")
+FAMILIES = ("icd", "ddim", "gddim", "npi", "nti", "vae")
+_PATTERN = re.compile(r"^(icd)(?::([A-Za-z0-9_.-]+))?$|^(ddim|gddim|npi|nti)(\d+)?$|^(vae)$")
 DEFAULT_STEPS = 50
 
 
 @dataclass(frozen=True)
 class Method:
     name: str  # as written in results.json
-    family: str  # one of FAMILIES
+    family: str  # one of FAMILIES: the `icd.pipeline.METHODS` name that runs it
     steps: int | None = None  # None: the adapters' own step count (icd)
     adapters: str | None = None  # icd:NAME -> NAME
 
-    @property
-    def editor_method(self) -> str:
-        """The `Editor.invert` method of this family (gddim has no editing loop of its own)."""
-        return "ddim" if self.family == "gddim" else self.family
-
 
 def parse_methods(text: str, *, steps_list: list[int] | None = None, allowed: tuple[str, ...] = FAMILIES,
-                  adapters: dict[str, str] | None = None) -> list[Method]:
-    """``"icd,ddim50,ddim4,nti"`` -> methods; a family without a step count expands over `steps_list`."""
+                  adapters: dict[str, str] | None = None, stepped: bool = True) -> list[Method]:
+    """``"icd,ddim50,ddim4,nti"`` -> methods; a family without a step count expands over `steps_list`.
+    `stepped` False: the task runs no sampler (the guidance benchmark), so names carry no step count."""
     out: list[Method] = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         m = _PATTERN.match(item)
         if m is None:
-            raise ValueError(f"unknown method {item!r}; write icd, icd:NAME or one of ddim, gddim, npi, nti with an "
-                             f"optional step count (e.g. ddim50)")
-        family = m.group(1) or m.group(3)
+            raise ValueError(f"unknown method {item!r}; write icd, icd:NAME, vae or one of ddim, gddim, npi, nti "
+                             f"with an optional step count (e.g. ddim50)")
+        family = m.group(1) or m.group(3) or m.group(5)
         if family not in allowed:
             raise ValueError(f"method {item!r} is not measured by this benchmark; choose from {', '.join(allowed)}")
+        if family == "vae":  # the autoencoder alone: what any latent method's reconstruction is bounded by
+            out.append(Method(item, "vae", 0))
+            continue
         if family == "icd":
             name = m.group(2)
             if name is not None and name not in (adapters or {}):
                 raise ValueError(f"method {item!r} needs --adapters {name}=DIR")
             out.append(Method(item, "icd", None, name))
+            continue
+        if not stepped:
+            if m.group(4) is not None or steps_list:
+                raise ValueError(f"method {item!r}: this benchmark takes no step count")
+            out.append(Method(family, family, None))
             continue
         if m.group(4) is not None:
             steps = [int(m.group(4))]

@@ -7,12 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+from icd.imageio import save_image
+from icd.plotting import captioned_grid
+
 _LABELS = {"psnr": "PSNR", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "gt_psnr": "GT PSNR", "gt_ssim": "GT SSIM",
            "bg_psnr": "bg PSNR", "bg_ssim": "bg SSIM", "judge_accuracy": "judge %", "lpips": "LPIPS",
            "bg_lpips": "bg LPIPS", "clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO",
-           "background_accuracy": "background %", "count_accuracy": "count %"}
+           "background_accuracy": "background %", "count_accuracy": "count %", "psnr_min": "PSNR min",
+           "gt_psnr_min": "GT PSNR min", "mse_student_vs_cfg": "MSE student vs CFG",
+           "mse_cfg_vs_true_noise": "MSE CFG vs true noise", "mse_unguided_vs_cfg": "MSE unguided vs CFG"}
 _ORDER = list(_LABELS)
-QUALITY = {"editing": ("gt_psnr", "bg_psnr", "psnr"), "inversion": ("psnr",), "generation": ("judge_accuracy",)}
+QUALITY = {"editing": ("gt_psnr", "bg_psnr", "psnr"), "inversion": ("psnr",), "generation": ("judge_accuracy",),
+           "guidance": ("mse_student_vs_cfg",)}
 
 
 def _fmt(key: str, v: float) -> str:
@@ -20,6 +26,8 @@ def _fmt(key: str, v: float) -> str:
         return f"{100 * v:.1f}"
     if "psnr" in key:
         return f"{v:.2f}"
+    if key.startswith("mse"):
+        return f"{v:.5f}"
     return f"{v:.4f}"
 
 
@@ -66,10 +74,10 @@ def markdown(results: dict) -> str:
 
 def plots(results: dict, out: Path) -> list[Path]:
     """quality-vs-NFE.png, seconds.png and per-kind.png; returns the files written."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only a run that writes plots needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     methods = results["methods"]
     names = list(methods)
@@ -91,7 +99,10 @@ def plots(results: dict, out: Path) -> list[Path]:
         else:
             ax.scatter(xs, ys, label=family, zorder=3, marker="*", s=90)
     ax.legend(fontsize=7, loc="best")
-    ax.set_xscale("log")
+    if any(methods[n]["nfe"] <= 0 for n in names):  # the vae method costs no UNet call: linear near 0
+        ax.set_xscale("symlog", linthresh=1)
+    else:
+        ax.set_xscale("log")
     ax.set_xlabel("UNet calls per image (counted)")
     ax.set_ylabel(label)
     ax.set_title(f"{results['task']}: {label} vs NFE")
@@ -133,9 +144,6 @@ def plots(results: dict, out: Path) -> list[Path]:
 def example_grid(shown: dict[str, list[tuple[dict, np.ndarray]]],
                  sources: dict[str, tuple[np.ndarray, str, np.ndarray | None]], out: Path) -> Path:
     """Rows = example cases: source, the rendered target when known, then one column per method."""
-    from icd.imageio import save_image
-    from icd.plotting import captioned_grid
-
     names = list(shown)
     by_case: dict[str, dict[str, np.ndarray]] = {}
     for n in names:

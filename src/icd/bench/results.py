@@ -27,12 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from icd.io import write_text_atomic
+
 SCHEMA_VERSION = 1
 TOP_LEVEL = ("schema_version", "task", "device", "torch", "n", "seed_start", "methods")
 METHOD_FIELDS = ("nfe", "seconds_per_image", "per_kind")
 TASK_FIELDS = {"editing": ("seconds_invert", "seconds_edit", "psnr", "ssim", "bg_psnr", "bg_ssim"),
                "inversion": ("seconds_invert", "seconds_decode", "psnr", "ssim", "ms_ssim"),
-               "generation": ("judge_accuracy",)}
+               "generation": ("judge_accuracy",), "guidance": ("mse_student_vs_cfg",)}
+MIN_METRICS = ("psnr", "gt_psnr")  # also reported as their worst case, `<metric>_min`
 # record keys that are bookkeeping, not metrics
 _RECORD_KEYS = {"method", "case_id", "kind", "index"}
 TIMING_KEYS = ("seconds", "seconds_bare", "seconds_invert", "seconds_edit", "seconds_decode", "nfe", "nfe_invert",
@@ -47,13 +50,19 @@ def summarize(records: Sequence[dict], kinds: Sequence[str]) -> dict[str, Any]:
     """Mean of every metric over all cases and per kind (cases in `records` belong to one method)."""
     records = sorted(records, key=lambda r: r["index"])
     metrics = list(dict.fromkeys(k for r in records for k in r if k not in _RECORD_KEYS and not k.startswith("_")))
-    out: dict[str, Any] = {m: _mean([r[m] for r in records if m in r]) for m in metrics}
+    out: dict[str, Any] = _stats(records, metrics)
     out["per_kind"] = {}
     for kind in kinds:
         rows = [r for r in records if r["kind"] == kind]
         if rows:
-            out["per_kind"][kind] = {"n": len(rows), **{m: _mean([r[m] for r in rows if m in r]) for m in metrics}}
+            out["per_kind"][kind] = {"n": len(rows), **_stats(rows, metrics)}
     return out
+
+
+def _stats(records: Sequence[dict], metrics: Sequence[str]) -> dict[str, float]:
+    """Each metric's mean over `records`, and the worst case of the MIN_METRICS (`<metric>_min`)."""
+    out = {m: _mean([r[m] for r in records if m in r]) for m in metrics}
+    return out | {f"{m}_min": float(min(r[m] for r in records if m in r)) for m in metrics if m in MIN_METRICS}
 
 
 def timing_summary(timings: Sequence[dict]) -> dict[str, Any]:
@@ -104,6 +113,4 @@ def quality_view(results: dict) -> dict:
 
 
 def write_json(path: Path, results: dict) -> None:
-    from icd.train.checkpoint import write_text_atomic
-
     write_text_atomic(Path(path), json.dumps(results, indent=1) + "\n")

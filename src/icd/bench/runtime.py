@@ -12,9 +12,12 @@ import platform
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
-from icd.train.accel import ProcessGroup
+from icd.runtime import ProcessGroup, synchronize
+
+sync = synchronize  # the bench's name for it
 
 T = TypeVar("T")
 
@@ -25,12 +28,6 @@ def describe_device(device: torch.device | str) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings include it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_runs(shards: Shards, cases: Sequence[T], run: Callable[[T], dict]) -> list[dict]:
@@ -48,7 +45,7 @@ def timing_cases(cases: Sequence[T], n: int) -> list[T]:
     return [cases[(k * len(cases)) // n] for k in range(n)]
 
 
-def case_records(method: str, chunk: Sequence[tuple[int, Any]], rows: Sequence[dict], images, shown: set[int]
+def case_records(method: str, chunk: Sequence[tuple[int, Any]], rows: Sequence[dict], *, images, shown: set[int]
                  ) -> list[dict]:
     """One record per case of a chunk of (index, case): the case's identity, its metric row, and its output image
     when the case is one of the examples (`shown`)."""
@@ -110,3 +107,9 @@ def example_indices(cases: Sequence, per_kind: int) -> set[int]:
             out.add(i)
             seen[c.kind] = seen.get(c.kind, 0) + 1
     return out
+
+
+def strip_images(records: list[dict]) -> tuple[list[dict], list[tuple[dict, np.ndarray]]]:
+    """Records without example images, and the (record, image) pairs that carried one."""
+    shown = [(r, r["_image"]) for r in records if "_image" in r]
+    return [{k: v for k, v in r.items() if k != "_image"} for r in records], shown

@@ -1,4 +1,4 @@
-"""Guidance distillation (method.md §6; Meng et al. 2023; the iCD authors' recipe in reference issue #4).
+"""Guidance distillation (docs/method.md §6; Meng et al. 2023; the iCD authors' recipe in reference issue #4).
 
 A student UNet takes the guidance code as an input, e(w) through the UNet's time-conditioning projection
 (``time_cond_proj_dim = 512``), and learns to match the teacher's two-pass classifier-free guidance in one call:
@@ -8,30 +8,23 @@ A student UNet takes the guidance code as an input, e(w) through the UNet's time
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+from diffusers import UNet2DConditionModel
 
 from icd.losses import l2
-from icd.models.base import Cond
+from icd.models.base import Cond, EpsFn, GuidedEps, guided_eps
 from icd.schedule import NoiseSchedule
-from icd.solver import cfg_combine
-
-StudentEps = Callable[[torch.Tensor, torch.Tensor, Cond, torch.Tensor], torch.Tensor]  # (x, t, cond, w) -> eps
-TeacherEps = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, t, cond) -> eps
 
 
-def guidance_loss(student: StudentEps, teacher: TeacherEps, z0: torch.Tensor, cond: Cond, uncond: Cond,
+def guidance_loss(student: GuidedEps, teacher: EpsFn, z0: torch.Tensor, cond: Cond, *, uncond: Cond,
                   eps: torch.Tensor, t: torch.Tensor, w: torch.Tensor, schedule: NoiseSchedule
                   ) -> dict[str, torch.Tensor]:
-    """L_G for one batch: x_t = alpha_t z0 + sigma_t eps at per-sample t, guidance codes w ([B])."""
+    """L_G for one batch: x_t = alpha_t z0 + sigma_t eps at per-sample t, guidance codes w ([B]). The target is the
+    teacher's two-pass CFG (`guided_eps`); the student reads e(w) in one call."""
     x_t = schedule.add_noise(z0, eps, t)
     with torch.no_grad():
-        # one teacher call on [cond; uncond] (2B rows), combined per sample
-        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, uncond]))
-        eps_c, eps_u = both.chunk(2)
-        target = cfg_combine(eps_c, eps_u, w)
-    pred = student(x_t, t, cond, w)
+        target = guided_eps(teacher, w, uncond=uncond)(x_t, t, cond)
+    pred = student(w)(x_t, t, cond)
     return {"guidance": l2(pred, target)}
 
 
@@ -40,8 +33,6 @@ def init_student_from_teacher(teacher_unet, *, cond_dim: int = 512):
 
     With cond_proj = 0 the student equals the conditional teacher for every w, so w = 0 is exact from step 0.
     """
-    from diffusers import UNet2DConditionModel
-
     config = dict(teacher_unet.config)
     config["time_cond_proj_dim"] = cond_dim
     student = UNet2DConditionModel.from_config(config)

@@ -1,7 +1,8 @@
-"""The four iCD training losses (method.md §5; paper eqs. 2, 4, 5). Each returns a dict of named tensors.
+"""The four iCD training losses (docs/method.md §5; paper eqs. 2, 4, 5). Each returns a dict of named tensors.
 
-Notation: ``reverse(x, t, cond, w)`` / ``forward(x, t, cond)`` are the students' eps functions (the shared base with
-the R or F adapter active), ``teacher(x, t, cond, w)`` is the guidance-distilled base with adapters disabled. All
+Notation: every network is an `EpsFn` ``eps(x_t, t, cond)``. ``forward`` is F's (unguided); ``reverse(w)`` and
+``teacher(w)`` give R's and the guidance-distilled teacher's eps function at per-sample guidance codes w (the shared
+base with the R adapter active, or with adapters disabled). Student jumps are the consistency function (eq. 3). All
 four losses of a sample share one noise draw ``eps``. The functions never touch optimizers; gradient routing is the
 caller's business.
 
@@ -12,53 +13,56 @@ UNet with whichever adapter is active at that moment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from icd.boundaries import Boundaries
+from icd.consistency import consistency_fn
 from icd.losses import pseudo_huber
-from icd.models.base import Cond
-from icd.schedule import NoiseSchedule
+from icd.models.base import Cond, EpsFn, GuidedEps
+from icd.schedule import NoiseSchedule, ddim_grid
 from icd.solver import ddim_jump
 
-GRID_STEP = 20  # DDIM-50 grid spacing: g_k = 19 + 20 k
-GuidedEps = Callable[[torch.Tensor, torch.Tensor, Cond, torch.Tensor], torch.Tensor]  # (x, t, cond, w) -> eps
-UnguidedEps = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, t, cond) -> eps
+TEACHER_STEPS = 50  # the teacher's DDIM grid g_k = ddim_grid(50)[k] = 19 + 20 k (docs/method.md §4)
 
 
-def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,
-               n: torch.Tensor, w: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
+def teacher_grid(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The DDIM-50 grid g_0 < ... < g_49 as a tensor (grid indices n index it)."""
+    return torch.tensor(ddim_grid(TEACHER_STEPS), device=device)
+
+
+def reverse_cd(reverse: GuidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, *, eps: torch.Tensor,
+               n: torch.Tensor, w: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule,
                huber_c: float = 1e-3, start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                ) -> dict[str, torch.Tensor]:
-    """Reverse consistency distillation L_CD^R (method.md §5.1). n: grid index in 0..49 per sample.
+    """Reverse consistency distillation L_CD^R (docs/method.md §5.1). n: grid index in 0..49 per sample.
 
     `start` = (rows, x, t) replaces those rows' noised data x_t_hi by given latents at times t (any t > 0, e.g. the
     reverse model's own latents from `reverse_rollout`); their teacher step and target follow from t as for the rest.
     """
-    # 1. t_hi on the DDIM-50 grid, t_lo one teacher step below; 2. the boundary below t_lo
-    t_hi = 19 + GRID_STEP * n
+    # 1. t_hi on the DDIM-50 grid, t_lo one teacher step below (0 below g_0); 2. the boundary below t_lo
+    grid = teacher_grid(n.device)
+    t_hi = grid[n]
     x_hi = schedule.add_noise(z0, eps, t_hi)  # 4. noise real data
     if start is not None:
         rows, x_start, t_start = start
         x_hi[rows], t_hi[rows] = x_start.to(x_hi.dtype), t_start.to(t_hi.dtype)
-    t_lo = (t_hi - GRID_STEP).clamp(min=0)
+    t_lo = (t_hi - (grid[1] - grid[0])).clamp(min=0)
     s = boundaries.reverse_target(t_lo)
     with torch.no_grad():
-        # 6. teacher DDIM step with the student's w (schedule's abar_0 at t_lo = 0, method.md §4)
-        x_lo = ddim_jump(x_hi, teacher(x_hi, t_hi, cond, w), t_hi, t_lo, schedule, hard_zero=False)
+        # 6. the teacher's DDIM step with the student's w (the schedule's abar_0 at t_lo = 0, docs/method.md §4)
+        x_lo = ddim_jump(x_hi, teacher(w)(x_hi, t_hi, cond), t_hi, t_lo, schedule=schedule, hard_zero=False)
         # 7. target: identity when t_lo is the boundary, else the same student from x_lo (never evaluated at t = s)
         y_target = x_lo.clone()
         rows = (t_lo != s).nonzero().flatten()
         if len(rows):
-            eps_lo = reverse(x_lo[rows], t_lo[rows], cond.index(rows), w[rows])
-            y_target[rows] = ddim_jump(x_lo[rows], eps_lo, t_lo[rows], s[rows], schedule)
-    y = ddim_jump(x_hi, reverse(x_hi, t_hi, cond, w), t_hi, s, schedule)  # 5. online student jump (gradient)
+            y_target[rows] = consistency_fn(reverse(w[rows]), x_lo[rows], t_lo[rows], s[rows],
+                                            cond=cond.index(rows), schedule=schedule)
+    y = consistency_fn(reverse(w), x_hi, t_hi, s, cond=cond, schedule=schedule)  # 5. online student (gradient)
     return {"cd_reverse": pseudo_huber(y, y_target, huber_c)}
 
 
 @torch.no_grad()
-def reverse_rollout(reverse: GuidedEps, x_top: torch.Tensor, cond: Cond, w: torch.Tensor, t_stop: torch.Tensor,
+def reverse_rollout(reverse: GuidedEps, x_top: torch.Tensor, cond: Cond, *, w: torch.Tensor, t_stop: torch.Tensor,
                     boundaries: Boundaries, schedule: NoiseSchedule) -> torch.Tensor:
     """The reverse model's own latents: x_top (noise at T-1) decoded down R's schedule T-1 -> E_R[-1] -> ... and
     stopped at t_stop per sample, a boundary E_R[j] with j >= 1, with constant guidance w as in `icd generate`.
@@ -76,66 +80,57 @@ def reverse_rollout(reverse: GuidedEps, x_top: torch.Tensor, cond: Cond, w: torc
         if not len(rows):
             break
         t = torch.full((len(rows),), t_from, device=x.device)
-        eps = reverse(x[rows], t, cond.index(rows), w[rows])
-        x[rows] = ddim_jump(x[rows], eps, t_from, t_to, schedule).to(x.dtype)
+        x[rows] = consistency_fn(reverse(w[rows]), x[rows], t, t_to, cond=cond.index(rows),
+                                 schedule=schedule).to(x.dtype)
     return x
 
 
-def forward_cd(forward: UnguidedEps, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, eps: torch.Tensor,
-               n: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
-               huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
-    """Forward consistency distillation L_CD^F (method.md §5.2), always unguided. n: grid index in 0..48."""
-    t_lo = 19 + GRID_STEP * n
-    t_hi = t_lo + GRID_STEP
+def forward_cd(forward: EpsFn, teacher: GuidedEps, z0: torch.Tensor, cond: Cond, *, eps: torch.Tensor,
+               n: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, huber_c: float = 1e-3
+               ) -> dict[str, torch.Tensor]:
+    """Forward consistency distillation L_CD^F (docs/method.md §5.2), always unguided. n: grid index in 0..48."""
+    grid = teacher_grid(n.device)
+    t_lo, t_hi = grid[n], grid[n + 1]
     s = boundaries.forward_target(t_hi)
     zero = torch.zeros(z0.shape[0], device=z0.device)
     x_lo = schedule.add_noise(z0, eps, t_lo)
     with torch.no_grad():
-        x_hi = ddim_jump(x_lo, teacher(x_lo, t_lo, cond, zero), t_lo, t_hi, schedule)  # DDIM inversion step
+        x_hi = consistency_fn(teacher(zero), x_lo, t_lo, t_hi, cond=cond, schedule=schedule)  # a DDIM inversion step
         y_target = x_hi.clone()
         rows = (t_hi != s).nonzero().flatten()
         if len(rows):
-            eps_hi = forward(x_hi[rows], t_hi[rows], cond.index(rows))
-            y_target[rows] = ddim_jump(x_hi[rows], eps_hi, t_hi[rows], s[rows], schedule)
-    y = ddim_jump(x_lo, forward(x_lo, t_lo, cond), t_lo, s, schedule)  # online student jump (gradient)
+            y_target[rows] = consistency_fn(forward, x_hi[rows], t_hi[rows], s[rows], cond=cond.index(rows),
+                                            schedule=schedule)
+    y = consistency_fn(forward, x_lo, t_lo, s, cond=cond, schedule=schedule)  # online student jump (gradient)
     return {"cd_forward": pseudo_huber(y, y_target, huber_c)}
 
 
-def segment_ends(j: torch.Tensor, boundaries: Boundaries) -> tuple[torch.Tensor, torch.Tensor]:
-    """(l, u) = (E_R[j] or `start` when it is 0, E_F[j]) per sample (method.md §5.3)."""
-    lower = torch.tensor(boundaries.reverse, device=j.device)[j]
-    upper = torch.tensor(boundaries.forward, device=j.device)[j]
-    return lower.clamp(min=boundaries.start), upper
-
-
-def _cycle(first: UnguidedEps, second: UnguidedEps, x_start: torch.Tensor, t_start: torch.Tensor,
+def _cycle(first: EpsFn, second: EpsFn, x_start: torch.Tensor, cond: Cond, *, t_start: torch.Tensor,
            t_mid: torch.Tensor, schedule: NoiseSchedule, huber_c: float) -> torch.Tensor:
     """d(second(first(x_start)), x_start): `first` jumps t_start -> t_mid without gradient, `second` jumps back."""
     with torch.no_grad():
-        x_mid = ddim_jump(x_start, first(x_start, t_start), t_start, t_mid, schedule)
-    x_back = ddim_jump(x_mid, second(x_mid, t_mid), t_mid, t_start, schedule)
+        x_mid = consistency_fn(first, x_start, t_start, t_mid, cond=cond, schedule=schedule)
+    x_back = consistency_fn(second, x_mid, t_mid, t_start, cond=cond, schedule=schedule)
     return pseudo_huber(x_back, x_start, huber_c)
 
 
-def forward_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
-                     eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
-                     huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+def forward_preserve(forward: EpsFn, reverse: GuidedEps, z0: torch.Tensor, cond: Cond, *, eps: torch.Tensor,
+                     j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, huber_c: float = 1e-3
+                     ) -> dict[str, torch.Tensor]:
     """L_f = d(F(R(x_u)), x_u): trains F only, R runs without gradient, both unguided (paper eq. 4)."""
-    lower, upper = segment_ends(j, boundaries)
-    zero = torch.zeros(z0.shape[0], device=z0.device)
+    lower, upper = boundaries.segment_ends(j)
     x_u = schedule.add_noise(z0, eps, upper)
-    loss = _cycle(lambda x, t: reverse(x, t, cond, zero), lambda x, t: forward(x, t, cond), x_u, upper, lower,
-                  schedule, huber_c)
+    zero = torch.zeros(z0.shape[0], device=z0.device)
+    loss = _cycle(reverse(zero), forward, x_u, cond, t_start=upper, t_mid=lower, schedule=schedule, huber_c=huber_c)
     return {"preserve_forward": loss}
 
 
-def reverse_preserve(forward: UnguidedEps, reverse: GuidedEps, z0: torch.Tensor, cond: Cond,
-                     eps: torch.Tensor, j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, *,
-                     huber_c: float = 1e-3) -> dict[str, torch.Tensor]:
+def reverse_preserve(forward: EpsFn, reverse: GuidedEps, z0: torch.Tensor, cond: Cond, *, eps: torch.Tensor,
+                     j: torch.Tensor, boundaries: Boundaries, schedule: NoiseSchedule, huber_c: float = 1e-3
+                     ) -> dict[str, torch.Tensor]:
     """L_r = d(R(F(x_l)), x_l): trains R only, F runs without gradient, both unguided (paper eq. 4)."""
-    lower, upper = segment_ends(j, boundaries)
-    zero = torch.zeros(z0.shape[0], device=z0.device)
+    lower, upper = boundaries.segment_ends(j)
     x_l = schedule.add_noise(z0, eps, lower)
-    loss = _cycle(lambda x, t: forward(x, t, cond), lambda x, t: reverse(x, t, cond, zero), x_l, lower, upper,
-                  schedule, huber_c)
+    zero = torch.zeros(z0.shape[0], device=z0.device)
+    loss = _cycle(forward, reverse(zero), x_l, cond, t_start=lower, t_mid=upper, schedule=schedule, huber_c=huber_c)
     return {"preserve_reverse": loss}

@@ -1,7 +1,8 @@
-"""Inversion and editing: `Editor` (invert / edit), controls, and the saved `Inversion`."""
+"""Inversion and editing: controls, attention control, the edit loop and the saved `Inversion` (the pipeline that
+runs them is `icd.pipeline.Pipeline`)."""
 
 from icd.editing.controllers import MasaCtrlControls, P2PControls
-from icd.editing.editor import EditControls, Editor, EditResult
+from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
 
-__all__ = ["EditControls", "EditResult", "Editor", "Inversion", "MasaCtrlControls", "P2PControls"]
+__all__ = ["EditControls", "Inversion", "MasaCtrlControls", "P2PControls"]

@@ -20,6 +20,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 
 PLACES = ("down", "mid", "up")
 
@@ -80,6 +81,7 @@ class ControlledAttnProcessor:
 
         query, key, value = split(query), split(key), split(value)
         ctrl, info = self.controller, self.info
+        ctrl.layout(batch)
         if not info.is_cross and ctrl.mutual_self_attention(info, tokens):
             key, value = ctrl.share_source(key), ctrl.share_source(value)
         if ctrl.needs_probs(info, tokens):
@@ -106,8 +108,6 @@ class AttentionLayers:
     diffusers' own ``Attention.set_processor``."""
 
     def __init__(self, unet):
-        from diffusers.models.attention_processor import Attention
-
         self.infos = layer_infos(unet)
         self.modules = {f"{name}.processor": m for name, m in unet.named_modules() if isinstance(m, Attention)}
         if set(self.modules) != set(self.infos):

@@ -1,9 +1,10 @@
 """Attention controllers for editing: Prompt-to-Prompt (replace / refine / reweight / local blend) and MasaCtrl
-(baselines.md §5-6). A controller is created per edit and holds all of that edit's state; nothing is global.
+(docs/baselines.md §5-6). A controller is created per edit and holds all of that edit's state; nothing is global.
 
 Batch layout: rows ``0..S-1`` are the source branch, rows ``S..S+T-1`` the targets, and ``source_of[j]`` is the
 source row of target j (several target prompts may share one source image). Under two-pass CFG the layout is
-repeated for the unconditional half, which controllers leave alone (`cond_offset`).
+repeated for the unconditional half, which controllers leave alone: the attention processor reads the layout from
+the batch it sees (`Controller.layout`), since a guided step may run one half or both.
 
 Lifecycle, driven by the sampling loop (never by counting layer calls): ``begin_step(i, t)`` before the UNet call of
 reverse step i at timestep t, the attention hooks during it, ``on_latents(x)`` on the latents after the step.
@@ -27,12 +28,24 @@ BLEND_MAX_TOKENS = 16 * 16  # local blend reads the largest cross-attention maps
 class Controller:
     """No control: the base class and the plain prompt-swap edit."""
 
-    def __init__(self, source_of: Sequence[int], num_steps: int, *, cond_offset: int = 0):
+    def __init__(self, source_of: Sequence[int], num_steps: int):
         self.source_of = torch.as_tensor(list(source_of), dtype=torch.long)
         self.num_sources = int(self.source_of.max()) + 1 if len(self.source_of) else 0
         self.num_steps = num_steps
-        self.cond_offset = cond_offset  # rows before the controlled block (the unconditional half under CFG)
+        self.cond_offset = 0  # rows before the controlled block (the unconditional half under CFG); see `layout`
         self.step, self.t = 0, 999
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the controlled block: the sources, then the targets."""
+        return self.num_sources + len(self.source_of)
+
+    def layout(self, batch: int) -> None:
+        """Read the row layout of a UNet call of `batch` rows: [sources, targets] alone, or after an unconditional
+        half of the same size (two-pass CFG)."""
+        if batch not in (self.num_rows, 2 * self.num_rows):
+            raise ValueError(f"a controlled call has {batch} rows; expected {self.num_rows} or {2 * self.num_rows}")
+        self.cond_offset = batch - self.num_rows
 
     # -- lifecycle
     def begin_step(self, i: int, t: int) -> None:
@@ -69,7 +82,7 @@ class Controller:
 
 @dataclass(frozen=True)
 class P2PControls:
-    """Prompt-to-Prompt settings (defaults: the official iCD SD1.5 launch, method.md §8.2).
+    """Prompt-to-Prompt settings (defaults: the official iCD SD1.5 launch, docs/method.md §8.2).
 
     cross_replace / self_replace are fractions of the reverse steps: cross control on steps i < floor(f (N+1)),
     self injection on steps i < floor(f N) and only in layers with at most `max_self_tokens` queries (None: a
@@ -101,9 +114,8 @@ class PromptToPrompt(Controller):
     """Replace or refine cross-attention, inject self-attention, reweight words, blend locally."""
 
     def __init__(self, tokenizer, source_prompts: Sequence[str], target_prompts: Sequence[str],
-                 source_of: Sequence[int], num_steps: int, controls: P2PControls, *, latent_size: int,
-                 cond_offset: int = 0):
-        super().__init__(source_of, num_steps, cond_offset=cond_offset)
+                 source_of: Sequence[int], *, num_steps: int, controls: P2PControls, latent_size: int):
+        super().__init__(source_of, num_steps)
         self.c = controls
         self.latent_size = latent_size
         k = tokenizer.model_max_length
@@ -141,7 +153,7 @@ class PromptToPrompt(Controller):
         self.blend = None
         if controls.blend_words is not None:
             self.blend = _blend_positions(tokenizer, source_prompts, target_prompts, self.source_of,
-                                          controls.blend_words, k)
+                                          blend_words=controls.blend_words, k=k)
         self.maps: dict[int, torch.Tensor] = {}  # tokens -> summed cross maps [rows, tokens, K] for local blend
         self.cross_steps = math.floor(controls.cross_replace * (num_steps + 1))
         self.self_steps = math.floor(controls.self_replace * num_steps)
@@ -199,7 +211,7 @@ class PromptToPrompt(Controller):
         return (out[0] | out[1]).float()
 
 
-def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, blend_words, k):
+def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, *, blend_words, k):
     """[T, K] indicator vectors of the source and target blend words' token positions."""
     per_target = blend_words if isinstance(blend_words, list) else [blend_words] * len(source_of)
     if len(per_target) != len(source_of):
@@ -233,8 +245,8 @@ class MasaCtrl(Controller):
     """Targets keep their queries and read keys/values from their source rows in the chosen self-attention layers."""
 
     def __init__(self, source_of: Sequence[int], num_steps: int, controls: MasaCtrlControls, *,
-                 first_decoder_layer: int, cond_offset: int = 0):
-        super().__init__(source_of, num_steps, cond_offset=cond_offset)
+                 first_decoder_layer: int):
+        super().__init__(source_of, num_steps)
         self.c = controls
         self.start_layer = first_decoder_layer if controls.start_layer is None else controls.start_layer
 

@@ -1,4 +1,4 @@
-"""Null-text inversion (Mokady et al. 2023; baselines.md §4): per-step unconditional embeddings that make guided
+"""Null-text inversion (Mokady et al. 2023; docs/baselines.md §4): per-step unconditional embeddings that make guided
 DDIM retrace the unguided DDIM inversion's pivot latents. Runs in fp32 (fp16 breaks the optimisation)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def nti_threshold(i: int) -> float:
     return 1e-5 + i * 2e-5
 
 
-def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond, guidance: float, *,
+def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond, *, guidance: float,
                        inner_steps: int = 10, progress: bool = False) -> list[torch.Tensor]:
     """One unconditional token embedding [S, L, D] per reverse step of `inversion` (a DDIM inversion).
 
@@ -36,20 +36,21 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
     pivots = list(reversed(inversion.latents))
     # optimised in fp32 whatever the model's dtype: Adam on fp16 parameters under- and overflows (NaN in a few steps)
     uncond = model.encode_prompt([""] * len(cond)).tokens.detach().float()
+    eps = model.eps_fn()  # the original UNet, unguided: CFG is combined here (the conditional half is computed once)
     x = pivots[0]
     w = torch.full((len(cond),), float(guidance))
     out = []
     for i in tqdm(range(len(timesteps) - 1), desc="null-text", disable=not progress, leave=False):
         t, t_next = timesteps[i], timesteps[i + 1]
         with torch.no_grad():
-            eps_c = model.eps(x, t, cond)
+            eps_c = eps(x, t, cond)
         emb = uncond.clone().requires_grad_(True)
         opt = torch.optim.Adam([emb], lr=nti_learning_rate(i))
         active = torch.ones(len(cond), dtype=torch.bool, device=x.device)  # on the losses' device (&= with a CUDA mask)
         for _ in range(inner_steps):
             with torch.enable_grad():
-                eps_u = model.eps(x, t, Cond(tokens=emb.to(model.dtype)))
-                x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
+                eps_u = eps(x, t, Cond(tokens=emb.to(model.dtype)))
+                x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
                 per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
             opt.zero_grad(set_to_none=True)
             per_image[active].sum().backward()  # rows are independent: a batch runs like separate images
@@ -64,6 +65,6 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
         uncond = emb.detach()
         out.append(uncond.to(model.dtype))
         with torch.no_grad():
-            eps_u = model.eps(x, t, Cond(tokens=out[-1]))
-            x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, model.schedule)
+            eps_u = eps(x, t, Cond(tokens=out[-1]))
+            x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
     return out

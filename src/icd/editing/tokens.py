@@ -1,5 +1,5 @@
-"""Token alignment for Prompt-to-Prompt (baselines.md §5): word positions, the replace mapper, the refine alignment,
-and "new words" for reweighting.
+"""Token alignment for Prompt-to-Prompt (docs/baselines.md §5): word positions, the replace mapper, the refine
+alignment, and "new words" for reweighting.
 
 Positions index the text encoder's token sequence: BOS at 0, the prompt's tokens from 1, then EOS and padding up to
 the tokenizer's maximum length. A word may tokenize into several tokens (SD's CLIP BPE); the embedded model's
@@ -66,7 +66,7 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     return mapper
 
 
-def _global_alignment(a: Sequence[int], b: Sequence[int], gap: int = -1, match: int = 1, mismatch: int = -1
+def _global_alignment(a: Sequence[int], b: Sequence[int], *, gap: int = -1, match: int = 1, mismatch: int = -1
                       ) -> list[int | None]:
     """Needleman-Wunsch: for each element of `b`, the index of its aligned match in `a` (None: inserted/changed)."""
     n, m = len(a), len(b)
@@ -114,7 +114,7 @@ def refine_alignment(tokenizer, source: str, target: str) -> tuple[torch.Tensor,
 
 
 def changed_words(source: str, target: str) -> list[str]:
-    """Target words absent from the source that are not stop-words (the words P2P reweights; method.md §8.2)."""
+    """Target words absent from the source that are not stop-words (the words P2P reweights; docs/method.md §8.2)."""
     known = set(words(source))
     return [w for w in dict.fromkeys(words(target)) if w not in known and w not in STOP_WORDS]
 

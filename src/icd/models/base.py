@@ -1,21 +1,29 @@
 """The one calling convention every sampler, loss and editor sees, and the latent-diffusion model bundle.
 
-- `Cond`: the text conditioning of a batch (token embeddings; pooled embeddings and size ids for SDXL later).
+- `EpsFn`: the convention, ``eps(x_t, t, cond) -> eps_hat``. A model hands one out with
+  ``model.eps_fn(adapter=..., guidance=w, tau=tau)``: which adapter, which guidance code and which dynamic-CFG
+  threshold are arguments of the function, never a mode switched on the model.
+- `guided_eps`: two-pass classifier-free guidance around any `EpsFn`, one row order ``[uncond; cond]``.
+- `Cond`: the text conditioning of a batch (token embeddings; pooled embeddings and size ids for SDXL).
 - `LatentDiffusion`: tokenizer + text encoder + VAE + UNet + schedule, with `encode_prompt`, `encode_images`,
-  `decode_latents` and `eps(x_t, t, cond, guidance=None)`. SD1.5 / SDXL adapters subclass it.
+  `decode_latents` and `eps_fn`. Model families subclass it or build it from their components.
 - `NFECounter`: counts UNet evaluations (and their batch sizes) by wrapping the call, never by assumption.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from icd.guidance import dynamic_guidance, guidance_embedding
+from icd.models import lora
 from icd.schedule import NoiseSchedule
+from icd.solver import cfg_combine
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,36 @@ class Cond:
             pooled=None if first.pooled is None else torch.cat([c.pooled for c in conds]),
             extra={k: torch.cat([c.extra[k] for c in conds]) for k in first.extra},
         )
+
+
+EpsFn = Callable[[torch.Tensor, "int | torch.Tensor", Cond], torch.Tensor]  # (x_t, t, cond) -> eps_hat
+GuidedEps = Callable[[torch.Tensor], EpsFn]  # per-row guidance codes w [B] -> that network's eps function (losses)
+
+
+def guidance_codes(w: torch.Tensor | float, n: int) -> torch.Tensor:
+    """Guidance codes as a float32 [n] tensor (a float applies to every row)."""
+    return torch.as_tensor(w, dtype=torch.float32).expand(n).clone()
+
+
+def guided_eps(eps: EpsFn, w: torch.Tensor | float, *, tau: float | None = None,
+               uncond: Cond | Callable[[int], Cond]) -> EpsFn:
+    """Classifier-free guidance with code w around `eps` (docs/method.md §1, §7): one call on ``[uncond; cond]``,
+    combined per row as eps_c + w(t) (eps_c - eps_u) with dynamic CFG w(t) = 0 for t / 1000 > tau.
+
+    `uncond` is the unconditional batch, or a function of the timestep giving it (null-text inversion's per-step
+    embeddings). Where every row's w(t) is 0 the step is one plain call on `cond` (no unconditional half).
+    """
+
+    def guided(x: torch.Tensor, t, cond: Cond) -> torch.Tensor:
+        w_t = dynamic_guidance(t, guidance_codes(w, len(cond)), tau)
+        if bool(torch.all(w_t == 0)):
+            return eps(x, t, cond)
+        u = uncond(int(t)) if callable(uncond) else uncond
+        t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim else t  # per-row times, both halves
+        eps_u, eps_c = eps(torch.cat([x, x]), t2, Cond.cat([u, cond])).chunk(2)
+        return cfg_combine(eps_c, eps_u, w_t.to(x.device))
+
+    return guided
 
 
 @dataclass
@@ -75,10 +113,13 @@ class LatentDiffusion:
         self.schedule = schedule
         self.name = name
         self.image_size = image_size
-        self.vocabulary = None if vocabulary is None else tuple(vocabulary)
+        self.vocabulary = None if vocabulary is None else tuple(vocabulary)  # a closed vocabulary (world models)
         self.counter = NFECounter()
         self.icd = None  # an `icd.models.embedded.ICDSpec` once iCD adapters are attached (`load_icd_model`)
         self.fused = None  # an `icd.models.lora.FusedAdapters` when the adapters are folded into the weights
+        self.trainable_adapters: tuple[str, ...] = ()  # adapters whose LoRA weights train (peft's set_adapter
+        # would freeze the inactive one; `icd.models.lora.use`)
+        self._empty: dict[tuple[int, str], Cond] = {}  # encoded empty prompts by batch size (a cache)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -103,12 +144,10 @@ class LatentDiffusion:
         """Raise `PromptError` for prompts this model cannot read (words outside a closed vocabulary)."""
         if self.vocabulary is None:
             return
-        from icd.world import unknown_words_message
-
         known = set(self.vocabulary)
         unknown = list(dict.fromkeys(w for p in prompts for w in p.lower().split() if w not in known))
         if unknown:
-            raise PromptError(unknown_words_message(unknown))
+            raise PromptError(unknown_words_message(unknown, self.vocabulary))
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
@@ -138,7 +177,7 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
-        """Images -> clean latents z0 = posterior mean x scaling factor (method.md §8.1)."""
+        """Images -> clean latents z0 = posterior mean x scaling factor (docs/method.md §8.1)."""
         x = self.preprocess(images).to(self.vae.dtype)
         return self.vae.encode(x).latent_dist.mean * self.scaling_factor
 
@@ -147,36 +186,76 @@ class LatentDiffusion:
         """Clean latents -> images, float [N,3,H,W] in [-1, 1]."""
         return self.vae.decode(z0.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
 
+    def empty_cond(self, n: int) -> Cond:
+        """The empty prompt's conditioning for `n` rows (encoded once per batch size)."""
+        key = (n, str(self.device))
+        if key not in self._empty:
+            self._empty[key] = self.encode_prompt([""] * n)
+        return self._empty[key]
+
     # ------------------------------------------------------------------ network
-    def use_adapter(self, name: str | None) -> None:
-        """Select the iCD adapter for the next UNet calls (None: the base UNet); a no-op without adapters."""
-        if self.icd is None:
-            if name is not None:
-                raise ValueError(f"adapter {name!r} requested but this model has no iCD adapters")
-            return
+    def eps_fn(self, *, adapter: str | None = None, guidance: torch.Tensor | float | None = None,
+               tau: float | None = None, uncond: Cond | Callable[[int], Cond] | None = None) -> EpsFn:
+        """The network as an `EpsFn` ``(x_t, t, cond) -> eps_hat``.
+
+        adapter: ``None`` (the UNet itself), ``lora.REVERSE`` or ``lora.FORWARD``. guidance: code w = CFG - 1, a
+        float or one per row (None: unguided). tau: dynamic-CFG threshold (None: constant guidance). A
+        guidance-distilled UNet reads e(w(t)) in one call; any other UNet runs `guided_eps` (two-pass CFG) against
+        `uncond` (default: the empty prompt).
+        """
+        self._check_adapter(adapter)
+        if self.guidance_distilled or guidance is None:
+            def eps(x, t, cond):
+                w = None if guidance is None else dynamic_guidance(t, guidance_codes(guidance, x.shape[0]), tau)
+                return self._unet(x, t, cond, adapter=adapter, guidance=w)
+
+            return eps
+        plain = self.eps_fn(adapter=adapter)
+        if uncond is not None:
+            return guided_eps(plain, guidance, tau=tau, uncond=uncond)
+        return lambda x, t, cond: guided_eps(plain, guidance, tau=tau, uncond=self.empty_cond(len(cond)))(x, t, cond)
+
+    def unet_kwargs(self, cond: Cond) -> dict:
+        """Family-specific UNet inputs taken from `cond` (SDXL: ``added_cond_kwargs``); none for SD-1.5 layouts."""
+        return {}
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in lora.ADAPTERS:
+            raise ValueError(f"unknown adapter {adapter!r}; choose from {', '.join(lora.ADAPTERS)} or None")
+        if adapter is not None and self.fused is None and not lora.has_adapters(self.unet):
+            raise ValueError(f"adapter {adapter!r} requested but this model has no iCD adapters")
+
+    def _activate(self, adapter: str | None) -> None:
+        """Point the UNet at `adapter`'s weights for the call that follows (free when the adapters are fused)."""
         if self.fused is not None:
-            self.fused.activate(name)
-            return
-        from icd.models import lora
+            self.fused.activate(adapter)
+        elif lora.has_adapters(self.unet):
+            lora.use(self.unet, adapter, trainable=self.trainable_adapters)
 
-        lora.use(self.unet, name)
-
-    def eps(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: Cond, *, guidance: torch.Tensor | None = None
-            ) -> torch.Tensor:
-        """One UNet evaluation: eps_hat(x_t, t, c[, e(w)]). `guidance` ([B] codes) needs a distilled UNet."""
-        from icd.guidance import guidance_embedding
-
+    def _unet(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: Cond, *, adapter: str | None,
+              guidance: torch.Tensor | None) -> torch.Tensor:
+        """One UNet evaluation eps_hat(x_t, t, c[, e(w)]) with `adapter` active; `guidance` [B] codes or None."""
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        kwargs = {}
+        kwargs = self.unet_kwargs(cond)
         if self.guidance_distilled:
-            w = torch.zeros(x_t.shape[0]) if guidance is None else torch.as_tensor(guidance).float()
-            w = w.expand(x_t.shape[0]) if w.ndim == 0 else w
+            w = torch.zeros(x_t.shape[0]) if guidance is None else guidance
             kwargs["timestep_cond"] = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(
                 x_t.device, self.dtype)
-        elif guidance is not None and bool(torch.any(torch.as_tensor(guidance) != 0)):
-            raise ValueError("this UNet is not guidance-distilled; use two-pass CFG (icd.sampling.CFGEps)")
+        elif guidance is not None and bool(torch.any(guidance != 0)):
+            raise ValueError("this UNet is not guidance-distilled; guidance needs two passes (icd.models.base."
+                             "guided_eps)")
+        self._activate(adapter)
         self.counter.record(x_t.shape[0])
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).sample
         return out.to(x_t.dtype)
+
+
+def unknown_words_message(unknown: Sequence[str], vocabulary: Sequence[str]) -> str:
+    """One line naming each unknown word with the closest known words, then the vocabulary."""
+    hints = []
+    for w in unknown:
+        close = difflib.get_close_matches(w, list(vocabulary), n=3, cutoff=0.5)
+        hints.append(f"{w!r} (did you mean {' / '.join(close)}?)" if close else repr(w))
+    return f"unknown word(s) for this model: {', '.join(hints)}; known words: {' '.join(vocabulary)}"

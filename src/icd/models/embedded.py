@@ -13,31 +13,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from icd.boundaries import Boundaries
+from icd.models import lora
 from icd.models.base import LatentDiffusion
 from icd.models.tiny import VOCABULARY_FILE
+from icd.paths import EMBEDDED, embedded_model_path
 from icd.schedule import NoiseSchedule
 
-EMBEDDED = "embedded"
-GUIDANCE_UNET = "unet_guidance"  # subfolder of the guidance-distilled UNet (method.md §6)
+GUIDANCE_UNET = "unet_guidance"  # subfolder of the guidance-distilled UNet (docs/method.md §6)
 ADAPTERS_SUBFOLDER = "icd"  # subfolder of the iCD adapters inside a pipeline folder
-
-
-def assets_dir() -> Path:
-    return Path(str(resources.files("icd") / "assets"))
-
-
-def embedded_model_path() -> Path:
-    return assets_dir() / "embedded"
-
-
-def embedded_judge_path() -> Path:
-    return assets_dir() / "judge.safetensors"
 
 
 class ModelError(ValueError):
@@ -67,9 +57,6 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, unet_subfolder: str = "unet") -> LatentDiffusion:
     """Load a latent diffusion model from a diffusers folder ("embedded" = the shipped tiny model)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     path = resolve_model_path(name_or_path)
     classes = json.loads((path / "model_index.json").read_text())
     if classes.get("_class_name") not in ("StableDiffusionPipeline", None):
@@ -84,12 +71,8 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
         raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
-    is_embedded = str(name_or_path) == EMBEDDED or (path / VOCABULARY_FILE).is_file()
-    vocabulary = None
-    if is_embedded:
-        from icd.world import vocabulary as world_vocabulary
-
-        vocabulary = world_vocabulary()
+    vocabulary_file = path / VOCABULARY_FILE  # a closed-vocabulary model: prompts are checked against it
+    vocabulary = json.loads(vocabulary_file.read_text()) if vocabulary_file.is_file() else None
     image_size = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     return LatentDiffusion(
         tokenizer=tokenizer, text_encoder=text_encoder.to(device), vae=vae.to(device), unet=unet.to(device),
@@ -115,8 +98,6 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, adapters: str | Path 
     fuse: fold each adapter into its own copy of the weights it modifies (`icd.models.lora.FusedAdapters`), so an
     iCD step costs one plain UNet call (about 2x faster on the embedded model); False keeps peft's LoRA branches
     (less memory: no extra weight copies)."""
-    from icd.models import lora
-
     path = resolve_model_path(name_or_path)
     folder = Path(adapters) if adapters is not None else path / ADAPTERS_SUBFOLDER
     meta_file = folder / "adapters.json"

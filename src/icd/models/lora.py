@@ -1,4 +1,4 @@
-"""The two iCD LoRA adapters on one frozen UNet: add, switch, save and load (method.md §5.5, style.md §5).
+"""The two iCD LoRA adapters on one frozen UNet: add, switch, save and load (docs/method.md §5.5).
 
 - Adapter names are ``rev_cd`` (reverse, noise -> image) and ``fwd_cd`` (forward, image -> noise); peft rejects
   ``forward`` as a name.
@@ -19,6 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+from icd.io import save_safetensors_atomic, write_text_atomic
 
 REVERSE = "rev_cd"
 FORWARD = "fwd_cd"
@@ -32,8 +37,6 @@ LORA_TARGETS: tuple[str, ...] = (
 def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str] = LORA_TARGETS,
                  names: Sequence[str] = ADAPTERS, seed: int = 0) -> None:
     """Add one LoRA adapter per name (same rank/alpha/targets); base weights are frozen."""
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
     for name in names:
         torch.manual_seed(seed + names.index(name))
@@ -42,6 +45,11 @@ def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str]
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`")
             unet.add_adapter(config, adapter_name=name)
     set_trainable(unet, names)
+
+
+def has_adapters(unet) -> bool:
+    """True when peft adapters are attached to `unet`."""
+    return bool(getattr(unet, "peft_config", None))
 
 
 def lora_parameters(unet, name: str) -> list[torch.nn.Parameter]:
@@ -66,26 +74,17 @@ def use(unet, name: str | None, *, trainable: Sequence[str] = ()) -> None:
 
 
 def adapter_state_dict(unet, name: str) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
     return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
 
 
 def save_adapters(unet, directory: str | Path, metadata: dict, names: Sequence[str] = ADAPTERS) -> dict[str, Path]:
     """Write ``<name>.safetensors`` per adapter and ``adapters.json`` (metadata + file names), atomically."""
-    from safetensors.torch import save_file
-
-    from icd.train.checkpoint import write_text_atomic
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in names:
-        path = directory / f"{name}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(adapter_state_dict(unet, name), str(tmp), metadata={"adapter": name})
-        tmp.replace(path)
-        files[name] = path
+        files[name] = save_safetensors_atomic(adapter_state_dict(unet, name), directory / f"{name}.safetensors",
+                                              metadata={"adapter": name})
     write_text_atomic(directory / "adapters.json",
                       json.dumps({**metadata, "files": {n: p.name for n, p in files.items()}}, indent=1) + "\n")
     return files
@@ -93,9 +92,6 @@ def save_adapters(unet, directory: str | Path, metadata: dict, names: Sequence[s
 
 def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
     """Load adapters saved by `save_adapters` into a UNet that has them (e.g. after `add_adapters`)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = json.loads((directory / "adapters.json").read_text())
     for name in names:
@@ -131,8 +127,6 @@ class FusedAdapters:
     """
 
     def __init__(self, unet, names: Sequence[str] = ADAPTERS):
-        from peft.tuners.lora import LoraLayer
-
         self.unet = unet
         self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
         if not self.layers:
@@ -191,10 +185,6 @@ def copy_adapters(src: str | Path, dst: str | Path, *, rank: int | None = None,
     """Copy the adapters folder `src` to `dst`, both adapters cut to `rank` (`truncate_rank`; ``adapters.json`` then
     records the new rank, alpha scaled with it and the trained rank and alpha) and cast to `dtype` where given.
     Returns the written metadata."""
-    from safetensors.torch import load_file, save_file
-
-    from icd.train.checkpoint import write_text_atomic
-
     src, dst = Path(src), Path(dst)
     meta = json.loads((src / "adapters.json").read_text())
     if rank is not None:
@@ -206,8 +196,6 @@ def copy_adapters(src: str | Path, dst: str | Path, *, rank: int | None = None,
             state = truncate_rank(state, rank)
         if dtype is not None:
             state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-        tmp = dst / (file + ".tmp")
-        save_file(state, str(tmp), metadata={"adapter": name})
-        tmp.replace(dst / file)
+        save_safetensors_atomic(state, dst / file, metadata={"adapter": name})
     write_text_atomic(dst / "adapters.json", json.dumps(meta, indent=1) + "\n")
     return meta

@@ -3,24 +3,33 @@
 No weights: the values below are the published component configs of SD 1.5 (UNet 860 M parameters: four levels
 320/640/1280/1280, two ResNet + transformer layers per level, cross-attention at the three upper levels, CLIP
 ViT-L/14 text width 768; VAE 128/256/512/512, scaling factor 0.18215). The guidance-distilled variant adds a
-256-d time-conditioning projection for e(w) (the LCM convention; method.md §6). What these models are for:
+256-d time-conditioning projection for e(w) (the LCM convention; docs/method.md §6). What these models are for:
 
 - timing the SD-shaped path (`benchmarks/sd_shaped_timing.py`) where no weights can be downloaded;
 - tests of code that must hold for SD's topology (four levels, attention at 64x64 / 32x32 / 16x16 / 8x8 tokens)
   at a reduced width (`scale=`), as diffusers tests itself.
 
-The text side is the world tokenizer padded to SD's 77 positions: the vocabulary differs from CLIP's 49 408
+The text side is a one-token-per-word tokenizer of the given vocabulary (the tests use the shapes world's) padded to
+SD's 77 positions: the vocabulary differs from CLIP's 49 408
 tokens, which changes nothing about the cost of a step. Loading real SD 1.5 weights goes through
 `icd.models.embedded.load_model(<diffusers folder>)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from icd.boundaries import Boundaries
+from icd.models import lora
 from icd.models.base import LatentDiffusion
+from icd.models.embedded import ICDSpec
+from icd.models.tiny import scheduler_config
+from icd.models.tokenizer import write_tokenizer
 from icd.schedule import NoiseSchedule
 
 MAX_LENGTH = 77
@@ -84,24 +93,18 @@ def _scaled(width: int, scale: int) -> int:
     return max(32, width // scale // 32 * 32)
 
 
-def random_models(tokenizer_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def random_models(tokenizer_dir: str | Path, *, vocabulary: Sequence[str], device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32,
                   scale: int = 1, image_size: int = 512, rank: int | None = 64, seed: int = 0
                   ) -> tuple[LatentDiffusion, LatentDiffusion]:
     """(base, icd): a randomly initialised SD-1.5-shaped model and its guidance-distilled twin.
 
     Both share tokenizer, text encoder, VAE and NFE counter. `icd` has a UNet with the guidance embedding and, unless
     rank is None, the two iCD LoRA adapters (peft's initialisation: zero deltas) fused for inference, boundaries
-    4step-1 and tau 0.8 -- the layout `icd.models.embedded.load_icd_model` returns, so `Editor(icd, base)` edits.
+    4step-1 and tau 0.8 -- the layout `icd.models.embedded.load_icd_model` returns, so `Pipeline(icd, base)` edits.
     scale: divide every width by this (1 = SD 1.5's sizes; 10 gives a CPU-test model with the same topology).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from icd import world
-    from icd.models.tiny import scheduler_config
-    from icd.models.tokenizer import write_tokenizer
-
-    write_tokenizer(tokenizer_dir, world.vocabulary(), max_length=MAX_LENGTH)
+    write_tokenizer(tokenizer_dir, vocabulary, max_length=MAX_LENGTH)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     text_width = _scaled(768, scale)
     unet_kw = dict(width=_scaled(320, scale), cross_attention_dim=text_width,
@@ -118,15 +121,11 @@ def random_models(tokenizer_dir: str | Path, *, device: str | torch.device = "cp
     text_encoder, vae = text_encoder.to(dtype), vae.to(dtype)
     models = [LatentDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet.to(dtype),
                               schedule=schedule, name=f"sd15-shaped-random{'' if scale == 1 else f'/{scale}'}",
-                              image_size=image_size, vocabulary=world.vocabulary())
+                              image_size=image_size, vocabulary=vocabulary)
               for unet in (base_unet, distilled_unet)]
     base, icd = models
     icd.counter = base.counter
     if rank is not None:
-        from icd.boundaries import Boundaries
-        from icd.models import lora
-        from icd.models.embedded import ICDSpec
-
         lora.add_adapters(icd.unet, rank=rank, alpha=rank, seed=seed)
         icd.unet.to(device=device, dtype=dtype).requires_grad_(False)
         icd.icd = ICDSpec(path=Path(tokenizer_dir), boundaries=Boundaries.preset("4step-1"), tau=0.8,

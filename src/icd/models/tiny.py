@@ -3,7 +3,7 @@
 Components (diffusers format, so `StableDiffusionPipeline.from_pretrained(<dir>)` loads it):
 
 ==============  =====================================================================================
-tokenizer       `CLIPTokenizer` built from the world's vocabulary (one token per word), 20 positions
+tokenizer       `CLIPTokenizer` built from a closed vocabulary (one token per word; the shapes world's), 20 positions
 text_encoder    `CLIPTextModel`, hidden 64, 2 layers, 4 heads
 vae             `AutoencoderKL`, 64x64x3 <-> 16x16x4 (two downsamplings), scaling factor measured from data
 unet            `UNet2DConditionModel` on 16x16x4 latents, channels 64/128/128, cross-attention at 8x8 and
@@ -14,14 +14,21 @@ scheduler       `DDIMScheduler`, SD's scaled_linear betas 0.00085-0.012, 1000 st
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
-from icd import world
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from icd.models.tokenizer import write_tokenizer
 
 MAX_LENGTH = 20  # BOS + "a large red circle and ... on a gray background" (3 objects) + EOS
 TEXT_DIM = 64
 LATENT_CHANNELS = 4
-IMAGE_SIZE = world.BASE_RES
+IMAGE_SIZE = 64  # the shapes world's resolution
 LATENT_SIZE = IMAGE_SIZE // 4
 
 
@@ -86,54 +93,41 @@ def scheduler_config() -> dict:
     )
 
 
-def write_tokenizer_files(directory: str | Path) -> None:
-    """vocab.json + merges.txt (+ configs) of the world tokenizer, beside any tokenizer.json transformers wrote."""
-    from icd.models.tokenizer import write_tokenizer
+def write_tokenizer_files(directory: str | Path, vocabulary: Sequence[str]) -> None:
+    """vocab.json + merges.txt (+ configs) of the one-token-per-word tokenizer, beside any tokenizer.json
+    transformers wrote."""
+    write_tokenizer(directory, vocabulary, max_length=MAX_LENGTH)
 
-    write_tokenizer(directory, world.vocabulary(), max_length=MAX_LENGTH)
 
-
-def build_tokenizer(directory: str | Path):
-    """Write the world tokenizer to `directory` and load it as a `CLIPTokenizer`."""
-    from transformers import CLIPTokenizer
-
-    write_tokenizer_files(directory)
+def build_tokenizer(directory: str | Path, vocabulary: Sequence[str]):
+    """Write the tokenizer of `vocabulary` to `directory` and load it as a `CLIPTokenizer`."""
+    write_tokenizer_files(directory, vocabulary)
     return CLIPTokenizer.from_pretrained(str(directory))
 
 
 def build_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     cfg = CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id))
     return CLIPTextModel(cfg)
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(**vae_config())
 
 
 def build_unet(*, time_cond_proj_dim: int | None = None):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**unet_config(time_cond_proj_dim=time_cond_proj_dim))
 
 
 def build_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**scheduler_config())
 
 
 VOCABULARY_FILE = "world_vocabulary.json"  # marks a closed-vocabulary (world) model; prompts are checked against it
 
 
-def save_pipeline(directory: str | Path, *, tokenizer, text_encoder, vae, unet) -> Path:
-    """Save a diffusers `StableDiffusionPipeline` folder (safety checker off) plus the world vocabulary."""
-    import json
-
-    from diffusers import StableDiffusionPipeline
+def save_pipeline(directory: str | Path, *, tokenizer, text_encoder, vae, unet, vocabulary: Sequence[str]) -> Path:
+    """Save a diffusers `StableDiffusionPipeline` folder (safety checker off) plus its closed vocabulary."""
+    from diffusers import StableDiffusionPipeline  # its import pulls in transformers' image processors (slow, noisy)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
@@ -141,21 +135,17 @@ def save_pipeline(directory: str | Path, *, tokenizer, text_encoder, vae, unet) 
     )
     directory = Path(directory)
     pipe.save_pretrained(directory)
-    write_tokenizer_files(directory / "tokenizer")
-    (directory / VOCABULARY_FILE).write_text(json.dumps(world.vocabulary()) + "\n")
+    write_tokenizer_files(directory / "tokenizer", vocabulary)
+    (directory / VOCABULARY_FILE).write_text(json.dumps(list(vocabulary)) + "\n")
     return directory
 
 
-def build_random_pipeline(directory: str | Path, *, seed: int = 0) -> Path:
+def build_random_pipeline(directory: str | Path, *, vocabulary: Sequence[str], seed: int = 0) -> Path:
     """A randomly initialised embedded-architecture pipeline folder (for tests; no training, no download)."""
-    import torch
-
     directory = Path(directory)
-    tokenizer = build_tokenizer(directory / "_tokenizer")
+    tokenizer = build_tokenizer(directory / "_tokenizer", vocabulary)
     torch.manual_seed(seed)
     out = save_pipeline(directory, tokenizer=tokenizer, text_encoder=build_text_encoder(tokenizer), vae=build_vae(),
-                        unet=build_unet())
-    import shutil
-
+                        unet=build_unet(), vocabulary=vocabulary)
     shutil.rmtree(directory / "_tokenizer")
     return out

@@ -15,7 +15,6 @@ checkpoints are deleted after that. A crash at any moment leaves the previous ch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from icd.io import fsync_dir, write_text_atomic
 
 
 class CheckpointError(OSError):
@@ -50,48 +51,6 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: Mapping[str, torch
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | Path):
-    """Yield a temporary sibling folder to fill; on success it replaces `final` by a rename."""
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -124,12 +83,12 @@ def save_checkpoint(
             save_file(tensors, str(tmp / f"optim.{name}.safetensors"))
             state["optimizers"][name] = meta
         write_text_atomic(tmp / "state.json", json.dumps(state, indent=1))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(run_dir / "latest", final.name + "\n")
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)

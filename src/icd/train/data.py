@@ -10,21 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from icd import world
+from icd.imageio import to_tensor
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, step, stream).
-
-    Every random draw of training step `step` comes from here, so a resumed run repeats an uninterrupted one
-    exactly without saving RNG state.
-    """
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def world_dataset(n: int, *, seed_start: int = 0, max_objects: int = 2, cache_dir: str | Path | None = None):
@@ -47,11 +39,6 @@ def world_dataset(n: int, *, seed_start: int = 0, max_objects: int = 2, cache_di
         np.savez(tmp, images=images, captions=np.array(json.dumps(captions)))
         tmp.replace(path)
     return images, captions
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def file_digest(path: str | Path, length: int = 16) -> str:
@@ -82,8 +69,6 @@ def world_latents(vae, vae_dir: str | Path, n: int, *, max_objects: int = 2, cac
 
     The cache is keyed by a digest of the VAE's weight file, so retrained weights never reuse stale latents.
     """
-    from safetensors.torch import load_file, save_file
-
     vae_key = file_digest(next(Path(vae_dir).glob("*.safetensors")))
     images, captions = world_dataset(n, seed_start=seed_start, max_objects=max_objects, cache_dir=cache_dir)
     name = f"latents-{seed_start}-{n}-{max_objects}-{vae_key}.safetensors"

@@ -1,4 +1,4 @@
-"""`icd train guidance`: distil two-pass classifier-free guidance into one UNet call (method.md §6).
+"""`icd train guidance`: distil two-pass classifier-free guidance into one UNet call (docs/method.md §6).
 
 The student is the teacher UNet plus a zero-initialised 512-d `cond_proj` (guidance embedding e(w)); all UNet
 weights and `cond_proj` are trained with an L2 loss against the teacher's CFG output, w drawn uniformly from the
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from icd.distill.guidance import guidance_loss, init_student_from_teacher
-from icd.guidance import guidance_embedding
-from icd.models.base import Cond
+from icd.io import atomic_directory
+from icd.models.base import Cond, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
-from icd.train.checkpoint import atomic_directory
-from icd.train.data import caption_tokens, step_generator, world_latents
+from icd.runtime import step_generator
+from icd.train.data import caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, resume=resume)
     w_set = torch.tensor(cfg.w_set, dtype=torch.float32)
 
-    def teacher_eps(x, t, cond):
-        return teacher.unet(x, t, encoder_hidden_states=cond.tokens).sample
-
-    def student_eps(x, t, cond, w):
-        return student(x, t, encoder_hidden_states=cond.tokens, timestep_cond=guidance_embedding(w)).sample
+    # both networks through the one convention: the student is the teacher's bundle with the distilled UNet
+    student_model = LatentDiffusion(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder, vae=teacher.vae,
+                                    unet=student, schedule=teacher.schedule, name=f"{teacher.name}/student",
+                                    image_size=teacher.image_size, vocabulary=teacher.vocabulary)
+    student.train().requires_grad_(True)
 
     with run:
         while not run.done:
@@ -87,7 +87,8 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
             uncond = Cond(tokens=uncond_tokens.expand(cfg.batch_size, -1, -1))
             # 2. loss, backward, clip, step
             lr = set_lr([opt], lr_at(run.step, cfg))
-            losses = guidance_loss(student_eps, teacher_eps, z_all[idx], cond, uncond, eps, t, w, teacher.schedule)
+            losses = guidance_loss(lambda codes: student_model.eps_fn(guidance=codes), teacher.eps_fn(), z_all[idx],
+                                   cond, uncond=uncond, eps=eps, t=t, w=w, schedule=teacher.schedule)
             opt.zero_grad(set_to_none=True)
             losses["guidance"].backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

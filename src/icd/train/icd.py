@@ -1,4 +1,4 @@
-"""`icd train icd`: invertible consistency distillation of two LoRA adapters (method.md §5; paper eq. 5).
+"""`icd train icd`: invertible consistency distillation of two LoRA adapters (docs/method.md §5; paper eq. 5).
 
 One frozen guidance-distilled UNet carries two adapters: ``rev_cd`` (R, noise -> image) and ``fwd_cd`` (F,
 image -> noise). Each step draws one batch and one noise tensor and computes
@@ -19,7 +19,7 @@ estimates.
 Backward distillation (``reverse_own_latents = p > 0``, off by default and not in the paper): a fraction p of the
 reverse-CD rows start not from noised data but from R's own latents at an interior boundary E_R[j], decoded from
 their noise by R itself (no gradient, constant w as in `icd generate`); their teacher step and target are as usual.
-It trains each reverse jump on the inputs it meets when sampling (RESULTS §2.12).
+It trains each reverse jump on the inputs it meets when sampling (docs/experiments/backward-distillation.md).
 
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
@@ -37,16 +37,28 @@ from pathlib import Path
 import torch
 
 from icd.boundaries import Boundaries
-from icd.distill.icd import forward_cd, forward_preserve, reverse_cd, reverse_preserve, reverse_rollout
+from icd.distill.icd import TEACHER_STEPS, forward_cd, forward_preserve, reverse_cd, reverse_preserve, reverse_rollout
+from icd.io import atomic_directory
 from icd.models import lora
-from icd.models.base import Cond, LatentDiffusion
+from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
-from icd.train.accel import PRECISIONS, Precision, ProcessGroup
-from icd.train.checkpoint import atomic_directory
-from icd.train.data import caption_tokens, step_generator, world_latents
+from icd.runtime import PRECISIONS, Precision, ProcessGroup, step_generator
+from icd.train.checkpoint import load_checkpoint
+from icd.train.config import from_dict, to_dict
+from icd.train.data import caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's (local) batch: clean latents, their captions' conditioning, the step's draws, the boundaries."""
+
+    z0: torch.Tensor
+    cond: Cond
+    draws: dict
+    boundaries: Boundaries
 UPDATES = ("joint", "sequential")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -60,7 +72,7 @@ class ICDConfig:
     reverse_boundaries: tuple[int, ...] = ()  # explicit E_R, e.g. [0, 259, 519, 779]
     forward_boundaries: tuple[int, ...] = ()  # explicit E_F, e.g. [259, 519, 779, 999]
     w_set: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)  # guidance codes for reverse CD, sampled uniformly
-    tau: float = 0.8  # dynamic-CFG threshold recommended with these boundaries (inference only; method.md §7)
+    tau: float = 0.8  # dynamic-CFG threshold recommended with these boundaries (inference only; docs/method.md §7)
     lambda_f: float = 1.5  # weight of L_f (trains F)
     lambda_r: float = 1.5  # weight of L_r (trains R)
     forward_cd: bool = True  # False: F learns from L_f alone (paper Table 2 row E, "encoder regime")
@@ -130,29 +142,20 @@ def learning_rate(cfg: ICDConfig, step: int) -> float:
     return lr_at(step, cfg) if cfg.lr_schedule == "cosine" else cfg.lr
 
 
-def eps_functions(model: LatentDiffusion):
-    """The three eps functions of the losses, all on one UNet: teacher (adapters off), R and F."""
-    unet = model.unet
-
-    def teacher(x, t, cond, w):
-        lora.use(unet, None, trainable=lora.ADAPTERS)
-        return model.eps(x, t, cond, guidance=w)
-
-    def reverse(x, t, cond, w):
-        lora.use(unet, lora.REVERSE, trainable=lora.ADAPTERS)
-        return model.eps(x, t, cond, guidance=w)
-
-    def forward(x, t, cond):
-        lora.use(unet, lora.FORWARD, trainable=lora.ADAPTERS)
-        return model.eps(x, t, cond, guidance=torch.zeros(x.shape[0]))
-
-    return teacher, reverse, forward
+def networks(model: LatentDiffusion) -> tuple[GuidedEps, GuidedEps, EpsFn]:
+    """The losses' three networks on one UNet, through the one calling convention: teacher(w) (adapters off), R(w)
+    and F (unguided). Both adapters stay trainable whichever is active (`LatentDiffusion.trainable_adapters`)."""
+    model.trainable_adapters = lora.ADAPTERS
+    return (lambda w: model.eps_fn(guidance=w), lambda w: model.eps_fn(adapter=lora.REVERSE, guidance=w),
+            model.eps_fn(adapter=lora.FORWARD))
 
 
-def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], num_segments: int) -> dict:
+def batch_draws(cfg: ICDConfig, step: int, *, n_data: int, shape: tuple[int, ...], num_segments: int) -> dict:
     """Every random draw of one step for the global batch: a pure function of (seed, step).
 
-    The draws of `reverse_own_latents` come last and only when it is > 0, so the others do not depend on it.
+    Grid indices index the teacher's DDIM-50 grid (`icd.distill.icd.teacher_grid`): reverse CD starts at any of its
+    points, forward CD at any but the last. The draws of `reverse_own_latents` come last and only when it is > 0, so
+    the others do not depend on it.
     """
     gen = step_generator(cfg.seed, step)
     b = cfg.batch_size
@@ -160,8 +163,8 @@ def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], 
     draws = {
         "idx": torch.randint(n_data, (b,), generator=gen),
         "eps": torch.randn((b, *shape), generator=gen),  # one noise draw shared by the four losses
-        "n_reverse": torch.randint(0, 50, (b,), generator=gen),
-        "n_forward": torch.randint(0, 49, (b,), generator=gen),
+        "n_reverse": torch.randint(0, TEACHER_STEPS, (b,), generator=gen),
+        "n_forward": torch.randint(0, TEACHER_STEPS - 1, (b,), generator=gen),
         "w": w_set[torch.randint(len(w_set), (b,), generator=gen)],
         "j_forward": torch.randint(num_segments, (b,), generator=gen),
         "j_reverse": torch.randint(num_segments, (b,), generator=gen),
@@ -172,7 +175,7 @@ def batch_draws(cfg: ICDConfig, step: int, n_data: int, shape: tuple[int, ...], 
     return draws
 
 
-def own_latent_start(reverse, cond: Cond, d: dict, boundaries: Boundaries, schedule,
+def own_latent_start(reverse: GuidedEps, cond: Cond, d: dict, *, boundaries: Boundaries, schedule,
                      own_w: tuple[float, ...] = ()):
     """`reverse_cd`'s `start` for the rows drawn to begin at R's own latents (None when there are none).
 
@@ -187,34 +190,45 @@ def own_latent_start(reverse, cond: Cond, d: dict, boundaries: Boundaries, sched
         return None
     rows = own.nonzero().flatten()
     t = torch.tensor(boundaries.reverse, device=rows.device)[d["own_j"][rows]]
-    x = reverse_rollout(reverse, d["eps"][rows], cond.index(rows), d["w"][rows], t, boundaries, schedule)
+    x = reverse_rollout(reverse, d["eps"][rows], cond.index(rows), w=d["w"][rows], t_stop=t, boundaries=boundaries,
+                        schedule=schedule)
     return rows, x, t
 
 
-def icd_losses(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
-               d: dict, backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+def loss_terms(model: LatentDiffusion, cfg: ICDConfig, batch: Batch) -> list[tuple[str, float, Callable]]:
+    """Paper eq. 5 as (adapter it trains, weight, compute) in the order R-CD, F-CD, L_f, L_r; `compute()` returns
+    {name: loss}. Terms with a zero weight (or F-CD when `forward_cd` is off) are left out."""
+    teacher, reverse, forward = networks(model)
+    z0, cond, d, b = batch.z0, batch.cond, batch.draws, batch.boundaries
+    kw = dict(boundaries=b, schedule=model.schedule, huber_c=cfg.huber_c)
+
+    def start():
+        return own_latent_start(reverse, cond, d, boundaries=b, schedule=model.schedule, own_w=cfg.reverse_own_w)
+
+    terms = [(lora.REVERSE, 1.0, lambda: reverse_cd(reverse, teacher, z0, cond, eps=d["eps"], n=d["n_reverse"],
+                                                    w=d["w"], start=start(), **kw))]
+    if cfg.forward_cd:
+        terms.append((lora.FORWARD, 1.0, lambda: forward_cd(forward, teacher, z0, cond, eps=d["eps"],
+                                                            n=d["n_forward"], **kw)))
+    if cfg.lambda_f > 0:
+        terms.append((lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, eps=d["eps"],
+                                                                           j=d["j_forward"], **kw)))
+    if cfg.lambda_r > 0:
+        terms.append((lora.REVERSE, cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, eps=d["eps"],
+                                                                           j=d["j_reverse"], **kw)))
+    return terms
+
+
+def icd_losses(model: LatentDiffusion, cfg: ICDConfig, batch: Batch,
+               backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
     """The four loss terms of one (local) batch; see the module docstring for the gradient routing.
 
     With `backward`, each term is back-propagated (times its weight in eq. 5) as soon as it is computed, while its
     adapter is still active: the sum of these gradients is the gradient of L_R + L_F, and it stays exact under
     gradient checkpointing. The returned values are then detached.
     """
-    teacher, reverse, forward = eps_functions(model)
-    s, c = model.schedule, cfg.huber_c
-    own_start = lambda: own_latent_start(reverse, cond, d, boundaries, s, cfg.reverse_own_w)  # noqa: E731
-    terms = [(1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"], boundaries, s,
-                                      huber_c=c, start=own_start()))]
-    if cfg.forward_cd:
-        terms.append((1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
-                                              huber_c=c)))
-    if cfg.lambda_f > 0:
-        terms.append((cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],
-                                                             boundaries, s, huber_c=c)))
-    if cfg.lambda_r > 0:
-        terms.append((cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"],
-                                                             boundaries, s, huber_c=c)))
     out: dict[str, torch.Tensor] = {}
-    for weight, compute in terms:
+    for _, weight, compute in loss_terms(model, cfg, batch):
         (name, loss), = compute().items()
         if backward is not None:
             backward(weight * loss)
@@ -268,14 +282,16 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     with run:
         while not run.done:
             # 1. global draws, then this process's rows
-            d = batch_draws(cfg, run.step, len(z_all), tuple(z_all.shape[1:]), boundaries.num_segments)
+            d = batch_draws(cfg, run.step, n_data=len(z_all), shape=tuple(z_all.shape[1:]),
+                            num_segments=boundaries.num_segments)
             rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
             d = {k: v[rows].to(sync.device) for k, v in d.items()}
             z0 = z_all[d["idx"].cpu()].to(sync.device)
             cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
             # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
             set_lr(opts.values(), learning_rate(cfg, run.step))
-            losses = training_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
+            losses = training_step(model, cfg, Batch(z0, cond, d, boundaries), params=params, opts=opts, sync=sync,
+                                   precision=precision)
             if cfg.ema_decay:  # 3. EMA of the adapters (decay warms up from 0.1)
                 decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
                 for name in params:
@@ -305,43 +321,24 @@ def adapter_optimizers(model: LatentDiffusion, cfg: ICDConfig):
     return params, opts
 
 
-def training_step(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, z0: torch.Tensor, cond: Cond,
-                  d: dict, params: dict, opts: dict, sync: ProcessGroup, precision: Precision
-                  ) -> dict[str, torch.Tensor]:
-    """One iteration on this process's rows: the losses, backward passes and optimizer steps of `cfg.update`."""
-    if cfg.update == "sequential":
-        return _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision)
-    with precision.autocast():
-        losses = icd_losses(model, cfg, boundaries, z0, cond, d, backward=precision.backward)
-    for name in lora.ADAPTERS:
-        precision.step(params[name], opts[name], sync)
-    precision.update()
-    return losses
+def training_step(model: LatentDiffusion, cfg: ICDConfig, batch: Batch, *, params: dict, opts: dict,
+                  sync: ProcessGroup, precision: Precision) -> dict[str, torch.Tensor]:
+    """One iteration on this process's rows: the losses, backward passes and optimizer steps of `cfg.update`.
 
-
-def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, precision
-                     ) -> dict[str, torch.Tensor]:
-    """Reference-compatible update: four backward/clip/step rounds (R-CD, F-CD, L_f on F, L_r on R)."""
-    teacher, reverse, forward = eps_functions(model)
-    s, c = model.schedule, cfg.huber_c
-    own_start = lambda: own_latent_start(reverse, cond, d, boundaries, s, cfg.reverse_own_w)  # noqa: E731
-    rounds = [
-        (lora.REVERSE, 1.0, lambda: reverse_cd(reverse, teacher, z0, cond, d["eps"], d["n_reverse"], d["w"],
-                                               boundaries, s, huber_c=c,
-                                               start=own_start())),
-        (lora.FORWARD, 1.0, lambda: forward_cd(forward, teacher, z0, cond, d["eps"], d["n_forward"], boundaries, s,
-                                               huber_c=c) if cfg.forward_cd else {}),
-        (lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, d["eps"], d["j_forward"],
-                                                              boundaries, s, huber_c=c) if cfg.lambda_f else {}),
-        (lora.REVERSE, cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, d["eps"], d["j_reverse"],
-                                                              boundaries, s, huber_c=c) if cfg.lambda_r else {}),
-    ]
+    ``joint``: every term back-propagated as it is computed, then one clip and step per adapter. ``sequential`` (the
+    reference's update): each term its own backward / clip / step round on the adapter it trains.
+    """
+    if cfg.update == "joint":
+        with precision.autocast():
+            losses = icd_losses(model, cfg, batch, backward=precision.backward)
+        for name in lora.ADAPTERS:
+            precision.step(params[name], opts[name], sync)
+        precision.update()
+        return losses
     out: dict[str, torch.Tensor] = {}
-    for name, weight, compute in rounds:
+    for name, weight, compute in loss_terms(model, cfg, batch):
         with precision.autocast():
             terms = compute()
-        if not terms:
-            continue
         precision.backward(weight * sum(terms.values()))
         precision.step(params[name], opts[name], sync)
         precision.update()
@@ -351,8 +348,6 @@ def _sequential_step(model, cfg, boundaries, z0, cond, d, params, opts, sync, pr
 
 def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Boundaries, directory: Path) -> Path:
     """Both adapters in their own files plus adapters.json (boundaries, w set, tau, teacher, training config)."""
-    from icd.train.config import to_dict
-
     metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set), "tau": cfg.tau,
                 "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
                 "config": to_dict(cfg)}
@@ -363,9 +358,6 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
 
 def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
     """Adapters of an intermediate checkpoint (``<out_dir>/step-NNNNNN``) written like a final save."""
-    from icd.train.checkpoint import load_checkpoint
-    from icd.train.config import from_dict
-
     checkpoint = Path(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
     cfg = from_dict(ICDConfig, state["extra"]["config"])

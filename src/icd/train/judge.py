@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from icd import judge as J
 from icd import world
-from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.imageio import to_tensor
+from icd.runtime import step_generator
+from icd.train.data import world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,6 @@ def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
     model.eval()
     report = {"clean": evaluate(model, cfg.n_eval, degraded=False),
               "degraded": evaluate(model, cfg.n_eval, degraded=True)}
-    from safetensors.torch import save_file
-
     tmp = out / "judge.safetensors.tmp"
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(out / "judge.safetensors")

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
+from icd import world
+from icd.io import atomic_directory
 from icd.models import tiny
+from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
-from icd.train.checkpoint import atomic_directory
-from icd.train.data import step_generator, world_latents
+from icd.train.data import world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ def teacher_noise(shape: tuple[int, ...], offset: float, generator: torch.Genera
     return eps
 
 
-def diffusion_loss(unet, text_encoder, z0, ids, t, eps, schedule: NoiseSchedule, snr_gamma: float
+def diffusion_loss(unet, text_encoder, z0, ids, *, t, eps, schedule: NoiseSchedule, snr_gamma: float
                    ) -> dict[str, torch.Tensor]:
     """Epsilon-prediction MSE with optional min-SNR-gamma weighting."""
     x_t = schedule.add_noise(z0, eps, t)
@@ -92,8 +95,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
-    from diffusers import AutoencoderKL
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -101,7 +102,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
     z_all, captions = world_latents(vae, cfg.vae_path, cfg.n_images, max_objects=cfg.max_objects,
                                     cache_dir=out.parent / "cache")
-    tokenizer = tiny.build_tokenizer(out / "tokenizer")
+    tokenizer = tiny.build_tokenizer(out / "tokenizer", world.vocabulary())
     ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
                         return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=tiny.MAX_LENGTH, return_tensors="pt").input_ids
@@ -133,7 +134,8 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
             ids = torch.where(drop[:, None], empty_ids.expand(cfg.batch_size, -1), ids_all[idx])
             # 2. Loss, backward, clip, step
             lr = set_lr([opt], lr_now(run.step))
-            losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t, eps, schedule, cfg.snr_gamma)
+            losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t=t, eps=eps, schedule=schedule,
+                                    snr_gamma=cfg.snr_gamma)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -144,5 +146,6 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
             ema_update(ema_text, text_encoder, decay)
             run.end_step({"loss": losses["loss"].item(), "mse": losses["mse"].item(), "lr": lr})
     with atomic_directory(out / "final") as tmp:
-        tiny.save_pipeline(tmp, tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet)
+        tiny.save_pipeline(tmp, tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet,
+                           vocabulary=world.vocabulary())
     return out / "final"

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from icd import world
+from icd.imageio import to_tensor
+from icd.io import atomic_directory
 from icd.models import tiny
-from icd.train.checkpoint import atomic_directory
-from icd.train.data import step_generator, to_tensor, world_dataset
+from icd.runtime import step_generator
+from icd.train.data import world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)

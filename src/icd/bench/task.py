@@ -1,0 +1,44 @@
+"""What every benchmark task shares: the run's context and the task record the harness dispatches on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from icd.bench.runtime import Shards
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run's settings, as every task's `measure_quality` / `measure_speed` receives them."""
+
+    guidance: float
+    tau: float | None
+    shards: Shards
+    renoise: float | None = None  # generation: the icd methods' re-noising strength
+    batch: int = 50
+    examples: int = 0
+    progress: bool = True
+    judge: object | None = None  # the world judge (editing, generation) where it can read the prompts
+    metrics: dict = field(default_factory=dict)  # optional weight-based metrics (icd.bench.optional_metrics)
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """A benchmark: the method families it measures, its defaults, and its two measurements, each
+    ``(pipeline, method, cases, ctx) -> records``."""
+
+    name: str
+    families: tuple[str, ...]
+    default_methods: str
+    default_guidance: float
+    measure_quality: Callable[..., list[dict]]
+    measure_speed: Callable[..., list[dict]]
+    optional_metrics: tuple[str, ...] = ()  # weight-based metrics that apply (lpips, clip_t, ...)
+    uses_judge: bool = False
+    stepped: bool = True  # method names carry a step count (False: no sampler runs)
+
+    def measure(self, pipe, method, cases: Sequence, *, timed: Sequence, ctx: RunContext) -> tuple[list, list]:
+        """(quality records, timing records) of one method, gathered across processes."""
+        quality = ctx.shards.gather(self.measure_quality(pipe, method, cases, ctx))
+        return quality, ctx.shards.gather(self.measure_speed(pipe, method, timed, ctx))

@@ -1,0 +1,67 @@
+"""The `icd` command line. Run `icd <command> --help` for each command's options and examples.
+
+One module per command group: each defines `add_parser(subparsers)` and its `cmd_*` function(s); `main` parses,
+applies --threads, runs the command and turns the user-error classes of `common.USER_ERRORS` into one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from icd.cli import bench, demo, edit, sample, train, world
+from icd.cli.common import USER_ERRORS, CLIError, print_error, quiet_libraries
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+EXAMPLES = """examples:
+  icd world case --kind color --seed 3 --out out/case3
+  icd world grid --n 16 -o out/grid.png
+  icd generate "a large red circle on a gray background" --seed 0 --guidance 1 -o out/gen.png
+  icd generate "a large red circle on a gray background" --method ddim --steps 50 --guidance 1 -o out/gen50.png
+  icd invert out/case3/source.png --prompt "a small blue star on a brown background" -o out/recon.png --json
+  icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
+      -o out/recon50.png
+  icd edit out/case3/source.png --source "a small blue star on a brown background" \\
+      --target "a small red star on a brown background" --blend blue red -o out/edit.png --grid out/grid.png --json
+  icd train teacher --config configs/embedded.toml
+  icd train icd --config configs/icd-ablation.toml --section G3
+  icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
+  icd bench inversion --n 200 --methods icd,ddim --steps-list 1,2,3,4,50 --out out/bench/inv
+  torchrun --standalone --nproc_per_node 2 -m icd.cli bench generation --cases 100 --out out/bench/gen
+"""
+
+# The command groups in --help order; `sample` adds generate and invert.
+COMMANDS = (world, train, sample, edit, bench, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icd", description="Invertible consistency distillation: fast text-guided "
+                                "image editing with latent diffusion models.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_libraries()
+    if getattr(args, "threads", 0) > 0:  # the one place --threads takes effect (common.add_threads declares it)
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print_error(e)
+        return 2
+    except KeyboardInterrupt:
+        print("icd: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,7 @@
+"""`python -m icd.cli …` and `torchrun … -m icd.cli …`."""
+
+import sys
+
+from icd.cli import main
+
+sys.exit(main())

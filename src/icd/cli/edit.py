@@ -1,0 +1,160 @@
+"""`icd edit`: invert an image with the source prompt, then decode it under the target prompt."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from icd.cli.common import CLIError, add_model_options, default, library_errors
+from icd.editing.controllers import MasaCtrlControls, P2PControls
+from icd.editing.edit import EditControls
+from icd.editing.inversion import Inversion
+from icd.editing.tokens import is_word_swap
+from icd.imageio import FITS, check_output, fit_image, load_image, save_image
+from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
+from icd.plotting import captioned_grid
+
+
+def _parse_reweight(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        word, sep, value = item.partition("=")
+        try:
+            out[word.strip().lower()] = float(value)
+        except ValueError:
+            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}") from None
+        if not sep or not word.strip():
+            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}")
+    return out
+
+
+def _blend_words(words: list[str] | None, source: str, target: str):
+    if not words:
+        return None
+    src_words, tgt_words = source.lower().split(), target.lower().split()
+    words = [w.lower() for w in words]
+    unknown = [w for w in words if w not in src_words and w not in tgt_words]
+    if unknown:
+        raise CLIError(f"blend word(s) {', '.join(unknown)} appear in neither prompt")
+    return tuple(w for w in words if w in src_words), tuple(w for w in words if w in tgt_words)
+
+
+def _check_args(args) -> None:
+    for path in [args.output] + ([args.grid] if args.grid else []):
+        check_output(path, force=args.force, inputs=(args.image,))
+    if not args.source.strip() or not args.target.strip():
+        raise CLIError("the source or target prompt is empty")
+    if args.masactrl and args.swap:
+        raise CLIError("--masactrl and --swap are exclusive")
+
+
+def _user_mask(args, size: int):
+    """--mask as a boolean [H, W] array at the model's image size, or None."""
+    if not args.mask:
+        return None
+    mask = (np.asarray(fit_image(load_image(args.mask), size, args.fit).convert("L")) > 127)
+    if not mask.any():
+        raise CLIError(f"the mask {args.mask} selects no pixels")
+    return mask
+
+
+def _controls(args, mask) -> EditControls:
+    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap)."""
+    p2p = None
+    if not args.masactrl and not args.swap:
+        if not is_word_swap(args.source, args.target):
+            print("notice: the prompts have different word counts; using P2P refine instead of replace",
+                  file=sys.stderr)
+        p2p = P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
+                          reweight=_parse_reweight(args.reweight),
+                          blend_words=_blend_words(args.blend, args.source, args.target),
+                          blend_threshold=args.blend_threshold, mask=None if mask is None else mask.astype(np.float32))
+    masactrl = MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer) if args.masactrl \
+        else None
+    return EditControls(guidance=args.guidance, tau=args.tau, p2p=p2p, masactrl=masactrl)
+
+
+def _inversion(editor: Pipeline, args, image: np.ndarray) -> Inversion:
+    """A saved inversion (--inversion, made with the same source prompt), else a fresh one of `image`."""
+    if args.inversion:
+        inversion = Inversion.load(args.inversion)
+        if inversion.prompts != [args.source]:
+            raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
+        return inversion
+    return editor.invert(image, [args.source], method=args.method, steps=args.steps, seed=args.seed,
+                         guidance=args.guidance)
+
+
+def cmd_edit(args) -> None:
+    _check_args(args)
+    image = load_image(args.image)
+    editor = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    model = editor.model
+    image = np.asarray(fit_image(image, model.image_size, args.fit))[None]
+    with library_errors():  # out-of-range controls, a --steps the adapters cannot take
+        controls = _controls(args, _user_mask(args, model.image_size))
+        model.counter.reset()
+        t0 = time.perf_counter()
+        inversion = _inversion(editor, args, image)
+        t1 = time.perf_counter()
+        result = editor.edit(inversion, [args.target], controls)
+    t2 = time.perf_counter()
+    if args.save_inversion:
+        inversion.save(args.save_inversion)
+    save_image(result.images[0], args.output)
+    if args.grid:
+        grid = captioned_grid([image[0], result.reconstructions[0], result.images[0]],
+                              [f"source: {args.source}", f"reconstruction ({inversion.method})",
+                               f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
+        save_image(grid, args.grid)
+    control = controls.control
+    report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
+              "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
+              "seconds": round(t2 - t0, 4), "guidance": DEFAULT_GUIDANCE["edit"] if args.guidance is None
+              else args.guidance, "control": control, "output": str(args.output)}
+    print(json.dumps(report) if args.json else
+          f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
+          f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("edit", help="invert an image and regenerate it under a target prompt",
+                       description="Invert IMAGE with the source prompt, then decode [source, target] in one batch "
+                       "with Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap).")
+    e.add_argument("image")
+    e.add_argument("--source", required=True, help="caption of the image")
+    e.add_argument("--target", required=True, help="the edited caption")
+    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti"],
+                   help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet")
+    e.add_argument("--steps", type=int, default=None, help="icd: the adapters' segment count; others: 50")
+    e.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
+    e.add_argument("--seed", type=int, default=0, help="icd: seed of the encoding noise")
+    e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
+                   help="target guidance code w = CFG - 1 (default 1)")
+    e.add_argument("--tau", type=float, default=default(EditControls, "tau"),
+                   help="dynamic CFG threshold (icd default: the adapters' tau)")
+    e.add_argument("--cross-replace", type=float, default=default(P2PControls, "cross_replace"),
+                   help="P2P cross-attention window (fraction, default %(default)s)")
+    e.add_argument("--self-replace", type=float, default=default(P2PControls, "self_replace"),
+                   help="P2P self-attention window (fraction, default %(default)s)")
+    e.add_argument("--blend", nargs="+", metavar="WORD", help="local blend words (from either prompt)")
+    e.add_argument("--blend-threshold", type=float, default=default(P2PControls, "blend_threshold"),
+                   help="local blend threshold (default %(default)s)")
+    e.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention")
+    e.add_argument("--mask", default=None, help="user mask image (white = may change) instead of blend words")
+    e.add_argument("--masactrl", action="store_true", help="MasaCtrl mutual self-attention (non-rigid edits)")
+    e.add_argument("--masactrl-start-t", type=int, default=default(MasaCtrlControls, "start_t"),
+                   help="MasaCtrl acts at t <= this (default %(default)s)")
+    e.add_argument("--masactrl-layer", type=int, default=default(MasaCtrlControls, "start_layer"),
+                   help="first controlled block (default: decoder)")
+    e.add_argument("--swap", action="store_true", help="plain prompt swap without attention control")
+    e.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    e.add_argument("--save-inversion", default=None, metavar="PATH", help="save the inversion for reuse")
+    e.add_argument("--inversion", default=None, metavar="PATH", help="reuse a saved inversion (4 NFE per edit)")
+    e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")
+    e.add_argument("-o", "--output", required=True)
+    add_model_options(e)
+    e.set_defaults(func=cmd_edit)

@@ -1,0 +1,100 @@
+"""`icd generate` (text-to-image) and `icd invert` (image -> noise -> image), iCD or DDIM."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from icd.cli.common import CLIError, add_model_options, library_errors
+from icd.imageio import FITS, check_output, fit_image, load_image, save_image, to_uint8
+from icd.metrics import psnr
+from icd.pipeline import DEFAULT_RENOISE, Pipeline
+from icd.plotting import hstack
+
+
+def cmd_generate(args) -> None:
+    check_output(args.output, force=args.force)
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    with library_errors():  # bad --steps / --renoise for this method and these adapters
+        st = pipe.settings(args.method, "generate", guidance=args.guidance, tau=args.tau, steps=args.steps,
+                           renoise=args.renoise)
+    model = pipe.model_for(args.method)
+    model.check_prompts([args.prompt])
+    t0 = time.perf_counter()
+    model.counter.reset()
+    images = to_uint8(pipe.generate([args.prompt] * args.n, method=args.method, steps=st.steps, guidance=st.guidance,
+                                    tau=st.tau, renoise=st.renoise, seed=args.seed))
+    seconds = time.perf_counter() - t0
+    save_image(hstack(list(images)), args.output)
+    report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": st.steps, "guidance": st.guidance,
+              "tau": st.tau, "renoise": st.renoise, "nfe": model.counter.calls,
+              "seconds": round(seconds, 3), "output": str(args.output)}
+    summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
+    print(json.dumps(report) if args.json else summary)
+
+
+def cmd_invert(args) -> None:
+    check_output(args.output, force=args.force, inputs=(args.image,))
+    image = load_image(args.image)
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    with library_errors():  # a --steps the adapters cannot take
+        pipe.settings(args.method, "invert", steps=args.steps)
+    model = pipe.model_for(args.method)
+    model.check_prompts([args.prompt])
+    source = np.asarray(fit_image(image, model.image_size, args.fit))[None]
+    model.counter.reset()
+    r = pipe.reconstruct(source, [args.prompt], method=args.method, steps=args.steps, guidance=args.guidance,
+                         tau=args.tau, seed=args.seed)
+    save_image(r.images[0], args.output)
+    seconds = r.seconds_invert + r.seconds_decode
+    report = {"method": args.method, "steps": r.settings.steps, "guidance": r.settings.guidance,
+              "tau": r.settings.tau, "nfe": r.nfe_invert + r.nfe_decode, "seconds_invert": round(r.seconds_invert, 4),
+              "seconds_decode": round(r.seconds_decode, 4), "seconds": round(seconds, 4),
+              "psnr": round(float(psnr(source, r.images)[0]), 3), "image": str(args.image), "output": str(args.output)}
+    print(json.dumps(report) if args.json else
+          f"wrote {args.output}: PSNR {report['psnr']:.2f} dB, {report['nfe']} UNet calls, {report['seconds']:.2f} s")
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="text-to-image: 4-step iCD (default) or DDIM with classifier-free guidance")
+    g.add_argument("prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--method", default="icd", choices=["icd", "ddim"],
+                   help="icd: the reverse consistency model (one UNet call per segment); ddim: the teacher")
+    g.add_argument("--steps", type=int, default=None,
+                   help="icd: must equal the adapters' segment count (default); ddim: DDIM steps (default 50)")
+    g.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
+    g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
+    g.add_argument("--renoise", type=float, default=None, metavar="GAMMA",
+                   help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] "
+                   f"(default {DEFAULT_RENOISE:g}: multistep consistency sampling, more exact captions; 0: the paper's "
+                   "deterministic jumps)")
+    g.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1), side by side")
+    g.add_argument("-o", "--output", required=True)
+    add_model_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("invert", help="invert an image to noise and reconstruct it")
+    i.add_argument("image")
+    i.add_argument("--prompt", required=True, help="caption of the image (the source prompt)")
+    i.add_argument("--method", default="icd", choices=["icd", "ddim"],
+                   help="icd: forward then reverse consistency model (4+4 UNet calls); ddim: DDIM inversion")
+    i.add_argument("--steps", type=int, default=None,
+                   help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
+    i.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
+    i.add_argument("--seed", type=int, default=0, help="icd: seed of the noise that takes the image to t = 19")
+    i.add_argument("--guidance", type=float, default=0.0, help="guidance code w for the decoding pass")
+    i.add_argument("--tau", type=float, default=None,
+                   help="dynamic CFG threshold for the decoding pass (icd default: the adapters' tau)")
+    i.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    i.add_argument("-o", "--output", required=True)
+    add_model_options(i)
+    i.set_defaults(func=cmd_invert)

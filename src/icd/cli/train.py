@@ -1,0 +1,37 @@
+"""`icd train COMPONENT --config FILE`: train one component of the embedded model from a TOML table."""
+
+from __future__ import annotations
+
+from icd.train.config import load_config
+from icd.train.guidance import GuidanceConfig, train_guidance
+from icd.train.icd import ICDConfig, train_icd
+from icd.train.judge import JudgeConfig, train_judge
+from icd.train.teacher import TeacherConfig, train_teacher
+from icd.train.vae import VAEConfig, train_vae
+
+# component -> (its config dataclass, the function that trains it); the order is the `choices` order of --help.
+TRAINERS = {
+    "vae": (VAEConfig, train_vae),
+    "judge": (JudgeConfig, train_judge),
+    "teacher": (TeacherConfig, train_teacher),
+    "guidance": (GuidanceConfig, train_guidance),
+    "icd": (ICDConfig, train_icd),
+}
+
+
+def cmd_train(args) -> None:
+    config_cls, run = TRAINERS[args.component]
+    cfg = load_config(config_cls, args.config, args.section or args.component, args.set or [])
+    result = run(cfg, resume=not args.no_resume)
+    print(result)
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a component of the embedded model from a TOML config")
+    t.add_argument("component", choices=list(TRAINERS))
+    t.add_argument("--config", required=True, help="TOML file with a table named after the component")
+    t.add_argument("--section", default=None,
+                   help="TOML table to read (default: the component's name), e.g. an ablation row")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in out_dir")
+    t.set_defaults(func=cmd_train)

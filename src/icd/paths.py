@@ -1,0 +1,20 @@
+"""Where the package's shipped assets live: the embedded model folder and the world judge's weights."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+EMBEDDED = "embedded"  # the name that selects the shipped model
+
+
+def assets_dir() -> Path:
+    return Path(str(resources.files("icd") / "assets"))
+
+
+def embedded_model_path() -> Path:
+    return assets_dir() / "embedded"
+
+
+def embedded_judge_path() -> Path:
+    return assets_dir() / "judge.safetensors"

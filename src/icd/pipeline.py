@@ -1,0 +1,353 @@
+"""The one pipeline: which model serves a method, the defaults of every task, and invert / decode / edit / generate.
+
+    from icd.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained()                          # the embedded model; or a diffusers folder with icd/
+    inversion = pipe.invert(images, prompts)                   # iCD: 4 forward calls, deterministic
+    result = pipe.edit(inversion, targets, EditControls(...))  # 4 reverse calls for [sources, targets]
+    images = pipe.generate(["a small blue star on a white background"])
+
+Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4):
+
+- ``icd``: the forward adapter encodes, the reverse adapter decodes (guidance-distilled UNet, dynamic CFG);
+- ``gddim``: DDIM on the guidance-distilled UNet with its adapters off (guidance is an input: one call per step);
+- ``ddim``: DDIM on the original UNet, two-pass classifier-free guidance;
+- ``npi``: negative-prompt inversion (DDIM inversion, then CFG against the source prompt);
+- ``nti``: null-text inversion (DDIM inversion plus per-step optimised unconditional embeddings).
+
+`Pipeline.settings` resolves guidance, tau, steps and re-noising for a (method, task) in one place; the CLI, the
+bench and the Python API call it, and everything they run goes through the samplers of `icd.samplers`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from icd.editing.attention import AttentionLayers
+from icd.editing.edit import EditControls, edit_latents, flatten_targets, make_controller
+from icd.editing.inversion import Inversion
+from icd.editing.nulltext import null_text_optimize
+from icd.imageio import to_uint8
+from icd.models import lora
+from icd.models.base import Cond, EpsFn, LatentDiffusion, PromptError
+from icd.models.embedded import ADAPTERS_SUBFOLDER, ModelError, load_icd_model, load_model, resolve_model_path
+from icd.runtime import synchronize
+from icd.samplers import (
+    SeededNoise,
+    ddim_decode,
+    ddim_invert,
+    ddim_loop,
+    generation_timesteps,
+    icd_decode,
+    icd_invert,
+    initial_noise,
+)
+
+TASKS = ("invert", "edit", "generate")
+DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model)
+DEFAULT_STEPS = 50  # the DDIM baselines' step count
+DEFAULT_RENOISE = 1.0  # iCD generation's re-noising strength (docs/method.md §8.4, §12); inversion never re-noises
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: the UNet that serves it (``icd``: distilled + adapters, ``distilled``: adapters off, ``base``:
+    the original UNet), how it inverts, and the tasks it takes."""
+
+    name: str
+    unet: str
+    inversion: str  # "icd" | "ddim"
+    tasks: tuple[str, ...]
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("icd", "icd", "icd", TASKS, "forward + reverse consistency models (iCD)"),
+    MethodSpec("gddim", "distilled", "ddim", ("invert", "generate"), "DDIM on the guidance-distilled UNet"),
+    MethodSpec("ddim", "base", "ddim", TASKS, "DDIM, two-pass classifier-free guidance"),
+    MethodSpec("npi", "base", "ddim", ("invert", "edit"), "negative-prompt inversion"),
+    MethodSpec("nti", "base", "ddim", ("invert", "edit"), "null-text inversion"),
+)}
+
+
+def method_spec(name: str, task: str | None = None) -> MethodSpec:
+    """The registered method `name` (for `task`); ValueError listing the valid names otherwise."""
+    valid = [m for m in METHODS.values() if task is None or task in m.tasks]
+    spec = METHODS.get(name)
+    if spec is None or spec not in valid:
+        what = f"for {task}" if task else ""
+        raise ValueError(f"unknown method {name!r} {what}; choose from {', '.join(m.name for m in valid)}".replace(
+            "  ", " "))
+    return spec
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings of one run: guidance code, dynamic-CFG threshold, steps, re-noising strength."""
+
+    method: str
+    task: str
+    guidance: float
+    tau: float | None
+    steps: int
+    renoise: float
+
+
+@dataclass
+class EditResult:
+    images: np.ndarray  # uint8 [T, H, W, 3], one per target prompt, in the order given
+    reconstructions: np.ndarray  # uint8 [S, H, W, 3]: the source branch of the same call
+    nfe: int  # UNet calls of this edit (batched rows count once)
+    seconds: float
+
+
+@dataclass
+class Reconstruction:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    inversion: Inversion
+    settings: Settings
+    nfe_invert: int
+    nfe_decode: int
+    seconds_invert: float
+    seconds_decode: float
+
+
+class Pipeline:
+    """Invert, reconstruct, edit and generate with one model folder: iCD on its adapters, baselines on its UNets."""
+
+    def __init__(self, icd_model: LatentDiffusion | None, base_model: LatentDiffusion | None = None, *,
+                 base_path: Path | None = None):
+        if icd_model is None and base_model is None:
+            raise ValueError("a Pipeline needs a model")
+        self.icd_model, self._base, self._base_path = icd_model, base_model, base_path
+        self._layers: dict[int, AttentionLayers] = {}  # id(unet) -> its attention layers (found once)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "embedded", *, adapters: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> Pipeline:
+        """The embedded model by default. Baselines load the original UNet lazily, sharing text encoder and VAE."""
+        path = resolve_model_path(name_or_path)
+        if adapters is None and not (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file():
+            return cls(None, load_model(name_or_path, device=device), base_path=path)  # the baselines only
+        return cls(load_icd_model(name_or_path, adapters=adapters, device=device), None, base_path=path)
+
+    def with_adapters(self, adapters: str | Path) -> Pipeline:
+        """A pipeline on the same model folder with other iCD adapters (e.g. an ablation row)."""
+        if self._base_path is None:
+            raise ValueError("with_adapters needs a pipeline made by Pipeline.from_pretrained")
+        return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device)
+
+    # ------------------------------------------------------------------ dispatch
+    @property
+    def model(self) -> LatentDiffusion:
+        return self.icd_model if self.icd_model is not None else self._base
+
+    def base(self) -> LatentDiffusion:
+        """The original (not guidance-distilled) UNet for the two-pass-CFG baselines."""
+        if self._base is None:  # the original UNet beside the iCD model's, sharing its text encoder and VAE
+            m = self.icd_model
+            unet = UNet2DConditionModel.from_pretrained(self._base_path / "unet", torch_dtype=m.dtype).to(m.device)
+            self._base = LatentDiffusion(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, unet=unet,
+                                         schedule=m.schedule, name=m.name, image_size=m.image_size,
+                                         vocabulary=m.vocabulary)
+            self._base.counter = m.counter  # one NFE count for the pipeline
+        return self._base
+
+    def model_for(self, method: str) -> LatentDiffusion:
+        """The model serving `method` (METHODS[method].unet)."""
+        spec = method_spec(method)
+        if spec.unet == "base":
+            return self.base()
+        if self.icd_model is None or (spec.unet == "icd" and self.icd_model.icd is None):
+            raise ModelError(f"method {method!r} needs the guidance-distilled UNet and iCD adapters, and "
+                             f"{self._base_path or 'this model'} has no iCD adapters (icd/adapters.json); train them "
+                             "with `icd train icd` or pass --adapters DIR")
+        return self.icd_model
+
+    def settings(self, method: str, task: str, *, guidance: float | None = None, tau: float | None = None,
+                 steps: int | None = None, renoise: float | None = None) -> Settings:
+        """Resolve the defaults of (method, task): guidance DEFAULT_GUIDANCE[task]; tau the adapters' for iCD
+        inversion and editing, None (constant guidance) otherwise; steps the adapters' segment count for iCD (the
+        only count they take), else DEFAULT_STEPS; renoise DEFAULT_RENOISE for iCD generation, else 0."""
+        spec = method_spec(method, task)
+        if spec.unet == "icd":
+            icd = self.model_for(method).icd
+            segments = icd.boundaries.num_segments
+            if steps not in (None, segments):
+                raise ValueError(f"the iCD adapters at {icd.path} take {segments} steps, not {steps} (--steps); other "
+                                 "step "
+                                 "counts need adapters trained with other boundaries")
+            steps = segments
+            if tau is None and task != "generate":
+                tau = icd.tau
+        elif steps is None:
+            steps = DEFAULT_STEPS
+        if renoise is None:
+            renoise = DEFAULT_RENOISE if (task == "generate" and method == "icd") else 0.0
+        if not 0.0 <= renoise <= 1.0:
+            raise ValueError(f"renoise (--renoise) must lie in [0, 1], got {renoise}")
+        if renoise and (task != "generate" or method != "icd"):
+            raise ValueError("renoise (--renoise) applies to iCD generation only (inversion needs the deterministic "
+                             "jumps)")
+        return Settings(method=method, task=task, guidance=DEFAULT_GUIDANCE[task] if guidance is None else guidance,
+                        tau=tau, steps=steps, renoise=renoise)
+
+    def decoder_eps(self, method: str, *, guidance, tau: float | None) -> EpsFn:
+        """The eps function a method decodes with: the reverse adapter for iCD, the UNet itself otherwise."""
+        adapter = lora.REVERSE if method_spec(method).unet == "icd" else None
+        return self.model_for(method).eps_fn(adapter=adapter, guidance=guidance, tau=tau)
+
+    # ------------------------------------------------------------------ inversion
+    def invert(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+               seed: int = 0, guidance: float | None = None, progress: bool = False) -> Inversion:
+        """Invert uint8 images [N, H, W, 3] (or PIL images) with their captions. Deterministic: iCD's encoding
+        noise comes from `seed`. `guidance` is NTI's CFG code (default: the edit default)."""
+        prompts = list(prompts)
+        model = self.model_for(method)
+        check_prompts(model, prompts)
+        st = self.settings(method, "invert", steps=steps)
+        z0 = model.encode_images(images)
+        if len(prompts) != z0.shape[0]:
+            raise ValueError(f"{z0.shape[0]} images but {len(prompts)} prompts")
+        cond = model.encode_prompt(prompts)
+        if method == "icd":
+            noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
+            timesteps, latents = icd_invert(model.eps_fn(adapter=lora.FORWARD), z0, cond, model.icd.boundaries,
+                                            schedule=model.schedule, noise=noise)
+            settings = {"seed": seed}
+        else:
+            timesteps, latents = ddim_invert(model.eps_fn(), z0, cond, steps=st.steps, schedule=model.schedule)
+            settings = {}
+        inv = Inversion(latents=latents, timesteps=timesteps, prompts=prompts, method=method, settings=settings)
+        if method == "nti":
+            w = DEFAULT_GUIDANCE["edit"] if guidance is None else guidance
+            inv.null_embeddings = null_text_optimize(model, inv, cond, guidance=w, progress=progress)
+            inv.settings = {"guidance": w}
+        inv.settings["model"] = model.name
+        return inv
+
+    @torch.no_grad()
+    def decode(self, inversion: Inversion, *, guidance: float | None = None, tau: float | None = None
+               ) -> torch.Tensor:
+        """Clean latents decoded from `inversion` with its own prompts (a reconstruction)."""
+        method = inversion.method
+        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=len(inversion.timesteps) - 1)
+        model = self.model_for(method)
+        cond = model.encode_prompt(inversion.prompts)
+        eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
+        if method_spec(method).inversion == "icd":
+            return icd_decode(eps, inversion.noise, cond, model.icd.boundaries, schedule=model.schedule)
+        return ddim_decode(eps, inversion.noise, cond, inversion.timesteps, schedule=model.schedule)
+
+    def reconstruct(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+                    guidance: float | None = None, tau: float | None = None, seed: int = 0) -> Reconstruction:
+        """Invert, then decode with the same prompts: uint8 reconstructions with the NFE and seconds of each half
+        (timed from the uint8 input to the uint8 output)."""
+        model = self.model_for(method)
+        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=steps)
+        calls0 = model.counter.calls
+        synchronize(model.device)
+        t0 = time.perf_counter()
+        inv = self.invert(images, prompts, method=method, steps=steps, seed=seed)
+        synchronize(model.device)
+        t1, calls1 = time.perf_counter(), model.counter.calls
+        recon = to_uint8(model.decode_latents(self.decode(inv, guidance=st.guidance, tau=st.tau)))
+        synchronize(model.device)
+        t2 = time.perf_counter()
+        return Reconstruction(images=recon, inversion=inv, settings=st, nfe_invert=calls1 - calls0,
+                              nfe_decode=model.counter.calls - calls1, seconds_invert=t1 - t0,
+                              seconds_decode=t2 - t1)
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, inversion: Inversion, target_prompts: Sequence[str] | Sequence[Sequence[str]],
+             controls: EditControls | None = None) -> EditResult:
+        """Decode [sources, targets] from `inversion`. target_prompts: one per image, or a list per image."""
+        controls = controls or EditControls()
+        method = inversion.method
+        model = self.model_for(method)
+        st = self.settings(method, "edit", guidance=controls.guidance, tau=controls.tau,
+                           steps=len(inversion.timesteps) - 1)
+        t0, calls0 = time.perf_counter(), model.counter.calls
+        sources = list(inversion.prompts)
+        targets, source_of = flatten_targets(target_prompts, len(sources))
+        check_prompts(model, targets)
+        cond_src, cond_tgt = model.encode_prompt(sources), model.encode_prompt(targets)
+        timesteps = (model.icd.boundaries.reverse_schedule() if method == "icd"
+                     else list(reversed(inversion.timesteps)))
+        layers = self._attention(model)
+        controller = make_controller(model, layers, sources=sources, targets=targets, source_of=source_of,
+                                     num_steps=len(timesteps) - 1, controls=controls)
+        w = torch.full((len(targets),), float(st.guidance))
+        s = len(sources)
+        if METHODS[method].unet == "icd":  # guidance is an input: sources unguided, targets at their codes
+            eps = self.decoder_eps(method, guidance=torch.cat([torch.zeros(s), w]), tau=st.tau)
+        else:  # two-pass CFG; sources at their first target's code (the P2P convention guides both branches)
+            first = torch.stack([w[(source_of == i).nonzero()[0, 0]] for i in range(s)])
+            eps = model.eps_fn(guidance=torch.cat([first, w]), tau=st.tau,
+                               uncond=_baseline_uncond(method, inversion, cond_src, source_of))
+        swap_tau = st.tau if controls.control == "swap" else None
+        z0 = edit_latents(eps, inversion.noise, cond_src, cond_tgt, model=model, layers=layers,
+                          controller=controller, timesteps=timesteps, swap_tau=swap_tau)
+        images = to_uint8(model.decode_latents(z0))  # the loop raises NumericsError naming the step of a NaN/Inf
+        return EditResult(images=images[s:], reconstructions=images[:s], nfe=model.counter.calls - calls0,
+                          seconds=time.perf_counter() - t0)
+
+    def _attention(self, model: LatentDiffusion) -> AttentionLayers:
+        """The attention layers of `model`'s UNet, found on first use."""
+        if id(model.unet) not in self._layers:
+            self._layers[id(model.unet)] = AttentionLayers(model.unet)
+        return self._layers[id(model.unet)]
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+                 guidance: float | None = None, tau: float | None = None, renoise: float | None = None,
+                 seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Text-to-image: images float [N,3,H,W] in [-1, 1]. Sample i starts from noise seeded with ``seed + i``,
+        and its fresh noise (iCD's re-noised jumps, `renoise` = gamma) comes from the same generator."""
+        st = self.settings(method, "generate", guidance=guidance, tau=tau, steps=steps, renoise=renoise)
+        model = self.model_for(method)
+        check_prompts(model, prompts)
+        eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
+        shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+        out = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = list(prompts[start : start + batch_size])
+            noise = SeededNoise(shape, range(seed + start, seed + start + len(chunk)), model.device)
+            x, cond = noise(), model.encode_prompt(chunk)
+            if method == "icd":
+                z0 = icd_decode(eps, x, cond, model.icd.boundaries, schedule=model.schedule, renoise=st.renoise,
+                                fresh_noise=noise)
+            else:
+                z0 = ddim_loop(eps, x, cond, generation_timesteps(st.steps), schedule=model.schedule)[0]
+            out.append(model.decode_latents(z0))
+        return torch.cat(out)
+
+
+def _baseline_uncond(method: str, inversion: Inversion, cond_src: Cond, source_of: torch.Tensor):
+    """The unconditional rows of a two-pass baseline's edit: None (the empty prompt: ddim), the source prompt (npi),
+    or null-text inversion's per-step embeddings (nti, a function of the timestep)."""
+    rows = torch.cat([torch.arange(len(cond_src)), source_of])
+    if method == "npi":
+        return cond_src.index(rows)
+    if method == "nti":
+        if inversion.null_embeddings is None:
+            raise ValueError("this inversion has no null-text embeddings (invert with method='nti')")
+        steps = list(reversed(inversion.timesteps))
+        return lambda t: Cond(tokens=inversion.null_embeddings[steps.index(t)][rows])
+    return None
+
+
+def check_prompts(model: LatentDiffusion, prompts: Sequence[str]) -> None:
+    """PromptError for an empty prompt or one the model cannot read."""
+    for p in prompts:
+        if not p.strip():
+            raise PromptError("a prompt is empty")
+    model.check_prompts(prompts)

@@ -1,0 +1,119 @@
+"""Every sampler: loops of `ddim_jump` over explicit integer timestep lists, each taking an `EpsFn`
+``eps(x_t, t, cond)`` (docs/method.md §2, §4, §8; docs/baselines.md §2).
+
+A descending list samples (noise -> data), an ascending list inverts (data -> noise); the noise is always
+evaluated at the step's starting point. Which network, adapter, guidance and dynamic-CFG threshold a loop runs is
+decided by the `EpsFn` it is handed (`LatentDiffusion.eps_fn`), never by the loop.
+
+- `ddim_invert` / `ddim_decode`: DDIM inversion up the DDIM grid from z0 at t = 0, and decoding back down it.
+- `icd_invert` (docs/method.md §8.1): noise z0 to the first forward boundary with explicit noise, then one forward
+  jump per segment up to T - 1. `icd_decode`: one reverse jump per segment down to 0, optionally re-noised
+  (`renoise` = gamma, generation only; `icd.solver.renoised_jump`).
+- `SeededNoise`: per-row seeded N(0, I) draws, so a row never depends on the batch it runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from icd.boundaries import Boundaries
+from icd.models.base import Cond, EpsFn
+from icd.schedule import NoiseSchedule, ddim_grid
+from icd.solver import NumericsError, ddim_jump, renoised_jump
+
+Callback = Callable[[int, int, int, torch.Tensor], "torch.Tensor | None"]  # (i, t_from, t_to, x_to) -> x or None
+
+
+def ddim_loop(eps: EpsFn, x: torch.Tensor, cond: Cond, timesteps: Sequence[int], *, schedule: NoiseSchedule,
+              callback: Callback | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """DDIM jumps timesteps[0] -> timesteps[1] -> ..., eps evaluated at each starting point.
+
+    `callback(i, t_from, t_to, x_to)` may return a replacement latent (editors' local blend). Returns the final
+    latent and every visited latent (the start included). Raises `NumericsError` naming the step of a NaN / Inf.
+    """
+    visited = [x]
+    for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x = ddim_jump(x, eps(x, int(t_from), cond), int(t_from), int(t_to), schedule=schedule)
+        if not bool(torch.isfinite(x).all()):
+            rows = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+            raise NumericsError(f"NaN/Inf latents at step {i} (t = {t_from} -> {t_to}) in batch rows {rows}")
+        if callback is not None:
+            replaced = callback(i, int(t_from), int(t_to), x)
+            x = x if replaced is None else replaced
+        visited.append(x)
+    return x, visited
+
+
+def inversion_timesteps(steps: int) -> list[int]:
+    """DDIM inversion's grid 0 -> g_0 -> ... -> g_{n-1} (n = `steps` UNet calls)."""
+    return [0, *ddim_grid(steps)]
+
+
+def generation_timesteps(steps: int) -> list[int]:
+    """DDIM sampling's grid g_{n-1} -> ... -> g_0 -> 0."""
+    return [*reversed(ddim_grid(steps)), 0]
+
+
+@torch.no_grad()
+def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedule: NoiseSchedule
+                ) -> tuple[list[int], list[torch.Tensor]]:
+    """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents)."""
+    timesteps = inversion_timesteps(steps)
+    return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule)[1]
+
+
+@torch.no_grad()
+def ddim_decode(eps: EpsFn, noise: torch.Tensor, cond: Cond, timesteps: Sequence[int], *,
+                schedule: NoiseSchedule) -> torch.Tensor:
+    """DDIM from an inversion's noise back down its own (ascending) grid to t = 0: clean latents."""
+    return ddim_loop(eps, noise, cond, list(reversed(timesteps)), schedule=schedule)[0]
+
+
+@torch.no_grad()
+def icd_invert(eps_forward: EpsFn, z0: torch.Tensor, cond: Cond, boundaries: Boundaries, *,
+               schedule: NoiseSchedule, noise: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
+    """Forward-model encoding (docs/method.md §8.1): x_start = alpha z0 + sigma noise at the first forward time,
+    then one forward jump per segment. Run `eps_forward` unguided. Returns (timesteps, visited latents)."""
+    timesteps = boundaries.forward_schedule()
+    x_start = schedule.add_noise(z0, noise.to(z0.dtype), timesteps[0])
+    return timesteps, ddim_loop(eps_forward, x_start, cond, timesteps, schedule=schedule)[1]
+
+
+@torch.no_grad()
+def icd_decode(eps_reverse: EpsFn, noise: torch.Tensor, cond: Cond, boundaries: Boundaries, *,
+               schedule: NoiseSchedule, renoise: float = 0.0,
+               fresh_noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Reverse-model decoding T-1 -> E_R[-1] -> ... -> 0: clean latents.
+
+    `renoise` = gamma > 0 (generation only) re-noises each intermediate landing with `fresh_noise()`; 0 is the
+    paper's deterministic jumps, which inversion needs.
+    """
+    timesteps = boundaries.reverse_schedule()
+    if not renoise:
+        return ddim_loop(eps_reverse, noise, cond, timesteps, schedule=schedule)[0]
+    if fresh_noise is None:
+        raise ValueError("icd_decode: renoise > 0 needs fresh_noise")
+    x = noise
+    for t, s in zip(timesteps, timesteps[1:]):
+        z = fresh_noise() if s > 0 else torch.zeros_like(x)
+        x = renoised_jump(x, eps_reverse(x, t, cond), t, s, schedule=schedule, gamma=renoise, z=z)
+    return x
+
+
+class SeededNoise:
+    """Per-sample N(0, I) draws: row i comes from its own generator seeded with seeds[i], so every draw of a row is
+    independent of the batch it runs in. The first call gives `initial_noise`; later calls give fresh noise."""
+
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device="cpu"):
+        self.shape, self.device = tuple(shape), device
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu") -> torch.Tensor:
+    """Independent N(0, I) noise per sample: row i comes from seed seeds[i] (batch-size independent)."""
+    return SeededNoise(shape, seeds, device)()

@@ -5,7 +5,7 @@
 #   sd_timing.json / sd_timing.log          benchmarks/sd_shaped_timing.py (editing at 512x512, training steps)
 #   adapters-N.tar                          final (or latest-checkpoint) adapters of two rows each, + their log.csv
 #   logs.tar                                every row's stdout/stderr and nvidia-smi
-# Usage (on the device machine, after installing diffusers there; see docs/RESULTS.md §2.6 for the exact call):
+# Usage (on the device machine, after installing diffusers there; see docs/experiments/gpu-mixed-precision.md for the exact call):
 #   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh [ROW ...]
 # BUDGET: seconds from the start of this script by which every training is stopped (rows that have not finished
 # return their latest checkpoint, named in exported.txt with its step). Measured on an H100 (2026-11-26): the SD

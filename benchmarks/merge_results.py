@@ -1,5 +1,5 @@
 """Merge method rows of several `icd bench` results.json files into one (for plots of rows measured in different
-runs, e.g. docs/RESULTS.md §3), recording which row came from which file, and draw the plots.
+runs, e.g. docs/experiments/editing-baselines.md), recording which row came from which file, and draw the plots.
 
 usage: python benchmarks/merge_results.py out/bench/editing-run2/results.json:icd,ddim50,nti50 \\
            out/bench/editing/results.json:ddim4,npi50 --out out/bench/editing-combined

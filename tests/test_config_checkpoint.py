@@ -35,19 +35,36 @@ def test_config_validation_in_post_init():
         TeacherConfig(caption_dropout=1.5)
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+# the shipped configs, and the rows of each study beside its write-up (docs/experiments/<study>.toml)
+CONFIG_FILES = sorted(ROOT.glob("configs/*.toml")) + sorted(ROOT.glob("docs/experiments/*.toml"))
 COMPONENTS = {"vae": VAEConfig, "judge": JudgeConfig, "teacher": TeacherConfig, "guidance": GuidanceConfig}
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_the_config_files_are_found():
+    assert {"embedded.toml", "icd-ablation.toml", "icd-gpu.toml"} <= {p.name for p in CONFIG_FILES}
+    assert any(p.parent.name == "experiments" for p in CONFIG_FILES)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_shipped_config_section_builds_its_typed_config(path):
-    """A typo in an ablation row fails here, not an hour into a training run (icd-*.toml rows are ICDConfig)."""
+    """A typo in an ablation row fails here, not an hour into a training run (icd-*.toml and study rows are
+    ICDConfig)."""
     sections = tomllib.loads(path.read_text())
     assert sections
     for section in sections:
         cls = COMPONENTS.get(section, ICDConfig)
         config = load_config(cls, path, section)
         assert isinstance(config, cls), section
+
+
+def test_row_names_are_unique_across_config_files():
+    """`benchmarks/study.sh train ROW` finds a row's file by its section name alone."""
+    seen: dict[str, str] = {}
+    for path in CONFIG_FILES:
+        for section in tomllib.loads(path.read_text()):
+            assert section not in seen, f"[{section}] is in both {seen[section]} and {path.name}"
+            seen[section] = path.name
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

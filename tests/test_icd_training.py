@@ -210,15 +210,31 @@ def test_ema_adapters_differ_and_resume_exactly(tmp_path, random_distilled_dir):
         assert any(not torch.equal(a[name][k], raw[name][k]) for k in a[name])
 
 
-def test_init_adapters_starts_from_saved_weights_and_checks_the_rank(tmp_path, random_distilled_dir):
+def test_init_adapters_starts_from_saved_weights_and_checks_the_rank(tmp_path, random_distilled_dir, monkeypatch):
     first = train_icd(_cfg(tmp_path, random_distilled_dir, out="first", steps=1))
-    # zero steps of fine-tuning: the saved adapters are exactly the ones it started from
-    again = train_icd(_cfg(tmp_path, random_distilled_dir, out="again", steps=0, init_adapters=str(first), seed=5))
+    # a step whose optimizer updates nothing: the saved adapters are exactly the ones it started from
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    again = train_icd(_cfg(tmp_path, random_distilled_dir, out="again", steps=1, init_adapters=str(first), seed=5))
+    monkeypatch.undo()
     for name in lora.ADAPTERS:
         a, b = load_file(str(first / f"{name}.safetensors")), load_file(str(again / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="rank/alpha 4/8"):
         train_icd(_cfg(tmp_path, random_distilled_dir, out="other", rank=2, init_adapters=str(first)))
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("steps", -1), ("lr", 0.0), ("lr", float("nan")),
+                                          ("batch_size", 0), ("threads", -2), ("lr_min", 1.0)])
+def test_shared_run_fields_are_checked_for_every_component(field, value):
+    from icd.train.config import ConfigError
+    from icd.train.guidance import GuidanceConfig
+    from icd.train.judge import JudgeConfig
+    from icd.train.teacher import TeacherConfig
+    from icd.train.vae import VAEConfig
+
+    for cls in (ICDConfig, VAEConfig, JudgeConfig, TeacherConfig, GuidanceConfig):
+        with pytest.raises(ConfigError, match=f"{cls.__name__}.{field}"):
+            cls(**{field: value})
 
 
 def test_own_latent_rows_leave_the_other_draws_unchanged_and_train(tmp_path, random_distilled_dir):

@@ -12,6 +12,7 @@ Unknown keys and wrongly typed values raise `ConfigError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -27,6 +28,35 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The fields every training component shares; each component's config subclasses it and sets its defaults.
+    Validation raises `ConfigError` naming the field."""
+
+    out_dir: str = "runs/run"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    lr_min: float = 0.0  # end of the learning-rate decay
+    n_images: int = 60000  # world renders in the training set
+    checkpoint_every: int = 250
+    log_every: int = 25
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for f in ("steps", "batch_size", "n_images", "checkpoint_every", "log_every"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{name}.{f} must be positive, got {getattr(self, f)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{name}.lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr):
+            raise ConfigError(f"{name}.lr_min must lie in [0, lr], got {self.lr_min}")
+        if self.threads < 0:
+            raise ConfigError(f"{name}.threads must be >= 0, got {self.threads}")
 
 
 def _coerce(cls: type, name: str, value: Any, annotation: Any) -> Any:

@@ -20,6 +20,7 @@ from icd.io import atomic_directory
 from icd.models.base import Cond, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
 from icd.runtime import step_generator
+from icd.train.config import ConfigError, RunConfig
 from icd.train.data import caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
@@ -28,26 +29,21 @@ GUIDANCE_SUBFOLDER = "unet_guidance"
 
 
 @dataclass(frozen=True)
-class GuidanceConfig:
+class GuidanceConfig(RunConfig):
     out_dir: str = "runs/guidance"
     teacher: str = "embedded"  # pipeline folder of the two-pass CFG teacher ("embedded" = the shipped model)
-    seed: int = 0
     w_set: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)  # guidance codes w = CFG - 1, sampled uniformly
     steps: int = 2000
     batch_size: int = 64
-    lr: float = 1e-4  # AdamW, cosine decay to lr_min
     lr_min: float = 1e-6
-    n_images: int = 60000
     max_objects: int = 2
-    checkpoint_every: int = 250
-    log_every: int = 25
-    threads: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.w_set or any(w < 0 for w in self.w_set):
-            raise ValueError(f"GuidanceConfig.w_set must be a non-empty list of codes >= 0, got {self.w_set}")
+            raise ConfigError(f"GuidanceConfig.w_set must be a non-empty list of codes >= 0, got {self.w_set}")
         if 0.0 not in self.w_set:
-            raise ValueError("GuidanceConfig.w_set must contain 0 (unguided), which iCD's forward model uses")
+            raise ConfigError("GuidanceConfig.w_set must contain 0 (unguided), which iCD's forward model uses")
 
 
 def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:

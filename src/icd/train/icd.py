@@ -44,7 +44,7 @@ from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
 from icd.models.embedded import load_model, resolve_model_path
 from icd.runtime import PRECISIONS, Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import load_checkpoint
-from icd.train.config import from_dict, to_dict
+from icd.train.config import ConfigError, RunConfig, from_dict, to_dict
 from icd.train.data import caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
@@ -64,7 +64,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
-class ICDConfig:
+class ICDConfig(RunConfig):
     out_dir: str = "runs/icd"
     model: str = "embedded"  # pipeline folder holding the guidance-distilled UNet
     unet_subfolder: str = "unet_guidance"
@@ -85,16 +85,9 @@ class ICDConfig:
     alpha: int = 8
     lr: float = 8e-6  # AdamW; the paper keeps it constant
     lr_schedule: str = "constant"  # "constant" (paper) | "cosine": cosine decay from lr to lr_min over `steps`
-    lr_min: float = 0.0  # end of the cosine schedule
     steps: int = 6000
-    batch_size: int = 32  # global batch (split across processes)
     update: str = "joint"  # "joint" (eq. 5 exactly) or "sequential" (reference compatibility)
-    seed: int = 0
-    n_images: int = 60000
     max_objects: int = 2
-    checkpoint_every: int = 250
-    log_every: int = 25
-    threads: int = 0
     device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
@@ -102,34 +95,33 @@ class ICDConfig:
     init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"ICDConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}")
+            raise ConfigError(f"ICDConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.mixed_precision!r}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"ICDConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                             f"got {self.lr_schedule!r}")
-        if not 0.0 <= self.lr_min <= self.lr:
-            raise ValueError(f"ICDConfig.lr_min must lie in [0, lr], got {self.lr_min}")
+            raise ConfigError(f"ICDConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
         if self.update not in UPDATES:
-            raise ValueError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+            raise ConfigError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not self.w_set or any(w < 0 for w in self.w_set):
-            raise ValueError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
+            raise ConfigError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
         if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"ICDConfig.tau must lie in [0, 1], got {self.tau}")
+            raise ConfigError(f"ICDConfig.tau must lie in [0, 1], got {self.tau}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ICDConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"ICDConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lambda_f < 0 or self.lambda_r < 0:
-            raise ValueError("ICDConfig.lambda_f and lambda_r must be >= 0")
+            raise ConfigError("ICDConfig.lambda_f and lambda_r must be >= 0")
         if not 0.0 <= self.reverse_own_latents <= 1.0:
-            raise ValueError(f"ICDConfig.reverse_own_latents must lie in [0, 1], got {self.reverse_own_latents}")
+            raise ConfigError(f"ICDConfig.reverse_own_latents must lie in [0, 1], got {self.reverse_own_latents}")
         if not self.forward_cd and self.lambda_f == 0:
-            raise ValueError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
+            raise ConfigError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
         boundaries = self.resolved_boundaries()  # validates
         if self.reverse_own_latents and boundaries.num_segments < 2:
-            raise ValueError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
+            raise ConfigError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
         if not set(self.reverse_own_w) <= set(self.w_set):
-            raise ValueError(f"ICDConfig.reverse_own_w must be a subset of w_set {list(self.w_set)}, "
-                             f"got {list(self.reverse_own_w)}")
+            raise ConfigError(f"ICDConfig.reverse_own_w must be a subset of w_set {list(self.w_set)}, "
+                              f"got {list(self.reverse_own_w)}")
 
     def resolved_boundaries(self) -> Boundaries:
         if self.reverse_boundaries or self.forward_boundaries:

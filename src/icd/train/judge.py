@@ -13,6 +13,7 @@ from icd import judge as J
 from icd import world
 from icd.imageio import to_tensor
 from icd.runtime import step_generator
+from icd.train.config import ConfigError, RunConfig
 from icd.train.data import world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
@@ -20,9 +21,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(RunConfig):
     out_dir: str = "runs/judge"
-    seed: int = 0
     steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-3  # AdamW, cosine decay to lr_min
@@ -33,11 +33,11 @@ class JudgeConfig:
     n_eval: int = 2000  # held-out renders for the final accuracy report
     checkpoint_every: int = 500
     log_every: int = 50
-    threads: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.clean_fraction <= 1.0:
-            raise ValueError(f"JudgeConfig.clean_fraction must be in [0, 1], got {self.clean_fraction}")
+            raise ConfigError(f"JudgeConfig.clean_fraction must be in [0, 1], got {self.clean_fraction}")
 
 
 SEED_START = 500_000_000

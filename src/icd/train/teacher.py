@@ -29,6 +29,7 @@ from icd.io import atomic_directory
 from icd.models import tiny
 from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
+from icd.train.config import ConfigError, RunConfig
 from icd.train.data import world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
@@ -36,10 +37,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(RunConfig):
     out_dir: str = "runs/teacher"  # checkpoints, log.csv and final/ (a diffusers StableDiffusionPipeline folder)
     vae_path: str = "runs/vae/final"  # trained VAE (diffusers format)
-    seed: int = 0
     steps: int = 7000
     batch_size: int = 64
     lr: float = 5e-4  # AdamW; linear warm-up then cosine decay to lr_min
@@ -50,19 +50,16 @@ class TeacherConfig:
     snr_gamma: float = 5.0  # min-SNR-gamma loss weighting (0 disables)
     caption_dropout: float = 0.1  # probability of training on the empty prompt
     ema_decay: float = 0.999
-    n_images: int = 60000  # world seeds 0..n_images-1 (1-2 objects)
     max_objects: int = 2
     checkpoint_every: int = 500
     log_every: int = 50
-    threads: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"TeacherConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+            raise ConfigError(f"TeacherConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.offset_noise < 0:
-            raise ValueError(f"TeacherConfig.offset_noise must be >= 0, got {self.offset_noise}")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("TeacherConfig.steps and batch_size must be positive")
+            raise ConfigError(f"TeacherConfig.offset_noise must be >= 0, got {self.offset_noise}")
 
 
 def teacher_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:

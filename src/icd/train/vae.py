@@ -19,6 +19,7 @@ from icd.imageio import to_tensor
 from icd.io import atomic_directory
 from icd.models import tiny
 from icd.runtime import step_generator
+from icd.train.config import ConfigError, RunConfig
 from icd.train.data import world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
@@ -26,9 +27,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(RunConfig):
     out_dir: str = "runs/vae"  # checkpoints, log.csv and final/ (diffusers format)
-    seed: int = 0  # model init and every per-step draw
     steps: int = 3000  # optimizer steps
     batch_size: int = 16
     lr: float = 1e-3  # AdamW, cosine decay to lr_min
@@ -37,14 +37,11 @@ class VAEConfig:
     kl_weight: float = 1e-6
     n_images: int = 20000  # training renders: world seeds 0..n_images-1
     n_scale_images: int = 2000  # held-out renders used to measure the latent scaling factor
-    checkpoint_every: int = 250
-    log_every: int = 25
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "n_images", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"VAEConfig.{name} must be positive, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.n_scale_images <= 0:
+            raise ConfigError(f"VAEConfig.n_scale_images must be positive, got {self.n_scale_images}")
 
 
 def vae_loss(vae, x: torch.Tensor, cfg: VAEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import difflib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,7 +52,14 @@ class Cond:
         )
 
 
-EpsFn = Callable[[torch.Tensor, "int | torch.Tensor", Cond], torch.Tensor]  # (x_t, t, cond) -> eps_hat
+class EpsFn(Protocol):
+    """The one calling convention: the noise prediction eps_hat(x_t, t, c) of a batch, t an integer or one per row.
+    Which network, adapter, guidance code and dynamic-CFG threshold it computes is fixed when it is made
+    (`LatentDiffusion.eps_fn`), never switched on the model."""
+
+    def __call__(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: Cond, /) -> torch.Tensor: ...
+
+
 GuidedEps = Callable[[torch.Tensor], EpsFn]  # per-row guidance codes w [B] -> that network's eps function (losses)
 
 

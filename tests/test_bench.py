@@ -113,6 +113,27 @@ def test_inversion_and_generation_benches(tmp_path):
         BenchOptions(task="inversion", out=str(tmp_path / "x"), renoise=1.0)
 
 
+def test_vae_method_and_guidance_bench(tmp_path):
+    """`vae`: encode + decode only (0 UNet calls), the reconstruction ceiling; `icd bench guidance`: the distilled
+    UNet's one call against two-pass CFG, exactly 0 apart from the student's own error at w = 0."""
+    inv = run_bench(BenchOptions(task="inversion", out=str(tmp_path / "inv"), n=3, methods="vae,icd", batch=3,
+                                 n_timing=1, progress=False))
+    vae, icd = inv["methods"]["vae"], inv["methods"]["icd"]
+    assert vae["nfe"] == 0 and vae["psnr"] >= icd["psnr"] and vae["psnr_min"] <= vae["psnr"]
+    g = run_bench(BenchOptions(task="guidance", out=str(tmp_path / "g"), n=4, batch=3, n_timing=1, guidance=2.0,
+                               progress=False))
+    m = g["methods"]["gddim"]
+    assert m["nfe"] == 1 and 0 < m["mse_student_vs_cfg"] < m["mse_unguided_vs_cfg"] + m["mse_cfg_vs_true_noise"]
+    again = run_bench(BenchOptions(task="guidance", out=str(tmp_path / "g1"), n=4, batch=4, n_timing=1, guidance=2.0,
+                                   progress=False))  # the draws do not depend on the batching
+    assert again["methods"]["gddim"]["mse_student_vs_cfg"] == pytest.approx(m["mse_student_vs_cfg"], rel=1e-5)
+    w0 = run_bench(BenchOptions(task="guidance", out=str(tmp_path / "g0"), n=2, n_timing=1, guidance=0.0,
+                                progress=False))
+    assert w0["methods"]["gddim"]["mse_unguided_vs_cfg"] == 0.0
+    with pytest.raises(ValueError, match="no step count"):
+        run_bench(BenchOptions(task="guidance", out=str(tmp_path / "g2"), methods="gddim50"))
+
+
 def test_pie_bench_folder_runs_through_the_editing_bench(tmp_path):
     from icd.bench.piebench import write_fixture
 

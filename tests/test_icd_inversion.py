@@ -85,3 +85,18 @@ def test_load_icd_model_without_adapters_is_a_clear_error(tmp_path, random_disti
 
     with pytest.raises(ModelError, match="no iCD adapters"):
         load_icd_model(random_distilled_dir, adapters=tmp_path / "nothing")
+
+
+def test_settings_resolve_defaults_in_one_place_and_refuse_what_no_run_can_use():
+    pipe = Pipeline.from_pretrained()
+    assert pipe.settings("icd", "edit") == pipe.settings("icd", "edit", guidance=1.0, tau=0.8, steps=4)
+    gen = pipe.settings("icd", "generate")
+    assert (gen.tau, gen.renoise, gen.steps) == (None, 1.0, 4)  # constant guidance, re-noised jumps
+    assert pipe.settings("ddim", "invert").steps == 50 and pipe.settings("ddim", "invert").guidance == 0.0
+    for kw, flag in [(dict(steps=0), "--steps"), (dict(steps=-3), "--steps"), (dict(steps=1001), "--steps"),
+                     (dict(guidance=float("nan")), "--guidance"), (dict(guidance=1e9), "--guidance"),
+                     (dict(guidance=-1.0), "--guidance"), (dict(tau=1.5), "--tau"), (dict(renoise=2.0), "--renoise")]:
+        with pytest.raises(ValueError, match=flag):
+            pipe.settings("ddim" if "steps" in kw else "icd", "generate", **kw)
+    with pytest.raises(ValueError, match="choose from icd, ddim, npi, nti"):
+        pipe.settings("gddim", "edit")  # the registry lists the valid names for the task

@@ -20,6 +20,7 @@ bench and the Python API call it, and everything they run goes through the sampl
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,6 +178,7 @@ class Pipeline:
         inversion and editing, None (constant guidance) otherwise; steps the adapters' segment count for iCD (the
         only count they take), else DEFAULT_STEPS; renoise DEFAULT_RENOISE for iCD generation, else 0."""
         spec = method_spec(method, task)
+        _check_ranges(guidance=guidance, tau=tau, steps=steps, max_steps=self.model.schedule.num_timesteps)
         if spec.unet == "icd":
             icd = self.model_for(method).icd
             segments = icd.boundaries.num_segments
@@ -329,6 +331,19 @@ class Pipeline:
                 z0 = ddim_loop(eps, x, cond, generation_timesteps(st.steps), schedule=model.schedule)[0]
             out.append(model.decode_latents(z0))
         return torch.cat(out)
+
+
+MAX_GUIDANCE = 100.0  # codes above this are a typo, not a setting (CFG 8 is w = 7)
+
+
+def _check_ranges(*, guidance: float | None, tau: float | None, steps: int | None, max_steps: int) -> None:
+    """ValueError naming the option for a guidance code, tau or step count no run can use."""
+    if guidance is not None and not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+        raise ValueError(f"guidance (--guidance) must be a code w = CFG - 1 in [0, {MAX_GUIDANCE:g}], got {guidance}")
+    if tau is not None and not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
+        raise ValueError(f"tau (--tau) must lie in [0, 1], got {tau}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps):
+        raise ValueError(f"steps (--steps) must be an integer in 1..{max_steps}, got {steps}")
 
 
 def _baseline_uncond(method: str, inversion: Inversion, cond_src: Cond, source_of: torch.Tensor):

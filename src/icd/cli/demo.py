@@ -13,7 +13,7 @@ from icd.editing.controllers import P2PControls
 from icd.editing.edit import EditControls
 from icd.imageio import load_image, save_image
 from icd.metrics import psnr
-from icd.pipeline import Pipeline
+from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
 from icd.plotting import captioned_grid
 
 
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="edit a world image with iCD on the embedded model and write out/demo.png")
     d.add_argument("--out", default="out")
     d.add_argument("--seed", type=int, default=1, help="which held-out world case to edit")
-    d.add_argument("--guidance", type=float, default=1.0, help="guidance code w of the edit")
+    d.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE["edit"], help="guidance code w of the edit")
     d.add_argument("--model", default="embedded")
     add_threads(d)
     d.set_defaults(func=cmd_demo)

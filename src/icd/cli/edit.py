@@ -133,7 +133,7 @@ def add_parser(sub) -> None:
     e.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     e.add_argument("--seed", type=int, default=0, help="icd: seed of the encoding noise")
     e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
-                   help="target guidance code w = CFG - 1 (default 1)")
+                   help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g})")
     e.add_argument("--tau", type=float, default=default(EditControls, "tau"),
                    help="dynamic CFG threshold (icd default: the adapters' tau)")
     e.add_argument("--cross-replace", type=float, default=default(P2PControls, "cross_replace"),

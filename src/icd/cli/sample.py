@@ -10,7 +10,7 @@ import numpy as np
 from icd.cli.common import CLIError, add_model_options, library_errors
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image, to_uint8
 from icd.metrics import psnr
-from icd.pipeline import DEFAULT_RENOISE, Pipeline
+from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE, Pipeline
 from icd.plotting import hstack
 
 
@@ -43,8 +43,8 @@ def cmd_invert(args) -> None:
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
     pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
-    with library_errors():  # a --steps the adapters cannot take
-        pipe.settings(args.method, "invert", steps=args.steps)
+    with library_errors():  # a --steps the adapters cannot take, an out-of-range --guidance / --tau
+        pipe.settings(args.method, "invert", guidance=args.guidance, tau=args.tau, steps=args.steps)
     model = pipe.model_for(args.method)
     model.check_prompts([args.prompt])
     source = np.asarray(fit_image(image, model.image_size, args.fit))[None]
@@ -70,8 +70,9 @@ def add_parser(sub) -> None:
     g.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: DDIM steps (default 50)")
     g.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
-    g.add_argument("--guidance", type=float, default=1.0,
-                   help="guidance code w = CFG scale - 1 (0: unguided; 1 is best on the embedded model)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance code w = CFG scale - 1 (0: unguided; default "
+                   f"{DEFAULT_GUIDANCE['generate']:g}, the best on the embedded model)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
     g.add_argument("--renoise", type=float, default=None, metavar="GAMMA",
                    help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] "
@@ -91,7 +92,8 @@ def add_parser(sub) -> None:
                    help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
     i.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     i.add_argument("--seed", type=int, default=0, help="icd: seed of the noise that takes the image to t = 19")
-    i.add_argument("--guidance", type=float, default=0.0, help="guidance code w for the decoding pass")
+    i.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance code w for the decoding pass (default {DEFAULT_GUIDANCE['invert']:g})")
     i.add_argument("--tau", type=float, default=None,
                    help="dynamic CFG threshold for the decoding pass (icd default: the adapters' tau)")
     i.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")

@@ -217,3 +217,37 @@ def test_threads_are_applied_once_by_main(monkeypatch, capsys):
     assert calls == [3]
     code, _, _ = run(["generate", "   ", "-o", "x.png"], capsys)
     assert code == 2 and calls == [3]  # --threads 0 (the default) leaves torch's own count
+
+
+def test_edit_outputs_and_saved_inversions_are_checked_before_compute(tmp_path, capsys, random_icd_dir):
+    """-o equal to --grid, an existing --save-inversion, and an inversion of another model or other adapters are
+    refused in one line (exit 2) before anything is written."""
+    import torch
+
+    from icd import world
+    from icd.editing.inversion import Inversion
+
+    case = world.make_case("color", world.EVAL_SEED_START + 3)
+    Image.fromarray(case.source).save(tmp_path / "src.png")
+    base = ["edit", str(tmp_path / "src.png"), "--source", case.source_prompt, "--target", case.target_prompt,
+            "--model", str(random_icd_dir)]
+    code, _, err = run([*base, "-o", str(tmp_path / "x.png"), "--grid", str(tmp_path / "x.png")], capsys)
+    _assert_one_line_error(code, err, "same file")
+    code, _, _ = run([*base, "-o", str(tmp_path / "a.png"), "--save-inversion", str(tmp_path / "inv")], capsys)
+    assert code == 0
+    before = (tmp_path / "inv.safetensors").read_bytes()
+    code, _, err = run([*base, "-o", str(tmp_path / "b.png"), "--save-inversion", str(tmp_path / "inv")], capsys)
+    _assert_one_line_error(code, err, "--force")
+    assert (tmp_path / "inv.safetensors").read_bytes() == before and not (tmp_path / "b.png").exists()
+    inv = Inversion.load(tmp_path / "inv.json")
+    wrong_shape = Inversion(latents=[torch.zeros(1, 4, 64, 64) for _ in inv.timesteps], timesteps=inv.timesteps,
+                            prompts=inv.prompts, method="icd", settings={"model": "another"})
+    wrong_shape.save(tmp_path / "big")
+    code, _, err = run([*base, "-o", str(tmp_path / "c.png"), "--inversion", str(tmp_path / "big.json")], capsys)
+    _assert_one_line_error(code, err, "another model")
+    other_times = Inversion(latents=inv.latents[:4], timesteps=[19, 333, 666, 999], prompts=inv.prompts,
+                            method="icd")
+    other_times.save(tmp_path / "times")
+    code, _, err = run([*base, "-o", str(tmp_path / "c.png"), "--inversion", str(tmp_path / "times.json")], capsys)
+    _assert_one_line_error(code, err, "these adapters")
+    assert not (tmp_path / "c.png").exists()

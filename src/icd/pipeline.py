@@ -274,6 +274,7 @@ class Pipeline:
         controls = controls or EditControls()
         method = inversion.method
         model = self.model_for(method)
+        self.check_inversion(inversion)
         st = self.settings(method, "edit", guidance=controls.guidance, tau=controls.tau,
                            steps=len(inversion.timesteps) - 1)
         t0, calls0 = time.perf_counter(), model.counter.calls
@@ -300,6 +301,21 @@ class Pipeline:
         images = to_uint8(model.decode_latents(z0))  # the loop raises NumericsError naming the step of a NaN/Inf
         return EditResult(images=images[s:], reconstructions=images[:s], nfe=model.counter.calls - calls0,
                           seconds=time.perf_counter() - t0)
+
+    def check_inversion(self, inversion: Inversion) -> None:
+        """ValueError unless `inversion` fits this pipeline: a known method, this model's latent shape and, for iCD,
+        these adapters' encoding times (a saved inversion from another model or adapters would decode to garbage)."""
+        spec = method_spec(inversion.method, "edit")
+        model = self.model_for(inversion.method)
+        latent = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+        if tuple(inversion.noise.shape[1:]) != latent:
+            raise ValueError(f"this inversion's latents are {tuple(inversion.noise.shape[1:])}, the model's "
+                             f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
+        if spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
+            raise ValueError(f"this inversion's times {list(inversion.timesteps)} are not these adapters' "
+                             f"{model.icd.boundaries.forward_schedule()}: invert again with them")
+        if len(inversion.latents) != len(inversion.timesteps):
+            raise ValueError("this inversion is malformed: one latent per timestep expected")
 
     def _attention(self, model: LatentDiffusion) -> AttentionLayers:
         """The attention layers of `model`'s UNet, found on first use."""

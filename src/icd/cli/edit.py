@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,8 +44,17 @@ def _blend_words(words: list[str] | None, source: str, target: str):
 
 
 def _check_args(args) -> None:
-    for path in [args.output] + ([args.grid] if args.grid else []):
+    outputs = [args.output] + ([args.grid] if args.grid else [])
+    for path in outputs:
         check_output(path, force=args.force, inputs=(args.image,))
+    if args.grid and Path(args.grid).resolve() == Path(args.output).resolve():
+        raise CLIError("-o and --grid name the same file")
+    if args.save_inversion:
+        saved = [Path(args.save_inversion).with_suffix(s) for s in (".json", ".safetensors")]
+        if any(p.exists() for p in saved) and not args.force:
+            raise CLIError(f"{saved[0]} already exists (use --force to overwrite the saved inversion)")
+        if args.inversion and Path(args.inversion).with_suffix(".json").resolve() == saved[0].resolve():
+            raise CLIError("--save-inversion would overwrite the --inversion it reads")
     if not args.source.strip() or not args.target.strip():
         raise CLIError("the source or target prompt is empty")
     if args.masactrl and args.swap:

@@ -251,3 +251,11 @@ def test_edit_outputs_and_saved_inversions_are_checked_before_compute(tmp_path, 
     code, _, err = run([*base, "-o", str(tmp_path / "c.png"), "--inversion", str(tmp_path / "times.json")], capsys)
     _assert_one_line_error(code, err, "these adapters")
     assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--n", "100000"], "--n must lie in 1..1024"),
+                                           (["--n", "0"], "--n must lie"), (["--scale", "0"], "--scale must lie")])
+def test_world_grid_sizes_that_cannot_fit_are_refused(tmp_path, capsys, argv, message):
+    code, _, err = run(["world", "grid", *argv, "-o", str(tmp_path / "g.png")], capsys)
+    _assert_one_line_error(code, err, message)
+    assert not (tmp_path / "g.png").exists()

@@ -65,3 +65,17 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio, "MAX_PIXELS", 10**9)
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(tmp_path / "big.png")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an EXIF rotation loads upright (it was edited sideways before)."""
+    upright = np.zeros((20, 40, 3), dtype=np.uint8)
+    upright[:, :20] = 255  # left half white
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 40 x 20 on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    im = load_image(tmp_path / "phone.jpg")
+    assert im.size == (40, 20)
+    arr = np.asarray(im).astype(int)
+    assert arr[:, :20].mean() > 200 and arr[:, 20:].mean() < 50

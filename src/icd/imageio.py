@@ -46,7 +46,7 @@ def load_image(path: str | Path) -> Image.Image:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"image too large ({im.width}x{im.height} pixels > {MAX_PIXELS}): {path}")
                 im.load()
-                return to_rgb(im)
+                return to_rgb(ImageOps.exif_transpose(im))  # a phone photo's EXIF rotation, applied
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

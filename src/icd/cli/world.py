@@ -11,8 +11,8 @@ from icd import world
 from icd.bench.piebench import write_fixture
 from icd.cli.common import CLIError
 from icd.imageio import check_output, save_image
+from icd.io import write_text_atomic
 from icd.plotting import captioned_grid
-from icd.train.checkpoint import write_text_atomic
 
 CASE_FILES = ["source.png", "target.png", "mask.png", "case.json"]
 
@@ -30,7 +30,15 @@ def cmd_world_case(args) -> None:
     print(f"{case.kind} edit: {case.source_prompt!r} -> {case.target_prompt!r}; wrote {out}/")
 
 
+MAX_GRID_SCENES = 1024  # 1 024 scenes at scale 3 are ~40 MP with captions (100 000 was killed for memory)
+MAX_GRID_SCALE = 16
+
+
 def cmd_world_grid(args) -> None:
+    if not 1 <= args.n <= MAX_GRID_SCENES:
+        raise CLIError(f"--n must lie in 1..{MAX_GRID_SCENES}, got {args.n}")
+    if not 1 <= args.scale <= MAX_GRID_SCALE:
+        raise CLIError(f"--scale must lie in 1..{MAX_GRID_SCALE}, got {args.scale}")
     check_output(args.output, force=args.force)
     scenes = [world.sample_scene(args.seed_start + i, max_objects=args.max_objects) for i in range(args.n)]
     grid = captioned_grid([world.render(s) for s in scenes], [s.caption for s in scenes], scale=args.scale)

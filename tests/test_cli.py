@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from icd.cli import main
@@ -259,3 +260,29 @@ def test_world_grid_sizes_that_cannot_fit_are_refused(tmp_path, capsys, argv, me
     code, _, err = run(["world", "grid", *argv, "-o", str(tmp_path / "g.png")], capsys)
     _assert_one_line_error(code, err, message)
     assert not (tmp_path / "g.png").exists()
+
+
+def test_seeds_devices_and_image_counts_out_of_range_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "g.png")
+    for bad in ("-1", str(2**64), "1.5"):  # argparse: usage line plus the error, exit code 2
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "a red star on a gray background", "--seed", bad, "-o", out])
+        assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+    for argv, message in [(["generate", "a red star on a gray background", "--n", "0", "-o", out], "--n must lie"),
+                          (["bench", "inversion", "--device", "tpu", "--out", str(tmp_path / "b")], "unknown device")]:
+        code, _, err = run(argv, capsys)
+        assert code == 2 and message in err.strip().splitlines()[-1], err
+    if not torch.cuda.is_available():
+        code, _, err = run(["bench", "inversion", "--device", "cuda", "--out", str(tmp_path / "b")], capsys)
+        _assert_one_line_error(code, err, "no CUDA device")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "g.png").exists()
+
+
+def test_a_folder_without_icd_adapters_still_serves_the_baselines(tmp_path, capsys, random_model_dir):
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(tmp_path / "in.png")
+    args = ["invert", str(tmp_path / "in.png"), "--prompt", "a large red circle on a gray background",
+            "--model", str(random_model_dir), "--steps", "2", "--json"]
+    code, out, _ = run([*args, "--method", "ddim", "-o", str(tmp_path / "r.png")], capsys)
+    assert code == 0 and json.loads(out)["nfe"] == 4
+    code, _, err = run([*args[:-3], "-o", str(tmp_path / "r2.png")], capsys)  # icd (the default) needs adapters
+    _assert_one_line_error(code, err, "no iCD adapters")

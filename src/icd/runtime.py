@@ -12,10 +12,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 
 import torch
 
 PRECISIONS = ("no", "bf16", "fp16")
+
+
+def check_device(device: str) -> None:
+    """ValueError for a device name this machine cannot run on (`auto`, `cpu`, `cuda`, `cuda:N`)."""
+    if device in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device (use auto or cpu)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class ProcessGroup:
@@ -24,6 +38,7 @@ class ProcessGroup:
     def __init__(self, device: str = "auto"):
         from accelerate import PartialState  # heavy: a single-process CPU run never needs it
 
+        check_device(device)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         state = PartialState(cpu=device == "cpu") if distributed or device == "auto" else None
         self.device = torch.device(device) if state is None else state.device

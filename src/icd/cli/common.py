@@ -68,6 +68,20 @@ def _threads(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+
+
+def seed(text: str) -> int:
+    """--seed: an integer in 0..2^64-1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2^64-1, got {value}")
+    return value
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     """--threads, the one declaration; `main` applies it before running the command."""
     parser.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: default)")

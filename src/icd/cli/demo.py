@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from icd import world
-from icd.cli.common import add_threads
+from icd.cli.common import add_threads, seed
 from icd.editing.controllers import P2PControls
 from icd.editing.edit import EditControls
 from icd.imageio import load_image, save_image
@@ -52,7 +52,7 @@ def cmd_demo(args) -> None:
 def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="edit a world image with iCD on the embedded model and write out/demo.png")
     d.add_argument("--out", default="out")
-    d.add_argument("--seed", type=int, default=1, help="which held-out world case to edit")
+    d.add_argument("--seed", type=seed, default=1, help="which held-out world case to edit")
     d.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE["edit"], help="guidance code w of the edit")
     d.add_argument("--model", default="embedded")
     add_threads(d)

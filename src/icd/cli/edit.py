@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icd.cli.common import CLIError, add_model_options, default, library_errors
+from icd.cli.common import CLIError, add_model_options, default, library_errors, seed
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
@@ -141,7 +141,7 @@ def add_parser(sub) -> None:
                    help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet")
     e.add_argument("--steps", type=int, default=None, help="icd: the adapters' segment count; others: 50")
     e.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
-    e.add_argument("--seed", type=int, default=0, help="icd: seed of the encoding noise")
+    e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise")
     e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
                    help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g})")
     e.add_argument("--tau", type=float, default=default(EditControls, "tau"),

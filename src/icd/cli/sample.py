@@ -7,17 +7,21 @@ import time
 
 import numpy as np
 
-from icd.cli.common import CLIError, add_model_options, library_errors
+from icd.cli.common import MAX_SEED, CLIError, add_model_options, library_errors, seed
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image, to_uint8
 from icd.metrics import psnr
 from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE, Pipeline
 from icd.plotting import hstack
+
+MAX_IMAGES = 256  # images side by side in one output file
 
 
 def cmd_generate(args) -> None:
     check_output(args.output, force=args.force)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
+    if not 1 <= args.n <= MAX_IMAGES or args.seed + args.n - 1 > MAX_SEED:
+        raise CLIError(f"--n must lie in 1..{MAX_IMAGES} with --seed + --n - 1 <= 2^64-1, got --n {args.n}")
     pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
     with library_errors():  # bad --steps / --renoise for this method and these adapters
         st = pipe.settings(args.method, "generate", guidance=args.guidance, tau=args.tau, steps=args.steps,
@@ -64,7 +68,7 @@ def cmd_invert(args) -> None:
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="text-to-image: 4-step iCD (default) or DDIM with classifier-free guidance")
     g.add_argument("prompt")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--method", default="icd", choices=["icd", "ddim"],
                    help="icd: the reverse consistency model (one UNet call per segment); ddim: the teacher")
     g.add_argument("--steps", type=int, default=None,
@@ -91,7 +95,7 @@ def add_parser(sub) -> None:
     i.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
     i.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
-    i.add_argument("--seed", type=int, default=0, help="icd: seed of the noise that takes the image to t = 19")
+    i.add_argument("--seed", type=seed, default=0, help="icd: seed of the noise that takes the image to t = 19")
     i.add_argument("--guidance", type=float, default=None,
                    help=f"guidance code w for the decoding pass (default {DEFAULT_GUIDANCE['invert']:g})")
     i.add_argument("--tau", type=float, default=None,

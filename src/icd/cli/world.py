@@ -9,7 +9,7 @@ import numpy as np
 
 from icd import world
 from icd.bench.piebench import write_fixture
-from icd.cli.common import CLIError
+from icd.cli.common import CLIError, seed
 from icd.imageio import check_output, save_image
 from icd.io import write_text_atomic
 from icd.plotting import captioned_grid
@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     wsub = w.add_subparsers(dest="world_command", required=True, metavar="WHAT")
     case = wsub.add_parser("case", help="write one ground-truth edit case (source, target, mask, case.json)")
     case.add_argument("--kind", required=True, choices=world.EDIT_KINDS)
-    case.add_argument("--seed", type=int, required=True)
+    case.add_argument("--seed", type=seed, required=True)
     case.add_argument("--out", required=True, help="output folder")
     case.add_argument("--force", action="store_true", help="overwrite existing files")
     case.set_defaults(func=cmd_world_case)

@@ -7,17 +7,17 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)" -e .
+	$(BIN)/pip install -q "$(TORCH)" -e ".[web]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[dev,web]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,7 +25,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	bash scripts/demo.sh
 
-test: $(VENV)/.installed-dev
+# The browser test (tests/test_web.py) drives Debian's chromium: installed through apt-get when missing (never a
+# browser download); without apt or root the target goes on and that test skips, saying why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver ) >/dev/null 2>&1 \
+	  || echo "make test: could not install chromium / chromium-driver with apt-get; the browser test will skip"; \
+	fi
+
+test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from icd.cli import bench, demo, edit, sample, train, world
+from icd.cli import bench, demo, edit, sample, serve, train, world
 from icd.cli.common import USER_ERRORS, CLIError, print_error, quiet_libraries
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 """
 
 # The command groups in --help order; `sample` adds generate and invert.
-COMMANDS = (world, train, sample, edit, bench, demo)
+COMMANDS = (world, train, sample, edit, bench, demo, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,68 @@
+"""`icd serve`: the local web page for interactive editing (needs the `web` extra: pip install -e ".[web]")."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+
+from icd.cli.common import CLIError, add_threads
+from icd.web.uploads import DEFAULT_MAX_MB, DEFAULT_MAX_SIDE, Limits
+
+
+def _check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise CLIError(f"--port must lie in 1..65535, got {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            s.bind((host, port))
+    except OSError as e:
+        raise CLIError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port / --host") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_serve(args) -> None:
+    try:
+        import fastapi  # noqa: F401  the optional `web` extra: a clear message when it is missing
+        import uvicorn  # noqa: F401  as above
+    except ImportError as e:
+        raise CLIError(f"icd serve needs the web extra ({e.name} is missing): pip install -e \".[web]\"") from None
+    from icd.pipeline import Pipeline  # heavy (torch, diffusers): `icd serve --help` stays fast
+    from icd.web.app import serve  # imports fastapi: only once the extra is known to be there
+    from icd.web.engine import Engine  # heavy via icd.pipeline, as above
+
+    if args.max_mb <= 0 or args.max_side <= 0:
+        raise CLIError("--max-mb and --max-side must be positive")
+    limits = Limits(max_bytes=int(args.max_mb * 1_000_000), max_side=args.max_side)
+    _check_port(args.host, args.port)
+    print(f"icd serve: loading the model {args.model!r} …", file=sys.stderr, flush=True)
+    engine = Engine(Pipeline.from_pretrained(args.model))
+    if not _is_loopback(args.host):
+        print(f"icd serve: warning: listening on {args.host}, reachable from other machines; the page has no "
+              "authentication", file=sys.stderr, flush=True)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"icd serve: open http://{shown}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    serve(engine, host=args.host, port=args.port, limits=limits)
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="a local web page for interactive editing (needs the web extra)",
+                       description="Serve a web page to upload an image (or pick a world example), set the source "
+                       "and target prompts and the method's controls, and see source | reconstruction | edit with "
+                       "the counted UNet calls and seconds. The inversion of an unchanged image and source prompt is "
+                       "cached, so a new target costs only the reverse steps.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    s.add_argument("--model", default="embedded", help="'embedded' or a diffusers pipeline folder")
+    s.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, help="upload size limit in MB (default %(default)s)")
+    s.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="largest image side in pixels (default %(default)s)")
+    add_threads(s)
+    s.set_defaults(func=cmd_serve)

@@ -286,3 +286,16 @@ def test_a_folder_without_icd_adapters_still_serves_the_baselines(tmp_path, caps
     assert code == 0 and json.loads(out)["nfe"] == 4
     code, _, err = run([*args[:-3], "-o", str(tmp_path / "r2.png")], capsys)  # icd (the default) needs adapters
     _assert_one_line_error(code, err, "no iCD adapters")
+
+
+def test_help_examples_quote_the_captions_of_the_case_they_make():
+    import re
+
+    from icd import world
+    from icd.cli import EXAMPLES
+
+    kind, seed = re.search(r"icd world case --kind (\w+) --seed (\d+)", EXAMPLES).groups()
+    case = world.make_case(kind, int(seed))
+    assert set(re.findall(r'--(?:prompt|source) "([^"]+)"', EXAMPLES)) == {case.source_prompt}
+    assert re.findall(r'--target "([^"]+)"', EXAMPLES) == [case.target_prompt]
+    assert re.search(r"--blend (\w+) (\w+)", EXAMPLES).groups() == tuple(case.blend_words)

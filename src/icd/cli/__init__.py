@@ -18,20 +18,23 @@ from icd.cli.common import USER_ERRORS, CLIError, print_error, quiet_libraries
 __all__ = ["CLIError", "build_parser", "main"]
 
 EXAMPLES = """examples:
-  icd world case --kind color --seed 3 --out out/case3
+  icd world case --kind color --seed 1 --out out/case1
   icd world grid --n 16 -o out/grid.png
   icd generate "a large red circle on a gray background" --seed 0 --guidance 1 -o out/gen.png
   icd generate "a large red circle on a gray background" --method ddim --steps 50 --guidance 1 -o out/gen50.png
-  icd invert out/case3/source.png --prompt "a small blue star on a brown background" -o out/recon.png --json
-  icd invert out/case3/source.png --prompt "a small blue star on a brown background" --method ddim --steps 50 \\
-      -o out/recon50.png
-  icd edit out/case3/source.png --source "a small blue star on a brown background" \\
-      --target "a small red star on a brown background" --blend blue red -o out/edit.png --grid out/grid.png --json
+  icd invert out/case1/source.png --prompt "a large purple triangle on a gray background" \\
+      -o out/recon.png --json
+  icd invert out/case1/source.png --prompt "a large purple triangle on a gray background" \\
+      --method ddim --steps 50 -o out/recon50.png
+  icd edit out/case1/source.png --source "a large purple triangle on a gray background" \\
+      --target "a large blue triangle on a gray background" --blend purple blue -o out/edit.png --json
   icd train teacher --config configs/embedded.toml
   icd train icd --config configs/icd-ablation.toml --section G3
   icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
   icd bench inversion --n 200 --methods icd,ddim --steps-list 1,2,3,4,50 --out out/bench/inv
   torchrun --standalone --nproc_per_node 2 -m icd.cli bench generation --cases 100 --out out/bench/gen
+  icd serve --port 7860          # the local web page (pip install -e ".[web]")
+(out/case1's captions are those of `icd world case --kind color --seed 1`: see out/case1/case.json)
 """
 
 # The command groups in --help order; `sample` adds generate and invert.

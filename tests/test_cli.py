@@ -299,3 +299,18 @@ def test_help_examples_quote_the_captions_of_the_case_they_make():
     assert set(re.findall(r'--(?:prompt|source) "([^"]+)"', EXAMPLES)) == {case.source_prompt}
     assert re.findall(r'--target "([^"]+)"', EXAMPLES) == [case.target_prompt]
     assert re.search(r"--blend (\w+) (\w+)", EXAMPLES).groups() == tuple(case.blend_words)
+
+
+def test_an_internal_error_is_one_line_and_verbose_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import icd.cli.world
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(icd.cli.world.world, "make_case", broken)
+    argv = ["world", "case", "--kind", "color", "--seed", "1", "--out", str(tmp_path / "c")]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        "icd: internal error: RuntimeError: boom (re-run with -v for the traceback)"]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["-v", *argv])

@@ -67,4 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("icd: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's mistake: one line, and the traceback on request
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"icd: internal error: {type(e).__name__}: {msg} (re-run with -v for the traceback)", file=sys.stderr)
+        return 1
     return 0

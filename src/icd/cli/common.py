@@ -55,31 +55,28 @@ def library_errors():
 
 
 MAX_THREADS = 1024
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+
+
+def _integer_in(text: str, low: int, high: int, shown: str) -> int:
+    """An argparse type: the integer `text` within [low, high] (`shown` names the range in the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must lie in {shown}, got {value}")
+    return value
 
 
 def _threads(text: str) -> int:
     """--threads: 0 (torch's default) to MAX_THREADS; a huge count would crash the OpenMP runtime (found by fuzzing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must lie in 0..{MAX_THREADS}, got {value}")
-    return value
-
-
-MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+    return _integer_in(text, 0, MAX_THREADS, f"0..{MAX_THREADS}")
 
 
 def seed(text: str) -> int:
     """--seed: an integer in 0..2^64-1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must lie in 0..2^64-1, got {value}")
-    return value
+    return _integer_in(text, 0, MAX_SEED, "0..2^64-1")
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:

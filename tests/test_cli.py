@@ -208,16 +208,19 @@ def test_option_defaults_follow_the_dataclasses():
         assert getattr(bench, name) == getattr(opts, name), name
 
 
-def test_threads_are_applied_once_by_main(monkeypatch, capsys):
-    import torch
-
+def test_threads_are_applied_once_by_main_and_restored_after(monkeypatch, capsys):
+    """--threads takes effect in main alone, before the command, and the caller's thread count comes back after (a
+    fuzzed --threads 700 once left every later test of the process oversubscribed)."""
+    before = torch.get_num_threads()
     calls = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
     code, _, err = run(["generate", "   ", "--threads", "3", "-o", "x.png"], capsys)
     _assert_one_line_error(code, err, "empty")  # fails before any model loads, after --threads took effect
-    assert calls == [3]
+    assert calls == [3, before] and torch.get_num_threads() == before
+    calls.clear()
     code, _, _ = run(["generate", "   ", "-o", "x.png"], capsys)
-    assert code == 2 and calls == [3]  # --threads 0 (the default) leaves torch's own count
+    assert code == 2 and calls == [before]  # --threads 0 (the default) leaves torch's own count
 
 
 def test_edit_outputs_and_saved_inversions_are_checked_before_compute(tmp_path, capsys, random_icd_dir):

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         quiet_libraries()
+    threads = torch.get_num_threads()
     if getattr(args, "threads", 0) > 0:  # the one place --threads takes effect (common.add_threads declares it)
         torch.set_num_threads(args.threads)
     try:
@@ -73,4 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"icd: internal error: {type(e).__name__}: {msg} (re-run with -v for the traceback)", file=sys.stderr)
         return 1
+    finally:  # an in-process caller (the tests, a notebook) keeps its own thread count
+        torch.set_num_threads(threads)
     return 0

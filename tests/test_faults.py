@@ -48,7 +48,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path, 
     assert main(["train", "icd", "--config", str(cfg_file)]) == 0  # resumes from the newest intact checkpoint
     reference = train_icd(ICDConfig(out_dir=str(tmp_path / "reference"), model=str(random_distilled_dir),
                                     steps=STEPS, batch_size=2, n_images=8, rank=4, lr=1e-3, checkpoint_every=1,
-                                    log_every=1))
+                                    log_every=1, threads=1))  # the killed run's thread count: identical bits
     a, b = _adapters(tmp_path / "killed" / "final"), _adapters(reference)
     for name in lora.ADAPTERS:
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), f"killed at step {kill_at}"

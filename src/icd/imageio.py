@@ -5,7 +5,9 @@ to RGB, 16-bit images are scaled to 8 bit. Non-square images follow a documented
 
 - ``resize``: stretch to size x size (the reference implementation's behaviour);
 - ``center-crop``: scale the short side to `size`, crop the centre square;
-- ``pad``: scale the long side to `size`, pad with the edge colour to a square.
+- ``pad``: scale the long side to `size`, pad with the edge colour to a square;
+- ``aspect`` (Stable Diffusion families): keep the aspect ratio; scale to about size x size pixels with both sides a
+  multiple of `multiple` (`aspect_size`). The output keeps the input's aspect ratio up to that rounding.
 
 Errors raise `ImageError` with a one-line message (missing file, directory, empty, truncated or corrupt file, too
 many pixels).
@@ -21,8 +23,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-Fit = Literal["resize", "center-crop", "pad"]
-FITS: tuple[str, ...] = ("resize", "center-crop", "pad")
+Fit = Literal["resize", "center-crop", "pad", "aspect"]
+FITS: tuple[str, ...] = ("resize", "center-crop", "pad", "aspect")
 MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
 
 
@@ -73,10 +75,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def fit_image(im: Image.Image, size: int, fit: Fit = "resize") -> Image.Image:
-    """Make `im` a size x size RGB image following policy `fit` (see module docstring)."""
+def aspect_size(width: int, height: int, *, size: int, multiple: int) -> tuple[int, int]:
+    """(W, H) with W / H close to width / height, W * H close to size², both multiples of `multiple` (at least one
+    multiple): a photo's size at a model's native resolution."""
+    if width <= 0 or height <= 0 or size <= 0 or multiple <= 0:
+        raise ValueError(f"aspect_size needs positive sizes, got {width}x{height}, size {size}, multiple {multiple}")
+    scale = size / (width * height) ** 0.5
+    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))
+
+
+def fit_image(im: Image.Image, size: int, fit: Fit = "resize", *, multiple: int = 8) -> Image.Image:
+    """Make `im` RGB at the model's size following policy `fit` (see module docstring): size x size, or for
+    ``aspect`` the `aspect_size` of the image."""
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r}; choose from {', '.join(FITS)}")
+    if fit == "aspect":
+        target = aspect_size(im.width, im.height, size=size, multiple=multiple)
+        return im if im.size == target else im.resize(target, Image.BICUBIC)
     if im.size == (size, size):
         return im
     if fit == "resize":

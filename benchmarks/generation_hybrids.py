@@ -26,7 +26,7 @@ from icd.bench.generation import caption_scores, prompt_cases
 from icd.imageio import to_uint8
 from icd.judge import JudgeScorer
 from icd.models import lora
-from icd.models.embedded import load_icd_model
+from icd.models.loading import load_icd_model
 from icd.samplers import SeededNoise, ddim_loop, icd_decode
 from icd.schedule import ddim_grid
 

@@ -39,7 +39,7 @@ N_IMAGES=$N_IMAGES $PY - > "$OUT/logs/prefill.log" 2>&1 <<'EOF' &
 import os
 import torch
 torch.set_num_threads(8)
-from icd.models.embedded import load_model, resolve_model_path
+from icd.models.loading import load_model, resolve_model_path
 from icd.train.data import world_latents
 m = load_model("embedded")
 z, _ = world_latents(m.vae, resolve_model_path("embedded") / "vae", int(os.environ["N_IMAGES"]), max_objects=2, cache_dir="runs/gpu/cache")

@@ -19,7 +19,7 @@ from icd.bench.cases import world_scenes
 from icd.imageio import to_uint8
 from icd.metrics import psnr
 from icd.models import lora
-from icd.models.embedded import load_icd_model
+from icd.models.loading import load_icd_model
 from icd.samplers import ddim_decode, ddim_invert, icd_decode, icd_invert, initial_noise
 
 

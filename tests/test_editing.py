@@ -75,7 +75,7 @@ def test_unequal_prompts_refine_and_bad_words_fail(editor):
     model = editor.model
     p2p = PromptToPrompt(model.tokenizer, ["a red star on a black background"],
                          ["a large red star on a black background", "a blue star on a black background"],
-                         [0, 0], num_steps=4, controls=P2PControls(), latent_size=16)
+                         [0, 0], num_steps=4, controls=P2PControls(), latent_shape=(16, 16))
     assert p2p.modes == ["refine", "replace"]
     case = _case()
     inv = editor.invert(case.source[None], [case.source_prompt])
@@ -97,7 +97,7 @@ def test_only_controlled_layers_materialise_attention(editor, monkeypatch):
     case = _case()
     controls = P2PControls(cross_replace=0.3, self_replace=0.6)  # cross on step 0, self on steps 0-1 (4 steps)
     spy = Spy(model.tokenizer, [case.source_prompt], [case.target_prompt], [0], num_steps=4, controls=controls,
-              latent_size=16)
+              latent_shape=(16, 16))
     inv = editor.invert(case.source[None], [case.source_prompt])
     monkeypatch.setattr("icd.pipeline.make_controller", lambda *a, **k: spy)
     editor.edit(inv, [case.target_prompt], EditControls(p2p=controls))
@@ -172,9 +172,9 @@ def test_blend_words_per_target(editor):
     targets = ["a green star on a black background", "a blue square on a gray background"]
     p2p = PromptToPrompt(model.tokenizer, sources, targets, [0, 1], num_steps=4,
                          controls=P2PControls(blend_words=[(("red",), ("green",)), (("circle",), ("square",))]),
-                         latent_size=16)
+                         latent_shape=(16, 16))
     src_v, tgt_v = p2p.blend
     assert src_v[0, 2] == 1 and tgt_v[0, 2] == 1 and src_v[1, 3] == 1 and tgt_v[1, 3] == 1
     with pytest.raises(ValueError, match="blend-word pairs"):
         PromptToPrompt(model.tokenizer, sources, targets, [0, 1], num_steps=4,
-                       controls=P2PControls(blend_words=[(("red",), ("green",))]), latent_size=16)
+                       controls=P2PControls(blend_words=[(("red",), ("green",))]), latent_shape=(16, 16))

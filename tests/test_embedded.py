@@ -5,7 +5,7 @@ import torch
 
 from icd import world
 from icd.judge import JudgeScorer
-from icd.models.embedded import embedded_model_path, load_model
+from icd.models.loading import embedded_model_path, load_model
 
 
 def test_shipped_model_loads_in_stable_diffusion_pipeline():

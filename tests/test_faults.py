@@ -92,7 +92,7 @@ def test_training_stops_with_one_line_error_when_the_disk_fills(tmp_path, random
 def test_model_folders_with_pickles_or_wrong_weights_are_refused(tmp_path, random_model_dir):
     import shutil
 
-    from icd.models.embedded import ModelError, load_model
+    from icd.models.loading import ModelError, load_model
 
     pickled = tmp_path / "pickled"
     shutil.copytree(random_model_dir, pickled)
@@ -114,7 +114,7 @@ def test_adapters_for_another_architecture_are_refused(tmp_path, random_icd_dir)
     import json
     import shutil
 
-    from icd.models.embedded import ModelError, load_icd_model
+    from icd.models.loading import ModelError, load_icd_model
 
     bad = tmp_path / "adapters"
     shutil.copytree(random_icd_dir / "icd", bad)
@@ -130,7 +130,7 @@ def test_adapters_with_missing_keys_are_refused(tmp_path, random_icd_dir):
 
     from safetensors.torch import save_file
 
-    from icd.models.embedded import ModelError, load_icd_model
+    from icd.models.loading import ModelError, load_icd_model
 
     bad = tmp_path / "adapters"
     shutil.copytree(random_icd_dir / "icd", bad)

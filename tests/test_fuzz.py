@@ -21,7 +21,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @lru_cache(maxsize=1)
 def _model():
-    from icd.models.embedded import load_model
+    from icd.models.loading import load_model
 
     return load_model()
 

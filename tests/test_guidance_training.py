@@ -1,6 +1,6 @@
 import torch
 
-from icd.models.embedded import load_model
+from icd.models.loading import load_model
 from icd.train.guidance import GUIDANCE_SUBFOLDER, GuidanceConfig, train_guidance
 
 

@@ -4,7 +4,7 @@ import torch
 from icd import world
 from icd.boundaries import Boundaries
 from icd.models import lora
-from icd.models.embedded import load_icd_model
+from icd.models.loading import load_icd_model
 from icd.pipeline import Pipeline
 from icd.samplers import icd_decode, icd_invert, initial_noise
 from icd.train.icd import ICDConfig, train_icd
@@ -81,7 +81,7 @@ def test_renoised_generation_is_seeded_per_sample_and_keeps_four_calls(tmp_path,
 
 
 def test_load_icd_model_without_adapters_is_a_clear_error(tmp_path, random_distilled_dir):
-    from icd.models.embedded import ModelError
+    from icd.models.loading import ModelError
 
     with pytest.raises(ModelError, match="no iCD adapters"):
         load_icd_model(random_distilled_dir, adapters=tmp_path / "nothing")

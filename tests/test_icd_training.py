@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from icd.models import lora
-from icd.models.embedded import load_model
+from icd.models.loading import load_model
 from icd.train.icd import (
     Batch,
     ICDConfig,

@@ -84,7 +84,7 @@ def test_fused_model_edits_like_the_unfused_one(random_icd_dir):
     import numpy as np
 
     from icd import world
-    from icd.models.embedded import load_icd_model
+    from icd.models.loading import load_icd_model
     from icd.pipeline import Pipeline
 
     case = world.make_case("color", world.EVAL_SEED_START + 3)

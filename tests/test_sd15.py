@@ -20,7 +20,7 @@ def test_configs_are_sd15():
     unet = sd15.unet_config(time_cond_proj_dim=sd15.GUIDANCE_DIM)
     assert unet["block_out_channels"] == [320, 640, 1280, 1280]
     assert unet["layers_per_block"] == 2 and unet["cross_attention_dim"] == 768 and unet["sample_size"] == 64
-    assert unet["down_block_types"][:3] == ["CrossAttnDownBlock2D"] * 3 and unet["time_cond_proj_dim"] == 256
+    assert unet["down_block_types"][:3] == ["CrossAttnDownBlock2D"] * 3 and unet["time_cond_proj_dim"] == 512
     vae = sd15.vae_config()
     assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["scaling_factor"] == 0.18215
     assert sd15.text_encoder_config(100, 0, 1)["num_hidden_layers"] == 12

@@ -11,7 +11,7 @@ from icd.editing.tokens import (
     replace_mapper,
     word_spans,
 )
-from icd.models.embedded import embedded_model_path
+from icd.models.loading import embedded_model_path
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """icd: invertible consistency distillation for fast text-guided image editing with latent diffusion models.
 
-Entry points: `icd.pipeline.Pipeline` (invert, edit, generate), `icd.models.embedded.load_model`, `icd.bench`,
+Entry points: `icd.pipeline.Pipeline` (invert, edit, generate), `icd.models.loading.load_model`, `icd.bench`,
 `icd.world`. The layers are described in docs/architecture.md.
 """
 

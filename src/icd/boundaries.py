@@ -55,6 +55,20 @@ class Boundaries:
             raise ValueError(f"unknown boundary preset {name!r}; choose from {', '.join(PRESETS)}") from None
         return cls(r, f)
 
+    @classmethod
+    def parse(cls, text: str) -> Boundaries:
+        """A preset name (``4step-1``) or the reverse boundaries E_R as a comma list (``0,259,519,779``; E_F follows:
+        E_R[1:] then 999)."""
+        text = str(text).strip()
+        if text in PRESETS:
+            return cls.preset(text)
+        try:
+            lower = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"boundaries must be a preset ({', '.join(PRESETS)}) or comma-separated reverse "
+                             f"boundaries such as 0,259,519,779; got {text!r}") from None
+        return cls(lower, (*lower[1:], 999))
+
     @property
     def num_segments(self) -> int:
         return len(self.reverse)

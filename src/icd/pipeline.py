@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from icd.boundaries import Boundaries
 from icd.editing.attention import AttentionLayers
 from icd.editing.edit import EditControls, edit_latents, flatten_targets, make_controller
 from icd.editing.inversion import Inversion
@@ -38,8 +38,17 @@ from icd.editing.nulltext import null_text_optimize
 from icd.imageio import to_uint8
 from icd.models import lora
 from icd.models.base import Cond, EpsFn, LatentDiffusion, PromptError
-from icd.models.embedded import ADAPTERS_SUBFOLDER, ModelError, load_icd_model, load_model, resolve_model_path
-from icd.runtime import synchronize
+from icd.models.loading import (
+    ADAPTERS_SUBFOLDER,
+    GUIDANCE_UNET,
+    ModelError,
+    base_unet,
+    family_of,
+    load_icd_model,
+    load_model,
+    resolve_model_path,
+)
+from icd.runtime import resolve_dtype, synchronize
 from icd.samplers import (
     SeededNoise,
     ddim_decode,
@@ -52,7 +61,8 @@ from icd.samplers import (
 )
 
 TASKS = ("invert", "edit", "generate")
-DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model)
+DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model;
+# a Stable Diffusion family has its own: `guidance_default`)
 DEFAULT_STEPS = 50  # the DDIM baselines' step count
 DEFAULT_RENOISE = 1.0  # iCD generation's re-noising strength (docs/method.md §8.4, §12); inversion never re-noises
 
@@ -131,19 +141,45 @@ class Pipeline:
         self._layers: dict[int, AttentionLayers] = {}  # id(unet) -> its attention layers (found once)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "embedded", *, adapters: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> Pipeline:
-        """The embedded model by default. Baselines load the original UNet lazily, sharing text encoder and VAE."""
+    def from_pretrained(cls, name_or_path: str | Path = "embedded", *, unet: str | Path | None = None,
+                        adapters: str | Path | None = None, lora_forward: str | Path | None = None,
+                        lora_reverse: str | Path | None = None, boundaries: Boundaries | str | None = None,
+                        device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                        vae_tiling: bool = False, vae_slicing: bool = False, fuse: bool = True) -> Pipeline:
+        """The embedded model by default; any SD 1.5 / SDXL pipeline folder or hub id (`icd.models.loading`).
+
+        unet: the guidance-distilled UNet (folder, hub id or state-dict file; default ``<model>/unet_guidance``).
+        lora_forward / lora_reverse: the authors' released LoRA files; adapters: our adapters folder (default
+        ``<model>/icd``). boundaries: a preset or E_R list overriding the adapters'. dtype: None = fp16 on CUDA,
+        fp32 on a CPU. vae_tiling / vae_slicing: decode large images / batches in tiles / one image at a time.
+        fuse: fold each adapter into its own copy of the weights (fast; two extra copies of the adapted weights);
+        False keeps peft's LoRA branches (no extra copies, each call runs the low-rank branches too).
+        The baselines' original UNet loads lazily, sharing text encoder and VAE; without a distilled UNet or
+        adapters the pipeline serves the baselines only."""
         path = resolve_model_path(name_or_path)
-        if adapters is None and not (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file():
-            return cls(None, load_model(name_or_path, device=device), base_path=path)  # the baselines only
-        return cls(load_icd_model(name_or_path, adapters=adapters, device=device), None, base_path=path)
+        dtype = resolve_dtype(dtype, device)
+        if isinstance(boundaries, str):
+            boundaries = Boundaries.parse(boundaries)
+        has_icd = any(v is not None for v in (unet, adapters, lora_forward, lora_reverse)) or (
+            (path / GUIDANCE_UNET).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
+        if not has_icd:
+            pipe = cls(None, load_model(name_or_path, device=device, dtype=dtype), base_path=path)
+        else:
+            pipe = cls(load_icd_model(name_or_path, unet=unet, adapters=adapters, lora_forward=lora_forward,
+                                      lora_reverse=lora_reverse, boundaries=boundaries, device=device, dtype=dtype,
+                                      fuse=fuse, require_adapters=False), None, base_path=path)
+        if vae_tiling:
+            pipe.model.vae.enable_tiling()
+        if vae_slicing:
+            pipe.model.vae.enable_slicing()
+        return pipe
 
     def with_adapters(self, adapters: str | Path) -> Pipeline:
         """A pipeline on the same model folder with other iCD adapters (e.g. an ablation row)."""
         if self._base_path is None:
             raise ValueError("with_adapters needs a pipeline made by Pipeline.from_pretrained")
-        return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device)
+        return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device,
+                                        dtype=self.model.dtype)
 
     # ------------------------------------------------------------------ dispatch
     @property
@@ -152,13 +188,11 @@ class Pipeline:
 
     def base(self) -> LatentDiffusion:
         """The original (not guidance-distilled) UNet for the two-pass-CFG baselines."""
-        if self._base is None:  # the original UNet beside the iCD model's, sharing its text encoder and VAE
+        if self._base is None:  # the original UNet beside the iCD model's, sharing its text encoder, VAE, counter
+            if self._base_path is None:
+                raise ModelError("this pipeline has no original UNet for the baselines (build it with both models)")
             m = self.icd_model
-            unet = UNet2DConditionModel.from_pretrained(self._base_path / "unet", torch_dtype=m.dtype).to(m.device)
-            self._base = LatentDiffusion(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, unet=unet,
-                                         schedule=m.schedule, name=m.name, image_size=m.image_size,
-                                         vocabulary=m.vocabulary)
-            self._base.counter = m.counter  # one NFE count for the pipeline
+            self._base = m.with_unet(base_unet(self._base_path, dtype=m.dtype, device=m.device))
         return self._base
 
     def model_for(self, method: str) -> LatentDiffusion:
@@ -198,8 +232,18 @@ class Pipeline:
         if renoise and (task != "generate" or method != "icd"):
             raise ValueError("renoise (--renoise) applies to iCD generation only (inversion needs the deterministic "
                              "jumps)")
-        return Settings(method=method, task=task, guidance=DEFAULT_GUIDANCE[task] if guidance is None else guidance,
-                        tau=tau, steps=steps, renoise=renoise)
+        if guidance is None:
+            guidance = self.guidance_default(method, task)
+        return Settings(method=method, task=task, guidance=guidance, tau=tau, steps=steps, renoise=renoise)
+
+    def guidance_default(self, method: str, task: str) -> float:
+        """The default guidance code of (method, task): DEFAULT_GUIDANCE on the embedded world; a Stable Diffusion
+        family's own codes otherwise (its module's GUIDANCE for the distilled UNet, BASE_GUIDANCE for the
+        original: CFG 7.5)."""
+        if task == "invert" or self._base_path is None or self.model.vocabulary is not None:
+            return DEFAULT_GUIDANCE[task]
+        family = family_of(self._base_path)
+        return family.BASE_GUIDANCE if METHODS[method].unet == "base" else family.GUIDANCE[task]
 
     def decoder_eps(self, method: str, *, guidance, tau: float | None) -> EpsFn:
         """The eps function a method decodes with: the reverse adapter for iCD, the UNet itself otherwise."""
@@ -229,7 +273,7 @@ class Pipeline:
             settings = {}
         inv = Inversion(latents=latents, timesteps=timesteps, prompts=prompts, method=method, settings=settings)
         if method == "nti":
-            w = DEFAULT_GUIDANCE["edit"] if guidance is None else guidance
+            w = self.guidance_default(method, "edit") if guidance is None else guidance
             inv.null_embeddings = null_text_optimize(model, inv, cond, guidance=w, progress=progress)
             inv.settings = {"guidance": w}
         inv.settings["model"] = model.name
@@ -286,7 +330,8 @@ class Pipeline:
                      else list(reversed(inversion.timesteps)))
         layers = self._attention(model)
         controller = make_controller(model, layers, sources=sources, targets=targets, source_of=source_of,
-                                     num_steps=len(timesteps) - 1, controls=controls)
+                                     num_steps=len(timesteps) - 1, controls=controls,
+                                     latent_shape=tuple(inversion.noise.shape[-2:]))
         w = torch.full((len(targets),), float(st.guidance))
         s = len(sources)
         if METHODS[method].unet == "icd":  # guidance is an input: sources unguided, targets at their codes
@@ -294,7 +339,7 @@ class Pipeline:
         else:  # two-pass CFG; sources at their first target's code (the P2P convention guides both branches)
             first = torch.stack([w[(source_of == i).nonzero()[0, 0]] for i in range(s)])
             eps = model.eps_fn(guidance=torch.cat([first, w]), tau=st.tau,
-                               uncond=_baseline_uncond(method, inversion, cond_src, source_of))
+                               uncond=_baseline_uncond(model, method, inversion, cond_src, source_of=source_of))
         swap_tau = st.tau if controls.control == "swap" else None
         z0 = edit_latents(eps, inversion.noise, cond_src, cond_tgt, model=model, layers=layers,
                           controller=controller, timesteps=timesteps, swap_tau=swap_tau)
@@ -307,8 +352,11 @@ class Pipeline:
         these adapters' encoding times (a saved inversion from another model or adapters would decode to garbage)."""
         spec = method_spec(inversion.method, "edit")
         model = self.model_for(inversion.method)
-        latent = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
-        if tuple(inversion.noise.shape[1:]) != latent:
+        latent = model.latent_shape()
+        shape = tuple(inversion.noise.shape[1:])
+        if model.size_multiple is not None and len(shape) == 3 and shape[0] == latent[0]:
+            latent = model.latent_shape(shape[1] * model.vae_factor, shape[2] * model.vae_factor)  # any photo size
+        if shape != latent:
             raise ValueError(f"this inversion's latents are {tuple(inversion.noise.shape[1:])}, the model's "
                              f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
         if spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
@@ -327,14 +375,21 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
                  guidance: float | None = None, tau: float | None = None, renoise: float | None = None,
-                 seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Text-to-image: images float [N,3,H,W] in [-1, 1]. Sample i starts from noise seeded with ``seed + i``,
-        and its fresh noise (iCD's re-noised jumps, `renoise` = gamma) comes from the same generator."""
+                 seed: int = 0, batch_size: int = 64, progress: bool = False, height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
+        """Text-to-image: images float [N,3,H,W] in [-1, 1] (default: the native square). Sample i starts from noise
+        seeded with ``seed + i``, and its fresh noise (iCD's re-noised jumps, `renoise` = gamma) comes from the
+        same generator."""
         st = self.settings(method, "generate", guidance=guidance, tau=tau, steps=steps, renoise=renoise)
         model = self.model_for(method)
         check_prompts(model, prompts)
         eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
-        shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+        if (height or width) and (model.size_multiple is None or (height or 0) % model.size_multiple
+                                  or (width or 0) % model.size_multiple):
+            raise ValueError(f"height and width must be multiples of {model.size_multiple} (this model: "
+                             f"{model.image_size} x {model.image_size} only)" if model.size_multiple else
+                             f"this model generates {model.image_size} x {model.image_size} images only")
+        shape = model.latent_shape(height, width)
         out = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
             chunk = list(prompts[start : start + batch_size])
@@ -362,9 +417,11 @@ def _check_ranges(*, guidance: float | None, tau: float | None, steps: int | Non
         raise ValueError(f"steps (--steps) must be an integer in 1..{max_steps}, got {steps}")
 
 
-def _baseline_uncond(method: str, inversion: Inversion, cond_src: Cond, source_of: torch.Tensor):
+def _baseline_uncond(model: LatentDiffusion, method: str, inversion: Inversion, cond_src: Cond, *,
+                     source_of: torch.Tensor):
     """The unconditional rows of a two-pass baseline's edit: None (the empty prompt: ddim), the source prompt (npi),
-    or null-text inversion's per-step embeddings (nti, a function of the timestep)."""
+    or null-text inversion's per-step token embeddings (nti, a function of the timestep; SDXL's pooled embedding
+    stays the empty prompt's)."""
     rows = torch.cat([torch.arange(len(cond_src)), source_of])
     if method == "npi":
         return cond_src.index(rows)
@@ -372,7 +429,8 @@ def _baseline_uncond(method: str, inversion: Inversion, cond_src: Cond, source_o
         if inversion.null_embeddings is None:
             raise ValueError("this inversion has no null-text embeddings (invert with method='nti')")
         steps = list(reversed(inversion.timesteps))
-        return lambda t: Cond(tokens=inversion.null_embeddings[steps.index(t)][rows])
+        empty = model.empty_cond(len(rows))
+        return lambda t: replace(empty, tokens=inversion.null_embeddings[steps.index(t)][rows])
     return None
 
 

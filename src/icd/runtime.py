@@ -32,6 +32,27 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype for inference on `device`: None / "auto" = fp16 on CUDA, fp32 on a CPU. Half precision
+    asked for on a CPU gives fp32 with a warning (CPU half-precision kernels are slow or missing)."""
+    on_cuda = torch.device(device).type == "cuda" if str(device) != "auto" else torch.cuda.is_available()
+    if dtype is None or dtype == "auto":
+        return torch.float16 if on_cuda else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (--dtype): use auto, {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype != torch.float32 and not on_cuda:
+        import logging  # only on this path: the warning is the one log line of the module
+
+        logging.getLogger(__name__).warning("%s weights on a CPU: upcast to fp32", str(dtype).removeprefix("torch."))
+        return torch.float32
+    return dtype
+
+
 class ProcessGroup:
     """Rank, world size, device, barrier and gradient averaging across the launched processes."""
 

@@ -10,7 +10,7 @@ import sys
 from icd.editing.tokens import AlignmentError
 from icd.imageio import ImageError
 from icd.models.base import PromptError
-from icd.models.embedded import ModelError
+from icd.models.loading import ModelError
 from icd.solver import NumericsError
 from icd.train.checkpoint import CheckpointError
 from icd.train.config import ConfigError
@@ -85,11 +85,61 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --threads, --json and --force of generate, invert and edit."""
-    parser.add_argument("--model", default="embedded", help="'embedded' or a diffusers pipeline folder")
+    """The model options of generate, invert and edit (`load_pipeline` reads them), --threads, --json, --force."""
+    m = parser.add_argument_group("model (docs/stable-diffusion.md)")
+    m.add_argument("--model", default="embedded", metavar="PATH_OR_HUB_ID",
+                   help="'embedded', a diffusers SD 1.5 / SDXL pipeline folder, or a hub id")
+    m.add_argument("--unet", default=None, metavar="PATH_OR_HUB_ID",
+                   help="guidance-distilled UNet: a diffusers UNet folder, hub id, or state-dict file "
+                   "(default: <model>/unet_guidance)")
+    m.add_argument("--adapters", default=None, metavar="DIR", help="our iCD adapters folder (default: <model>/icd)")
+    m.add_argument("--lora-forward", default=None, metavar="FILE", help="the released forward LoRA file")
+    m.add_argument("--lora-reverse", default=None, metavar="FILE", help="the released reverse LoRA file")
+    m.add_argument("--boundaries", default=None, metavar="SET",
+                   help="4step-1 / 4step-2 / 3step or E_R such as 0,259,519,779 (default: the adapters')")
+    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weights' precision (auto: fp16 on CUDA, fp32 on a CPU)")
+    m.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images on small GPUs)")
+    m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    m.add_argument("--no-fuse", action="store_true",
+                   help="keep the LoRA branches unfused: no extra weight copies (about 2 UNets less memory), slower")
     add_threads(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def load_pipeline(args, **overrides):
+    """The `icd.pipeline.Pipeline` of the model options (`add_model_options`), option errors as one line."""
+    from icd.pipeline import Pipeline  # heavy (torch, diffusers): --help and usage errors never get here
+    from icd.runtime import check_device  # with the pipeline, as above
+
+    with library_errors():  # an unknown --device / --boundaries, cuda without a GPU
+        check_device(args.device)
+        device = "cuda" if args.device == "auto" and _cuda() else "cpu" if args.device == "auto" else args.device
+        options = dict(unet=args.unet, adapters=args.adapters, lora_forward=args.lora_forward,
+                       lora_reverse=args.lora_reverse, boundaries=args.boundaries, device=device, dtype=args.dtype,
+                       vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing, fuse=not args.no_fuse)
+        return Pipeline.from_pretrained(args.model, **(options | overrides))
+
+
+def fit_to_model(image, model, fit: str | None):
+    """`image` (PIL) fitted to `model`: policy `fit`, default the model's (squares for the embedded model, the
+    aspect kept at the native resolution for Stable Diffusion)."""
+    from icd.imageio import fit_image  # light, but kept beside load_pipeline's imports
+
+    side = model.image_size
+    if model.vocabulary is not None and image.size != (side, side):  # a photo given to a world model
+        print(f"notice: this is a {side}x{side} shapes-world model (a {image.width}x{image.height} image is resized "
+              "to it); for photos use a Stable Diffusion model: --model ... (docs/stable-diffusion.md)",
+              file=sys.stderr)
+    return fit_image(image, side, fit or model.default_fit, multiple=model.size_multiple or 8)
+
+
+def _cuda() -> bool:
+    import torch  # heavy: only once a model loads
+
+    return torch.cuda.is_available()
 
 
 def quiet_libraries() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icd.cli.common import CLIError, add_model_options, default, library_errors, seed
+from icd.cli.common import CLIError, add_model_options, default, fit_to_model, library_errors, load_pipeline, seed
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
@@ -61,11 +61,13 @@ def _check_args(args) -> None:
         raise CLIError("--masactrl and --swap are exclusive")
 
 
-def _user_mask(args, size: int):
-    """--mask as a boolean [H, W] array at the model's image size, or None."""
+def _user_mask(args, size: tuple[int, int], fit: str):
+    """--mask as a boolean [H, W] array at the fitted image's size (W, H), fitted as the image is, or None."""
     if not args.mask:
         return None
-    mask = (np.asarray(fit_image(load_image(args.mask), size, args.fit).convert("L")) > 127)
+    mask_im = load_image(args.mask)
+    fitted = mask_im.resize(size) if fit == "aspect" else fit_image(mask_im, size[0], fit)
+    mask = np.asarray(fitted.convert("L")) > 127
     if not mask.any():
         raise CLIError(f"the mask {args.mask} selects no pixels")
     return mask
@@ -101,11 +103,12 @@ def _inversion(editor: Pipeline, args, image: np.ndarray) -> Inversion:
 def cmd_edit(args) -> None:
     _check_args(args)
     image = load_image(args.image)
-    editor = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    editor = load_pipeline(args)
     model = editor.model
-    image = np.asarray(fit_image(image, model.image_size, args.fit))[None]
+    fitted = fit_to_model(image, model, args.fit)
+    image = np.asarray(fitted)[None]
     with library_errors():  # out-of-range controls, a --steps the adapters cannot take
-        controls = _controls(args, _user_mask(args, model.image_size))
+        controls = _controls(args, _user_mask(args, fitted.size, args.fit or model.default_fit))
         model.counter.reset()
         t0 = time.perf_counter()
         inversion = _inversion(editor, args, image)
@@ -123,8 +126,8 @@ def cmd_edit(args) -> None:
     control = controls.control
     report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
               "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
-              "seconds": round(t2 - t0, 4), "guidance": DEFAULT_GUIDANCE["edit"] if args.guidance is None
-              else args.guidance, "control": control, "output": str(args.output)}
+              "seconds": round(t2 - t0, 4), "guidance": editor.guidance_default(inversion.method, "edit")
+              if args.guidance is None else args.guidance, "control": control, "output": str(args.output)}
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
           f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
@@ -140,10 +143,10 @@ def add_parser(sub) -> None:
     e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti"],
                    help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet")
     e.add_argument("--steps", type=int, default=None, help="icd: the adapters' segment count; others: 50")
-    e.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise")
     e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
-                   help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g})")
+                   help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g} on the embedded "
+                   "model; SD 1.5: 19, SDXL: 7 for icd, 6.5 for the baselines)")
     e.add_argument("--tau", type=float, default=default(EditControls, "tau"),
                    help="dynamic CFG threshold (icd default: the adapters' tau)")
     e.add_argument("--cross-replace", type=float, default=default(P2PControls, "cross_replace"),
@@ -161,7 +164,9 @@ def add_parser(sub) -> None:
     e.add_argument("--masactrl-layer", type=int, default=default(MasaCtrlControls, "start_layer"),
                    help="first controlled block (default: decoder)")
     e.add_argument("--swap", action="store_true", help="plain prompt swap without attention control")
-    e.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    e.add_argument("--fit", default=None, choices=FITS,
+                   help="policy for photos of other sizes (default: resize to the embedded model's square; "
+                   "aspect for Stable Diffusion)")
     e.add_argument("--save-inversion", default=None, metavar="PATH", help="save the inversion for reuse")
     e.add_argument("--inversion", default=None, metavar="PATH", help="reuse a saved inversion (4 NFE per edit)")
     e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 
-from icd.cli.common import MAX_SEED, CLIError, add_model_options, library_errors, seed
-from icd.imageio import FITS, check_output, fit_image, load_image, save_image, to_uint8
+from icd.cli.common import MAX_SEED, CLIError, add_model_options, fit_to_model, library_errors, load_pipeline, seed
+from icd.imageio import FITS, check_output, load_image, save_image, to_uint8
 from icd.metrics import psnr
-from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE, Pipeline
+from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE
 from icd.plotting import hstack
 
 MAX_IMAGES = 256  # images side by side in one output file
@@ -22,7 +22,7 @@ def cmd_generate(args) -> None:
         raise CLIError("the prompt is empty")
     if not 1 <= args.n <= MAX_IMAGES or args.seed + args.n - 1 > MAX_SEED:
         raise CLIError(f"--n must lie in 1..{MAX_IMAGES} with --seed + --n - 1 <= 2^64-1, got --n {args.n}")
-    pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    pipe = load_pipeline(args)
     with library_errors():  # bad --steps / --renoise for this method and these adapters
         st = pipe.settings(args.method, "generate", guidance=args.guidance, tau=args.tau, steps=args.steps,
                            renoise=args.renoise)
@@ -46,12 +46,12 @@ def cmd_invert(args) -> None:
     image = load_image(args.image)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    pipe = Pipeline.from_pretrained(args.model, adapters=args.adapters)
+    pipe = load_pipeline(args)
     with library_errors():  # a --steps the adapters cannot take, an out-of-range --guidance / --tau
         pipe.settings(args.method, "invert", guidance=args.guidance, tau=args.tau, steps=args.steps)
     model = pipe.model_for(args.method)
     model.check_prompts([args.prompt])
-    source = np.asarray(fit_image(image, model.image_size, args.fit))[None]
+    source = np.asarray(fit_to_model(image, model, args.fit))[None]
     model.counter.reset()
     r = pipe.reconstruct(source, [args.prompt], method=args.method, steps=args.steps, guidance=args.guidance,
                          tau=args.tau, seed=args.seed)
@@ -73,10 +73,9 @@ def add_parser(sub) -> None:
                    help="icd: the reverse consistency model (one UNet call per segment); ddim: the teacher")
     g.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: DDIM steps (default 50)")
-    g.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     g.add_argument("--guidance", type=float, default=None,
                    help="guidance code w = CFG scale - 1 (0: unguided; default "
-                   f"{DEFAULT_GUIDANCE['generate']:g}, the best on the embedded model)")
+                   f"{DEFAULT_GUIDANCE['generate']:g}, the best on the embedded model; SD 1.5 / SDXL: 7)")
     g.add_argument("--tau", type=float, default=None, help="dynamic CFG threshold: no guidance while t/1000 > tau")
     g.add_argument("--renoise", type=float, default=None, metavar="GAMMA",
                    help="icd: re-noise each intermediate jump with fresh noise, strength in [0, 1] "
@@ -94,13 +93,14 @@ def add_parser(sub) -> None:
                    help="icd: forward then reverse consistency model (4+4 UNet calls); ddim: DDIM inversion")
     i.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
-    i.add_argument("--adapters", default=None, help="iCD adapters folder (default: <model>/icd)")
     i.add_argument("--seed", type=seed, default=0, help="icd: seed of the noise that takes the image to t = 19")
     i.add_argument("--guidance", type=float, default=None,
                    help=f"guidance code w for the decoding pass (default {DEFAULT_GUIDANCE['invert']:g})")
     i.add_argument("--tau", type=float, default=None,
                    help="dynamic CFG threshold for the decoding pass (icd default: the adapters' tau)")
-    i.add_argument("--fit", default="resize", choices=FITS, help="policy for non-square or other-size images")
+    i.add_argument("--fit", default=None, choices=FITS,
+                   help="policy for photos of other sizes (default: resize to the embedded model's square; "
+                   "aspect for Stable Diffusion)")
     i.add_argument("-o", "--output", required=True)
     add_model_options(i)
     i.set_defaults(func=cmd_invert)

@@ -114,10 +114,11 @@ class PromptToPrompt(Controller):
     """Replace or refine cross-attention, inject self-attention, reweight words, blend locally."""
 
     def __init__(self, tokenizer, source_prompts: Sequence[str], target_prompts: Sequence[str],
-                 source_of: Sequence[int], *, num_steps: int, controls: P2PControls, latent_size: int):
+                 source_of: Sequence[int], *, num_steps: int, controls: P2PControls,
+                 latent_shape: tuple[int, int]):
         super().__init__(source_of, num_steps)
         self.c = controls
-        self.latent_size = latent_size
+        self.latent_shape = tuple(int(v) for v in latent_shape)  # (h, w) of the latents: maps are read at this aspect
         k = tokenizer.model_max_length
         mappers, keep, weights, self.modes = [], [], [], []
         for j, target in enumerate(target_prompts):
@@ -157,7 +158,7 @@ class PromptToPrompt(Controller):
         self.maps: dict[int, torch.Tensor] = {}  # tokens -> summed cross maps [rows, tokens, K] for local blend
         self.cross_steps = math.floor(controls.cross_replace * (num_steps + 1))
         self.self_steps = math.floor(controls.self_replace * num_steps)
-        self.max_self_tokens = controls.max_self_tokens or (latent_size * latent_size) // 4
+        self.max_self_tokens = controls.max_self_tokens or (self.latent_shape[0] * self.latent_shape[1]) // 4
 
     def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
         if info.is_cross:
@@ -180,7 +181,7 @@ class PromptToPrompt(Controller):
         return probs
 
     def on_latents(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.blend_mask(x.shape[-1])
+        mask = self.blend_mask(tuple(x.shape[-2:]))
         if mask is None:
             return x
         x = x.clone()
@@ -188,27 +189,38 @@ class PromptToPrompt(Controller):
         x[tgt] = x[src] + mask.to(x) * (x[tgt] - x[src])
         return x
 
-    def blend_mask(self, size: int) -> torch.Tensor | None:
-        """[T, 1, size, size] mask where the target may differ from its source (None: no local blend)."""
+    def blend_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
+        """[T, 1, h, w] mask where the target may differ from its source (None: no local blend)."""
         if self.c.mask is not None:
             m = torch.as_tensor(self.c.mask, dtype=torch.float32)
-            m = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0]
-            return m.expand(len(self.source_of), 1, size, size)
+            m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0]
+            return m.expand(len(self.source_of), 1, *size)
         if self.blend is None or not self.maps:
             return None
         tokens = max(self.maps)
-        res = int(round(math.sqrt(tokens)))
-        maps = self.maps[tokens].reshape(-1, res, res, self.maps[tokens].shape[-1])  # [rows, res, res, K]
+        h, w = map_shape(tokens, size)
+        maps = self.maps[tokens].reshape(-1, h, w, self.maps[tokens].shape[-1])  # [rows, h, w, K]
         src_w, tgt_w = self.blend
         tgt_rows = self.num_sources + torch.arange(len(self.source_of))
         word_src = (maps[self.source_of] * src_w[:, None, None, :]).sum(-1)
         word_tgt = (maps[tgt_rows] * tgt_w[:, None, None, :]).sum(-1)
         out = []
         for m in (word_src, word_tgt):
-            m = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)
+            m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)
             m = m / m.amax(dim=(2, 3), keepdim=True).clamp(min=1e-8)
             out.append(m > self.c.blend_threshold)
         return (out[0] | out[1]).float()
+
+
+def map_shape(tokens: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an attention level with `tokens` queries on latents of shape `latent` (the UNet halves both sides
+    per level, rounding up)."""
+    h, w = latent
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"{tokens} attention queries match no level of a {latent[0]}x{latent[1]} latent")
+    return h, w
 
 
 def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, *, blend_words, k):

@@ -9,7 +9,7 @@ target rows read their source prompt while t / 1000 > swap_tau (prompt swap, doc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -55,13 +55,20 @@ def flatten_targets(target_prompts, n_sources: int) -> tuple[list[str], torch.Te
 
 def make_controller(model: LatentDiffusion, layers: AttentionLayers, *, sources: Sequence[str],
                     targets: Sequence[str], source_of: torch.Tensor, num_steps: int,
-                    controls: EditControls) -> Controller:
-    """The controller of `controls` for one edit of `num_steps` reverse steps."""
+                    controls: EditControls, latent_shape: tuple[int, int] | None = None) -> Controller:
+    """The controller of `controls` for one edit of `num_steps` reverse steps on latents of `latent_shape` (h, w;
+    default: the model's native square)."""
+    latent_shape = latent_shape or model.latent_shape()[1:]
     if controls.p2p is not None:
         return PromptToPrompt(model.tokenizer, sources, targets, source_of, num_steps=num_steps,
-                              controls=controls.p2p, latent_size=int(model.unet.config.sample_size))
+                              controls=controls.p2p, latent_shape=latent_shape)
     if controls.masactrl is not None:
         first_up = min(i.index for i in layers.infos.values() if i.place == "up")
+        last = max(i.index for i in layers.infos.values())
+        start = controls.masactrl.start_layer
+        if start is not None and not 0 <= start <= last:
+            raise ValueError(f"MasaCtrl start layer (--masactrl-layer) must lie in 0..{last} for this UNet, got "
+                             f"{start}")
         return MasaCtrl(source_of, num_steps, controls.masactrl, first_decoder_layer=first_up)
     return Controller(source_of, num_steps)
 
@@ -80,7 +87,8 @@ def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond
     """Clean latents [S + T] decoded from `noise` [S] down `timesteps` with `controller` in `model`'s attention."""
     source_of = controller.source_of
     cond = Cond.cat([cond_src, cond_tgt])
-    swapped = Cond.cat([cond_src, cond_src.index(source_of)])
+    # prompt swap: target rows read their source's token embeddings; SDXL's pooled embedding stays the target's
+    swapped = Cond.cat([cond_src, replace(cond_tgt, tokens=cond_src.tokens[source_of])])
     steps = list(timesteps)
 
     def step(x: torch.Tensor, t: int, c: Cond) -> torch.Tensor:

@@ -3,6 +3,8 @@ DDIM retrace the unguided DDIM inversion's pivot latents. Runs in fp32 (fp16 bre
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from tqdm.auto import tqdm
 
@@ -35,7 +37,8 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
     # optimised in fp32 whatever the model's dtype: Adam on fp16 parameters under- and overflows (NaN in a few steps)
-    uncond = model.encode_prompt([""] * len(cond)).tokens.detach().float()
+    empty = model.empty_cond(len(cond))  # SDXL: its pooled embedding and zeros stay as the pipeline defines them
+    uncond = empty.tokens.detach().float()
     eps = model.eps_fn()  # the original UNet, unguided: CFG is combined here (the conditional half is computed once)
     x = pivots[0]
     w = torch.full((len(cond),), float(guidance))
@@ -49,7 +52,7 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
         active = torch.ones(len(cond), dtype=torch.bool, device=x.device)  # on the losses' device (&= with a CUDA mask)
         for _ in range(inner_steps):
             with torch.enable_grad():
-                eps_u = eps(x, t, Cond(tokens=emb.to(model.dtype)))
+                eps_u = eps(x, t, replace(empty, tokens=emb.to(model.dtype)))
                 x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
                 per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
             opt.zero_grad(set_to_none=True)
@@ -65,6 +68,6 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
         uncond = emb.detach()
         out.append(uncond.to(model.dtype))
         with torch.no_grad():
-            eps_u = eps(x, t, Cond(tokens=out[-1]))
+            eps_u = eps(x, t, replace(empty, tokens=out[-1]))
             x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
     return out

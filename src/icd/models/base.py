@@ -12,15 +12,18 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from icd.boundaries import Boundaries
 from icd.guidance import dynamic_guidance, guidance_embedding
 from icd.models import lora
 from icd.schedule import NoiseSchedule
@@ -50,6 +53,16 @@ class Cond:
             pooled=None if first.pooled is None else torch.cat([c.pooled for c in conds]),
             extra={k: torch.cat([c.extra[k] for c in conds]) for k in first.extra},
         )
+
+
+@dataclass(frozen=True)
+class ICDSpec:
+    """What a pair of trained iCD adapters needs at inference: their boundaries and recommended tau."""
+
+    path: Path
+    boundaries: Boundaries
+    tau: float | None
+    w_set: tuple[float, ...]
 
 
 class EpsFn(Protocol):
@@ -112,18 +125,21 @@ class PromptError(ValueError):
 class LatentDiffusion:
     """A latent diffusion model behind the `EpsModel` convention (epsilon prediction only)."""
 
+    family = "sd15"  # the model family (icd.models.sd15 / icd.models.sdxl); subclasses override
+
     def __init__(self, *, tokenizer, text_encoder, vae, unet, schedule: NoiseSchedule, name: str,
-                 image_size: int, vocabulary: Sequence[str] | None = None):
+                 image_size: int, vocabulary: Sequence[str] | None = None, size_multiple: int | None = None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.unet = unet.eval().requires_grad_(False)
         self.schedule = schedule
         self.name = name
-        self.image_size = image_size
+        self.image_size = image_size  # the native resolution (the side of a square image)
+        self.size_multiple = size_multiple  # None: images are size x size; else any size with sides a multiple
         self.vocabulary = None if vocabulary is None else tuple(vocabulary)  # a closed vocabulary (world models)
         self.counter = NFECounter()
-        self.icd = None  # an `icd.models.embedded.ICDSpec` once iCD adapters are attached (`load_icd_model`)
+        self.icd = None  # an `ICDSpec` once iCD adapters are attached (`load_icd_model`)
         self.fused = None  # an `icd.models.lora.FusedAdapters` when the adapters are folded into the weights
         self.trainable_adapters: tuple[str, ...] = ()  # adapters whose LoRA weights train (peft's set_adapter
         # would freeze the inactive one; `icd.models.lora.use`)
@@ -141,6 +157,29 @@ class LatentDiffusion:
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel along a side (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_fit(self) -> str:
+        """The `icd.imageio.fit_image` policy for photos: squares for fixed-size models, else keep the aspect."""
+        return "resize" if self.size_multiple is None else "aspect"
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image of that size (default: the native square)."""
+        height, width = height or self.image_size, width or self.image_size
+        return (int(self.unet.config.in_channels), height // self.vae_factor, width // self.vae_factor)
+
+    def with_unet(self, unet) -> LatentDiffusion:
+        """The same model (tokenizer, text encoder, VAE, NFE counter) around another UNet, adapters detached."""
+        other = copy.copy(self)
+        other.unet = unet.eval().requires_grad_(False)
+        other.icd, other.fused, other.trainable_adapters = None, None, ()
+        other._empty = {}
+        return other
 
     @property
     def guidance_distilled(self) -> bool:
@@ -161,13 +200,18 @@ class LatentDiffusion:
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
         """Token embeddings of `prompts` (padded to the tokenizer's max length; longer prompts are truncated)."""
         self.check_prompts(prompts)
-        limit = self.tokenizer.model_max_length
-        for p, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids):
-            if len(ids) > limit:
-                log.warning("prompt truncated to %d tokens (it has %d): %r", limit, len(ids), p)
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = self.token_ids(self.tokenizer, prompts)
         return Cond(tokens=self.text_encoder(ids)[0].to(self.dtype))
+
+    def token_ids(self, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids [B, L] padded to the tokenizer's length; a longer prompt is truncated with a one-line warning."""
+        limit = tokenizer.model_max_length
+        for p, ids in zip(prompts, tokenizer(list(prompts)).input_ids):
+            if len(ids) > limit:
+                shown = p if len(p) <= 60 else p[:57] + "..."
+                log.warning("prompt truncated to %d tokens (it has %d): %r", limit, len(ids), shown)
+        return tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
 
     # ------------------------------------------------------------------ images
     def preprocess(self, images) -> torch.Tensor:
@@ -178,9 +222,14 @@ class LatentDiffusion:
             if not isinstance(images, np.ndarray):
                 images = np.stack([np.asarray(im.convert("RGB")) for im in images])
             x = torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                                                align_corners=False, antialias=True).clamp(-1, 1)
+        if self.size_multiple is None:
+            size = (self.image_size, self.image_size)
+        else:  # any size the VAE and UNet take: sides rounded down to the family's multiple
+            m = self.size_multiple
+            size = (max(m, x.shape[-2] // m * m), max(m, x.shape[-1] // m * m))
+        if tuple(x.shape[-2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False,
+                                                antialias=True).clamp(-1, 1)
         return x.to(self.device)
 
     @torch.no_grad()
@@ -223,8 +272,9 @@ class LatentDiffusion:
             return guided_eps(plain, guidance, tau=tau, uncond=uncond)
         return lambda x, t, cond: guided_eps(plain, guidance, tau=tau, uncond=self.empty_cond(len(cond)))(x, t, cond)
 
-    def unet_kwargs(self, cond: Cond) -> dict:
-        """Family-specific UNet inputs taken from `cond` (SDXL: ``added_cond_kwargs``); none for SD-1.5 layouts."""
+    def unet_kwargs(self, cond: Cond, x_t: torch.Tensor) -> dict:
+        """Family-specific UNet inputs for `cond` on latents `x_t` (SDXL: ``added_cond_kwargs``, whose size ids
+        follow the latents); none for SD-1.5 layouts."""
         return {}
 
     def _check_adapter(self, adapter: str | None) -> None:
@@ -246,7 +296,7 @@ class LatentDiffusion:
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        kwargs = self.unet_kwargs(cond)
+        kwargs = self.unet_kwargs(cond, x_t)
         if self.guidance_distilled:
             w = torch.zeros(x_t.shape[0]) if guidance is None else guidance
             kwargs["timestep_cond"] = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(

@@ -1,4 +1,9 @@
-"""Stable Diffusion 1.5's architecture as diffusers configs, and randomly initialised models of that shape.
+"""The Stable Diffusion 1.5 family: loading a pipeline folder, its defaults, and its architecture as diffusers
+configs with randomly initialised models of that shape.
+
+SD 1.5 is the layout `LatentDiffusion` itself implements (one CLIP text encoder, 77 positions, the last hidden
+state as conditioning); this module adds its native size (512², sides a multiple of 8), boundaries "4step-1" with
+τ = 0.8 and the official guidance codes (docs/method.md §8.2, §8.4).
 
 No weights: the values below are the published component configs of SD 1.5 (UNet 860 M parameters: four levels
 320/640/1280/1280, two ResNet + transformer layers per level, cross-attention at the three upper levels, CLIP
@@ -11,8 +16,8 @@ ViT-L/14 text width 768; VAE 128/256/512/512, scaling factor 0.18215). The guida
 
 The text side is a one-token-per-word tokenizer of the given vocabulary (the tests use the shapes world's) padded to
 SD's 77 positions: the vocabulary differs from CLIP's 49 408
-tokens, which changes nothing about the cost of a step. Loading real SD 1.5 weights goes through
-`icd.models.embedded.load_model(<diffusers folder>)`.
+tokens, which changes nothing about the cost of a step. Real SD 1.5 weights load through
+`icd.models.loading.load_models(<diffusers folder or hub id>)`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,33 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from icd.boundaries import Boundaries
 from icd.models import lora
-from icd.models.base import LatentDiffusion
-from icd.models.embedded import ICDSpec
+from icd.models.base import ICDSpec, LatentDiffusion
 from icd.models.tiny import scheduler_config
 from icd.models.tokenizer import write_tokenizer
 from icd.schedule import NoiseSchedule
 
+PIPELINE_CLASS = "StableDiffusionPipeline"
+NATIVE_SIZE = 512
+SIZE_MULTIPLE = 8
+BOUNDARIES = "4step-1"
+TAU = 0.8
 MAX_LENGTH = 77
-GUIDANCE_DIM = 256  # time_cond_proj_dim of the guidance-distilled UNet (LCM-SD1.5 uses 256)
+GUIDANCE_DIM = 512  # time_cond_proj_dim of the released guidance-distilled UNet (docs/method.md §6)
+GUIDANCE = {"edit": 19.0, "generate": 7.0}  # codes w = CFG - 1 of the distilled UNet: the official launch settings
+BASE_GUIDANCE = 6.5  # CFG 7.5, the usual setting of the original UNet (DDIM / NPI / NTI)
+
+
+def load(path: Path, *, dtype: torch.dtype, unet: UNet2DConditionModel, vocabulary: Sequence[str] | None,
+         schedule: NoiseSchedule, name: str) -> LatentDiffusion:
+    """An SD-1.5-layout pipeline folder `path` around `unet` (safetensors only). A closed `vocabulary` marks a world
+    model (the embedded one): its images are squares of its size; otherwise any size with sides a multiple of 8."""
+    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
+    return LatentDiffusion(
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, use_safetensors=True),
+        vae=vae, unet=unet, schedule=schedule, name=name,
+        image_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        vocabulary=vocabulary, size_multiple=None if vocabulary is not None else SIZE_MULTIPLE)
 
 
 def unet_config(*, time_cond_proj_dim: int | None = None, width: int = 320, cross_attention_dim: int = 768,
@@ -93,6 +117,31 @@ def _scaled(width: int, scale: int) -> int:
     return max(32, width // scale // 32 * 32)
 
 
+def random_components(tokenizer_dir: str | Path, *, vocabulary: Sequence[str], device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, scale: int = 1, image_size: int = NATIVE_SIZE,
+                      seed: int = 0) -> dict:
+    """Randomly initialised SD-1.5-shaped components (keys of a `StableDiffusionPipeline`): the original UNet under
+    ``unet`` and its guidance-distilled twin (the 512-d guidance embedding) under ``unet_guidance``.
+    scale: divide every width by this (1 = SD 1.5's sizes; 10 gives a CPU-test model with the same topology)."""
+    write_tokenizer(tokenizer_dir, vocabulary, max_length=MAX_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    text_width = _scaled(768, scale)
+    unet_kw = dict(width=_scaled(320, scale), cross_attention_dim=text_width,
+                   heads=8 if scale == 1 else 2, sample_size=image_size // 8)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise in place: an 860 M-parameter UNet is slow to build on a CPU
+        parts = dict(
+            tokenizer=tokenizer,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder_config(
+                len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=text_width,
+                layers=12 if scale == 1 else 2))),
+            vae=AutoencoderKL(**vae_config(width=_scaled(128, scale), sample_size=image_size)),
+            unet=UNet2DConditionModel(**unet_config(**unet_kw)),
+            unet_guidance=UNet2DConditionModel(**unet_config(time_cond_proj_dim=GUIDANCE_DIM, **unet_kw)),
+        )
+    return {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+
+
 def random_models(tokenizer_dir: str | Path, *, vocabulary: Sequence[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32,
                   scale: int = 1, image_size: int = 512, rank: int | None = 64, seed: int = 0
@@ -101,34 +150,21 @@ def random_models(tokenizer_dir: str | Path, *, vocabulary: Sequence[str], devic
 
     Both share tokenizer, text encoder, VAE and NFE counter. `icd` has a UNet with the guidance embedding and, unless
     rank is None, the two iCD LoRA adapters (peft's initialisation: zero deltas) fused for inference, boundaries
-    4step-1 and tau 0.8 -- the layout `icd.models.embedded.load_icd_model` returns, so `Pipeline(icd, base)` edits.
-    scale: divide every width by this (1 = SD 1.5's sizes; 10 gives a CPU-test model with the same topology).
+    4step-1 and tau 0.8 -- the layout `icd.models.loading.load_models` returns, so `Pipeline(icd, base)` edits.
+    Images are any size with sides a multiple of 8, as SD 1.5 takes them.
     """
-    write_tokenizer(tokenizer_dir, vocabulary, max_length=MAX_LENGTH)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    text_width = _scaled(768, scale)
-    unet_kw = dict(width=_scaled(320, scale), cross_attention_dim=text_width,
-                   heads=8 if scale == 1 else 2, sample_size=image_size // 8)
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialise in place: an 860 M-parameter UNet is slow to build on a CPU
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(
-            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=text_width,
-            layers=12 if scale == 1 else 2)))
-        vae = AutoencoderKL(**vae_config(width=_scaled(128, scale), sample_size=image_size))
-        base_unet = UNet2DConditionModel(**unet_config(**unet_kw))
-        distilled_unet = UNet2DConditionModel(**unet_config(time_cond_proj_dim=GUIDANCE_DIM, **unet_kw))
+    parts = random_components(tokenizer_dir, vocabulary=vocabulary, device=device, dtype=dtype, scale=scale,
+                              image_size=image_size, seed=seed)
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
-    text_encoder, vae = text_encoder.to(dtype), vae.to(dtype)
-    models = [LatentDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet.to(dtype),
-                              schedule=schedule, name=f"sd15-shaped-random{'' if scale == 1 else f'/{scale}'}",
-                              image_size=image_size, vocabulary=vocabulary)
-              for unet in (base_unet, distilled_unet)]
-    base, icd = models
-    icd.counter = base.counter
+    base = LatentDiffusion(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                           unet=parts["unet"], schedule=schedule,
+                           name=f"sd15-shaped-random{'' if scale == 1 else f'/{scale}'}", image_size=image_size,
+                           size_multiple=SIZE_MULTIPLE)
+    icd = base.with_unet(parts["unet_guidance"])
     if rank is not None:
         lora.add_adapters(icd.unet, rank=rank, alpha=rank, seed=seed)
         icd.unet.to(device=device, dtype=dtype).requires_grad_(False)
-        icd.icd = ICDSpec(path=Path(tokenizer_dir), boundaries=Boundaries.preset("4step-1"), tau=0.8,
+        icd.icd = ICDSpec(path=Path(tokenizer_dir), boundaries=Boundaries.preset(BOUNDARIES), tau=TAU,
                           w_set=(0.0, 1.0, 2.0, 3.0))
         icd.fused = lora.FusedAdapters(icd.unet)
     return base, icd

@@ -18,7 +18,7 @@ import torch
 from icd.distill.guidance import guidance_loss, init_student_from_teacher
 from icd.io import atomic_directory
 from icd.models.base import Cond, LatentDiffusion
-from icd.models.embedded import load_model, resolve_model_path
+from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import caption_tokens, world_latents

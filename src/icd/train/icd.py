@@ -41,7 +41,7 @@ from icd.distill.icd import TEACHER_STEPS, forward_cd, forward_preserve, reverse
 from icd.io import atomic_directory
 from icd.models import lora
 from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
-from icd.models.embedded import load_model, resolve_model_path
+from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import PRECISIONS, Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import load_checkpoint
 from icd.train.config import ConfigError, RunConfig, from_dict, to_dict

@@ -17,6 +17,7 @@ naming the file and the first bad key.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,7 +117,9 @@ def attach_released(unet, path: str | Path, adapter: str, *, alpha: float = RELE
     state = read_state(path)
     rank, targets = check_state(unet, state, path)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    unet.add_adapter(config, adapter_name=adapter)
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=adapter)
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
     missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter}." in k]
     if missing or getattr(result, "unexpected_keys", []):

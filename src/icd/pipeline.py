@@ -64,6 +64,7 @@ TASKS = ("invert", "edit", "generate")
 DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model;
 # a Stable Diffusion family has its own: `guidance_default`)
 DEFAULT_STEPS = 50  # the DDIM baselines' step count
+DEFAULT_DDIM_RULE = "start"  # DDIM inversion's noise label (icd.samplers.DDIM_RULES); docs/baselines.md §2
 DEFAULT_RENOISE = 1.0  # iCD generation's re-noising strength (docs/method.md §8.4, §12); inversion never re-noises
 
 
@@ -252,9 +253,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inversion
     def invert(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
-               seed: int = 0, guidance: float | None = None, progress: bool = False) -> Inversion:
+               seed: int = 0, guidance: float | None = None, progress: bool = False,
+               ddim_rule: str = DEFAULT_DDIM_RULE) -> Inversion:
         """Invert uint8 images [N, H, W, 3] (or PIL images) with their captions. Deterministic: iCD's encoding
-        noise comes from `seed`. `guidance` is NTI's CFG code (default: the edit default)."""
+        noise comes from `seed`. `guidance` is NTI's CFG code (default: the edit default). `ddim_rule`: the DDIM
+        baselines' inversion rule (`icd.samplers.DDIM_RULES`)."""
         prompts = list(prompts)
         model = self.model_for(method)
         check_prompts(model, prompts)
@@ -269,13 +272,14 @@ class Pipeline:
                                             schedule=model.schedule, noise=noise)
             settings = {"seed": seed}
         else:
-            timesteps, latents = ddim_invert(model.eps_fn(), z0, cond, steps=st.steps, schedule=model.schedule)
-            settings = {}
+            timesteps, latents = ddim_invert(model.eps_fn(), z0, cond, steps=st.steps, schedule=model.schedule,
+                                             rule=ddim_rule)
+            settings = {"ddim_rule": ddim_rule}
         inv = Inversion(latents=latents, timesteps=timesteps, prompts=prompts, method=method, settings=settings)
         if method == "nti":
             w = self.guidance_default(method, "edit") if guidance is None else guidance
             inv.null_embeddings = null_text_optimize(model, inv, cond, guidance=w, progress=progress)
-            inv.settings = {"guidance": w}
+            inv.settings["guidance"] = w
         inv.settings["model"] = model.name
         return inv
 
@@ -293,7 +297,8 @@ class Pipeline:
         return ddim_decode(eps, inversion.noise, cond, inversion.timesteps, schedule=model.schedule)
 
     def reconstruct(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
-                    guidance: float | None = None, tau: float | None = None, seed: int = 0) -> Reconstruction:
+                    guidance: float | None = None, tau: float | None = None, seed: int = 0,
+                    ddim_rule: str = DEFAULT_DDIM_RULE) -> Reconstruction:
         """Invert, then decode with the same prompts: uint8 reconstructions with the NFE and seconds of each half
         (timed from the uint8 input to the uint8 output)."""
         model = self.model_for(method)
@@ -301,7 +306,7 @@ class Pipeline:
         calls0 = model.counter.calls
         synchronize(model.device)
         t0 = time.perf_counter()
-        inv = self.invert(images, prompts, method=method, steps=steps, seed=seed)
+        inv = self.invert(images, prompts, method=method, steps=steps, seed=seed, ddim_rule=ddim_rule)
         synchronize(model.device)
         t1, calls1 = time.perf_counter(), model.counter.calls
         recon = to_uint8(model.decode_latents(self.decode(inv, guidance=st.guidance, tau=st.tau)))

@@ -1,11 +1,16 @@
 """Every sampler: loops of `ddim_jump` over explicit integer timestep lists, each taking an `EpsFn`
 ``eps(x_t, t, cond)`` (docs/method.md §2, §4, §8; docs/baselines.md §2).
 
-A descending list samples (noise -> data), an ascending list inverts (data -> noise); the noise is always
-evaluated at the step's starting point. Which network, adapter, guidance and dynamic-CFG threshold a loop runs is
-decided by the `EpsFn` it is handed (`LatentDiffusion.eps_fn`), never by the loop.
+A descending list samples (noise -> data), an ascending list inverts (data -> noise); the noise is evaluated at
+the step's starting latent (labelled with its time, except in DDIM inversion's reference rule: `DDIM_RULES`).
+Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decided by the `EpsFn` it is handed
+(`LatentDiffusion.eps_fn`), never by the loop.
 
 - `ddim_invert` / `ddim_decode`: DDIM inversion up the DDIM grid from z0 at t = 0, and decoding back down it.
+  Inversion takes one of two rules for the timestep label of the noise prediction on the step t -> t': ``start``
+  labels it t (the latent's own time: our previous default, and how iCD's forward teacher steps); ``reference``
+  labels it t' (the destination), as the Prompt-to-Prompt / null-text inversion reference code and diffusers'
+  `DDIMInverseScheduler` do.
 - `icd_invert` (docs/method.md §8.1): noise z0 to the first forward boundary with explicit noise, then one forward
   jump per segment up to T - 1. `icd_decode`: one reverse jump per segment down to 0, optionally re-noised
   (`renoise` = gamma, generation only; `icd.solver.renoised_jump`).
@@ -26,16 +31,23 @@ from icd.solver import NumericsError, ddim_jump, renoised_jump
 Callback = Callable[[int, int, int, torch.Tensor], "torch.Tensor | None"]  # (i, t_from, t_to, x_to) -> x or None
 
 
+DDIM_RULES = ("start", "reference")  # DDIM inversion: the noise labelled with the step's start or its destination
+
+
 def ddim_loop(eps: EpsFn, x: torch.Tensor, cond: Cond, timesteps: Sequence[int], *, schedule: NoiseSchedule,
-              callback: Callback | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """DDIM jumps timesteps[0] -> timesteps[1] -> ..., eps evaluated at each starting point.
+              callback: Callback | None = None, label: str = "start") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """DDIM jumps timesteps[0] -> timesteps[1] -> ..., eps evaluated at each starting latent, with the timestep
+    label of the start (``label="start"``) or of the destination (``"reference"``: DDIM inversion's reference rule).
 
     `callback(i, t_from, t_to, x_to)` may return a replacement latent (editors' local blend). Returns the final
     latent and every visited latent (the start included). Raises `NumericsError` naming the step of a NaN / Inf.
     """
+    if label not in DDIM_RULES:
+        raise ValueError(f"unknown DDIM rule {label!r}; choose from {', '.join(DDIM_RULES)}")
     visited = [x]
     for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        x = ddim_jump(x, eps(x, int(t_from), cond), int(t_from), int(t_to), schedule=schedule)
+        t_eps = int(t_from) if label == "start" else int(t_to)
+        x = ddim_jump(x, eps(x, t_eps, cond), int(t_from), int(t_to), schedule=schedule)
         if not bool(torch.isfinite(x).all()):
             rows = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
             raise NumericsError(f"NaN/Inf latents at step {i} (t = {t_from} -> {t_to}) in batch rows {rows}")
@@ -57,11 +69,12 @@ def generation_timesteps(steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedule: NoiseSchedule
-                ) -> tuple[list[int], list[torch.Tensor]]:
-    """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents)."""
+def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedule: NoiseSchedule,
+                rule: str = "start") -> tuple[list[int], list[torch.Tensor]]:
+    """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents). `rule`: the
+    noise's timestep label on each step (`DDIM_RULES`; module docstring)."""
     timesteps = inversion_timesteps(steps)
-    return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule)[1]
+    return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule, label=rule)[1]
 
 
 @torch.no_grad()

@@ -98,6 +98,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--boundaries", default=None, metavar="SET",
                    help="4step-1 / 4step-2 / 3step or E_R such as 0,259,519,779 (default: the adapters')")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    m.add_argument("--ddim-rule", default="start", choices=["start", "reference"],
+                   help="DDIM inversion (ddim / npi / nti): label each step's noise with its start time (default) or "
+                   "its destination, as the P2P / null-text reference code and diffusers' DDIMInverseScheduler")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' precision (auto: fp16 on CUDA, fp32 on a CPU)")
     m.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images on small GPUs)")

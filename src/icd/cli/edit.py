@@ -97,7 +97,8 @@ def _inversion(editor: Pipeline, args, image: np.ndarray) -> Inversion:
             raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
         return inversion
     return editor.invert(image, [args.source], method=args.method, steps=args.steps, seed=args.seed,
-                         guidance=args.guidance, progress=sys.stderr.isatty())  # NTI's per-step optimisation bar
+                         guidance=args.guidance, ddim_rule=args.ddim_rule,
+                         progress=sys.stderr.isatty())  # NTI's per-step optimisation bar
 
 
 def cmd_edit(args) -> None:

@@ -54,7 +54,7 @@ def cmd_invert(args) -> None:
     source = np.asarray(fit_to_model(image, model, args.fit))[None]
     model.counter.reset()
     r = pipe.reconstruct(source, [args.prompt], method=args.method, steps=args.steps, guidance=args.guidance,
-                         tau=args.tau, seed=args.seed)
+                         tau=args.tau, seed=args.seed, ddim_rule=args.ddim_rule)
     save_image(r.images[0], args.output)
     seconds = r.seconds_invert + r.seconds_decode
     report = {"method": args.method, "steps": r.settings.steps, "guidance": r.settings.guidance,

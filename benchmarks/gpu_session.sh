@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool; never CI): time the SD-1.5-shaped path, then train the rows of
-# configs/icd-gpu.toml side by side on the one GPU until a deadline, and leave in $OUT what comes back:
+# One call on a lent GPU machine (the device tool; never CI): time the Stable Diffusion paths (SD 1.5 at 512x512,
+# SDXL at 1024x1024, random weights, fp16), then train the rows of configs/icd-gpu.toml side by side on the one GPU
+# until a deadline, and leave in $OUT what comes back:
 #   gpu_tests.log                           pytest -m gpu (tests/test_sd15.py on CUDA)
-#   sd_timing.json / sd_timing.log          benchmarks/sd_shaped_timing.py (editing at 512x512, training steps)
+#   sd_timing_sd15.json / .log              benchmarks/sd_shaped_timing.py --family sd15 (editing rows, ratios,
+#                                           channels-last / compiled rows, training steps as time allows)
+#   sd_timing_sdxl.json / .log              benchmarks/sd_shaped_timing.py --family sdxl (editing rows, ratios)
 #   adapters-N.tar                          final (or latest-checkpoint) adapters of two rows each, + their log.csv
 #   logs.tar                                every row's stdout/stderr and nvidia-smi
 # Usage (on the device machine, after installing diffusers there; see docs/experiments/gpu-mixed-precision.md for the exact call):
 #   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh [ROW ...]
+#   OUT=/some/dir GPU_TESTS=0 TRAIN=0 bash benchmarks/gpu_session.sh       # the SD timings only (issue 21, item 5)
 # BUDGET: seconds from the start of this script by which every training is stopped (rows that have not finished
-# return their latest checkpoint, named in exported.txt with its step). Measured on an H100 (2026-11-26): the SD
-# timing takes ~140 s; eight rows side by side train at ~1.2 steps/s each (~10 steps/s in all: each process is
-# bound by Python and kernel launches, not by the GPU), so a 1 400-step row needs ~20 min that way -- a 15-minute
-# device budget fits two or three rows, not eight. A CPU dry run of the whole script:
+# return their latest checkpoint, named in exported.txt with its step); no timing runs past it either.
+# Time guards of the timings: each family runs under `timeout SD15_TIMING_S` / `timeout SDXL_TIMING_S` (default
+# 225 + 285 s with TRAIN=0; 180 + 0, i.e. no SDXL, in a training session; each cut to what BUDGET leaves, a family
+# with under 90 s is skipped) and is passed --max-minutes = (its timeout - 60 s) / 60, so it starts no row in its
+# last minute; the JSON is rewritten after every row, so a family cut by its timeout still returns the
+# rows it finished (its "running" field names the row that was cut). TRAIN=0: no latents prefill, training or export.
+# Measured on an H100 (2026-11-26) with the earlier SD-1.5-only timing: ~140 s; eight rows side by side train at
+# ~1.2 steps/s each (~10 steps/s in all: each process is bound by Python and kernel launches, not by the GPU), so a
+# 1 400-step row needs ~20 min that way -- a 15-minute device budget fits two or three rows, not eight. A CPU dry run:
 #   OUT=/tmp/gs BUDGET=300 DEVICE=cpu TRAIN_SET="--set steps=4 --set checkpoint_every=2 --set n_images=256" \
-#     SD_TIMING_ARGS="--device cpu --scale 10 --image-size 64 --repeats 1 --train-batch 2 --train-steps 1" \
+#     SD15_TIMING_ARGS="--device cpu --scale 10 --image-size 64 --repeats 1 --steps 2 --warmups 0 --train-batch 2 \
+#     --train-steps 1" SDXL_TIMING_ARGS="--device cpu --tiny --image-size 64 --repeats 1 --steps 2 --warmups 0" \
 #     bash benchmarks/gpu_session.sh Q32 SEQ
 set -u
 OUT=${OUT:?set OUT to a folder}
@@ -21,7 +31,13 @@ BUDGET=${BUDGET:-540}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 TRAIN_SET=${TRAIN_SET:-}
-SD_TIMING_ARGS=${SD_TIMING_ARGS:---device cuda --repeats 2 --train-batch 8 --train-steps 3}
+GPU_TESTS=${GPU_TESTS:-1}
+TRAIN=${TRAIN:-1}
+SD15_TIMING_ARGS=${SD15_TIMING_ARGS:---device cuda --repeats 2 --channels-last --compile default --train-batch 8 --train-steps 3}
+SDXL_TIMING_ARGS=${SDXL_TIMING_ARGS:---device cuda --repeats 2 --channels-last --skip train}
+if [ "$TRAIN" = 1 ]; then timing_s=(180 0); else timing_s=(225 285); fi  # training sessions keep their time
+SD15_TIMING_S=${SD15_TIMING_S:-${timing_s[0]}}
+SDXL_TIMING_S=${SDXL_TIMING_S:-${timing_s[1]}}
 N_IMAGES=60000
 [[ "$TRAIN_SET" =~ n_images=([0-9]+) ]] && N_IMAGES=${BASH_REMATCH[1]}
 CONFIG=configs/icd-gpu.toml
@@ -35,6 +51,8 @@ mkdir -p "$OUT/logs" runs/gpu/cache
 nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1
 
 # 1. the training latents (CPU threads, while the GPU times the SD-shaped path)
+prefill=
+if [ "$TRAIN" = 1 ]; then
 N_IMAGES=$N_IMAGES $PY - > "$OUT/logs/prefill.log" 2>&1 <<'EOF' &
 import os
 import torch
@@ -46,18 +64,43 @@ z, _ = world_latents(m.vae, resolve_model_path("embedded") / "vae", int(os.envir
 print("latents", tuple(z.shape))
 EOF
 prefill=$!
+fi
 
-# 2. the GPU tests (pytest -m gpu: every editing method on CUDA in fp16), then SD-shaped timing, alone on the GPU
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15.py > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$? after $(( $(date +%s) - start )) s"
-# shellcheck disable=SC2086
-timeout 180 $PY benchmarks/sd_shaped_timing.py $SD_TIMING_ARGS --out "$OUT/sd_timing.json" > "$OUT/sd_timing.log" 2>&1
-echo "sd timing rc=$? after $(( $(date +%s) - start )) s"
+# 2. the GPU tests (pytest -m gpu: every editing method on CUDA in fp16), then the SD timings, alone on the GPU
+if [ "$GPU_TESTS" = 1 ]; then
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15.py > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu tests rc=$? after $(( $(date +%s) - start )) s"
+fi
+sd_timing() {  # FAMILY SECONDS ARGS: one family under its timeout, cut to what BUDGET leaves
+    local family=$1 limit=$2 args=$3 left
+    left=$(( start + BUDGET - $(date +%s) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 90 ]; then
+        echo "sd timing $family skipped (limit $limit s)"
+        return
+    fi
+    # shellcheck disable=SC2086
+    timeout "$limit" $PY benchmarks/sd_shaped_timing.py --family "$family" $args \
+        --max-minutes "$(awk -v s="$limit" 'BEGIN { print (s - 60) / 60 }')" --out "$OUT/sd_timing_$family.json" \
+        > "$OUT/sd_timing_$family.log" 2>&1
+    echo "sd timing $family rc=$? (limit $limit s) after $(( $(date +%s) - start )) s"
+}
+sd_timing sd15 "$SD15_TIMING_S" "$SD15_TIMING_ARGS"
+sd_timing sdxl "$SDXL_TIMING_S" "$SDXL_TIMING_ARGS"
+if [ "$TRAIN" != 1 ]; then
+    tar -cf "$OUT/logs.tar" -C "$OUT" logs && rm -r "$OUT/logs"
+    echo "session done (TRAIN=0) after $(( $(date +%s) - start )) s"
+    exit 0
+fi
 wait $prefill
 echo "prefill rc=$? after $(( $(date +%s) - start )) s"
 
 # 3. the rows, side by side, until the deadline
 left=$(( start + BUDGET - 100 - $(date +%s) ))  # ~100 s kept for the exports and the tars
+if [ "$left" -lt 30 ]; then
+    echo "no time left of BUDGET for training ($left s)"
+    rows=()
+fi
 echo "training ${rows[*]} for at most $left s"
 pids=()
 for row in "${rows[@]}"; do

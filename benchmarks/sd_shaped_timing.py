@@ -1,38 +1,80 @@
-"""Time the Stable-Diffusion-1.5-shaped path: editing at 512x512 and one iCD training step (random weights).
+"""Time the Stable Diffusion paths at full size with random weights: SD 1.5 at 512x512 or SDXL at 1024x1024 editing
+(iCD 4+4 at batch 1 and 8, DDIM / NPI 50+50 and null-text inversion, all with Prompt-to-Prompt), optional
+channels-last / torch.compile rows, and (SD 1.5) one iCD training step per precision setting.
 
-No SD weights can be downloaded here, and speed does not depend on the weights' values, so the models are SD 1.5's
-architecture randomly initialised (`icd.models.sd15`; the iCD adapters are rank-64 LoRA, fused for inference).
-Editing: one 512x512 image, P2P word swap, source + one target decoded in one batch; iCD 4+4 against DDIM, NPI and
-NTI at 50+50 (two-pass CFG at w = 1, i.e. CFG scale 2; each row states its UNet calls). Training: one `training_step` of
-`icd train icd` (all four losses, both adapters' optimizer steps) per precision / checkpointing setting, with peak
-GPU memory. Results go to a JSON file; docs/RESULTS.md quotes them with the device.
+No SD weights can be downloaded here, and speed does not depend on the weights' values, so the models are the
+families' architectures randomly initialised (`icd.models.sd15`, `icd.models.sdxl`; the iCD adapters are rank-64
+LoRA fused into their own weight copies, as `Pipeline.from_pretrained` loads the released files). They are built in
+memory on the device (``--build memory``, the default): writing a full-size random pipeline to disk first
+(``--build disk``: `icd.models.synthetic.write_pipeline` + `Pipeline.from_pretrained`, the loading path users run)
+costs several GB of safetensors per run (SDXL: two 2.6 B-parameter UNets) and GPU-session minutes spent on
+serialisation, not on the timings; the disk route is for small models (``--scale 10`` / ``--tiny``).
 
-    python benchmarks/sd_shaped_timing.py --device cuda --out sd_timing.json
-    python benchmarks/sd_shaped_timing.py --device cpu --scale 10 --image-size 128 --repeats 1 --out t.json  # smoke
+Editing rows, in this order (the order of importance, for ``--max-minutes``). Images: world scenes rendered at the
+model's size, the edit recolours one object (P2P word swap), each image decoded as [source, target] in one batch
+(batch 8: 16 rows); every row states seconds (invert, edit, total, per image), UNet calls, peak GPU memory, card:
+
+- ``icd`` 4+4 at batch 1 and 8: ``--warmups`` untimed runs, then the mean of ``--repeats`` runs;
+- ``ddim`` / ``npi`` ``--steps``+``--steps`` (default 50+50, two-pass CFG), batch 1, ``--baseline-repeats`` runs;
+- ``nti``: DDIM inversion, then null-text optimisation (per step up to 10 Adam steps with the NTI paper's early stop,
+  `icd.editing.nulltext`), batch 1, one run. The library does not expose the inner-step count, so the row counts
+  it: UNet calls whose text conditioning requires grad (``nti_inner_steps``; per timestep
+  ``nti_inner_per_timestep``; ``nti_inner_cap`` = 10 per step). nfe_invert = steps + 2 x steps + inner steps.
+
+A baseline's warm-up is a ``--warmup-steps`` run (same batch shapes and code paths, so kernels, lazy initialisation
+and the allocator warm up the same; a 50+50 warm-up would double its cost). ``ratios``: seconds (total_s, batch 1)
+of one method over another's, same card, same run (``icd/ddim50`` < 1, ``nti/icd`` > 1).
+
+``--channels-last`` / ``--compile MODE`` then add ``icd`` rows on the same models (in place; compile on top of
+channels-last when both are given), each with ``speedup_vs_plain`` and the largest pixel difference of its edit
+from the plain row's. A compiled row (``--compile-batches``, default batch 1: each static batch shape compiles its
+own graphs) runs ``--compile-warmups`` untimed runs first and states the graphs dynamo compiled during warm-up and
+while timed (0: no compilation was timed). Training rows (SD 1.5 only) come last, alone on the device.
+``--max-minutes``: no row or timed run starts after that many minutes; the JSON is rewritten after every row
+(``running`` names the row in progress), so a run stopped from outside keeps what it measured. Progress: stderr.
+
+    python benchmarks/sd_shaped_timing.py --family sd15 --device cuda --out sd15.json
+    python benchmarks/sd_shaped_timing.py --family sdxl --device cuda --skip train --out sdxl.json
+    python benchmarks/sd_shaped_timing.py --device cpu --family sd15 --scale 10 --image-size 64 --repeats 1 \\
+        --steps 2 --warmups 0 --skip train --out t.json                                                   # CPU smoke
+    python benchmarks/sd_shaped_timing.py --device cpu --family sdxl --tiny --image-size 64 --repeats 1 --steps 2 \\
+        --warmups 0 --out t.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
+import inspect
 import json
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import diffusers
+import numpy as np
 import torch
 
 from icd import world
 from icd.bench.runtime import describe_device, sync
+from icd.boundaries import Boundaries
 from icd.editing.edit import EditControls
+from icd.editing.nulltext import null_text_optimize
 from icd.io import write_text_atomic
-from icd.models import lora, sd15
-from icd.models.base import Cond
+from icd.models import lora, sd15, sdxl
+from icd.models.base import Cond, ICDSpec
+from icd.models.tiny import scheduler_config
 from icd.pipeline import Pipeline
-from icd.runtime import Precision, ProcessGroup
+from icd.runtime import Precision, ProcessGroup, resolve_dtype
+from icd.schedule import NoiseSchedule
 from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-EDIT_METHODS = (("icd", None), ("ddim", 50), ("npi", 50), ("nti", 50))
+FAMILIES = {"sd15": sd15, "sdxl": sdxl}
+NTI_INNER = inspect.signature(null_text_optimize).parameters["inner_steps"].default  # "up to 10" (the paper's)
+PARTS = ("edit", "b8", "ddim", "npi", "nti", "train")
 
 
 def describe_error(e: BaseException) -> str:
@@ -51,46 +93,260 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def edit_timings(editor: Pipeline, device: torch.device, repeats: int, methods=EDIT_METHODS) -> list[dict]:
-    """Seconds and UNet calls of invert + edit per method: one warm-up run, then the mean of `repeats` runs (NTI,
-    ~40x the others: one run, after the others have warmed the same kernels)."""
-    scene = world.sample_scene(7, max_objects=1)
-    image = world.render(scene)[None]
-    source = scene.caption
-    color = scene.objects[0].color
-    target = source.replace(color, "blue" if color != "blue" else "red", 1)
-    counter = editor.model.counter
-    rows = []
-    for method, steps in methods:
-        row = {"method": method, "steps": steps}
-        warmup, runs = (0, 1) if method == "nti" else (1, repeats)
-        try:
-            for k in range(warmup + runs):
-                reset_peak(device)
-                calls0 = counter.calls
-                sync(device)
-                t0 = time.perf_counter()
-                inv = editor.invert(image, [source], method=method, steps=steps)
-                sync(device)
-                t1 = time.perf_counter()
-                calls1 = counter.calls
-                result = editor.edit(inv, [target], EditControls())
-                sync(device)
-                t2 = time.perf_counter()
-                if k < warmup:  # kernel selection, lazy loading
-                    continue
-                for key, value in (("invert_s", t1 - t0), ("edit_s", t2 - t1), ("total_s", t2 - t0)):
-                    row[key] = row.get(key, 0.0) + value / runs
-                row |= {"nfe_invert": calls1 - calls0, "nfe_edit": result.nfe, "peak_gib": peak_gib(device)}
-        except Exception as e:  # a row that fails is reported, the others still run
-            row["error"] = describe_error(e)
-        print(json.dumps(row), flush=True)
+class Clock:
+    """Progress lines on stderr, stamped with the seconds since the start, and the --max-minutes deadline."""
+
+    def __init__(self, label: str, max_minutes: float | None):
+        self.label, self.t0 = label, time.perf_counter()
+        self.deadline = None if max_minutes is None else self.t0 + 60.0 * max_minutes
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.label} {time.perf_counter() - self.t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+
+class CallWatch:
+    """A forward pre-hook on a UNet: counts its calls per timestep, the calls whose text conditioning requires
+    grad (null-text inversion's inner steps), and logs every `every` calls (the 50-step loops' progress)."""
+
+    def __init__(self, unet, clock: Clock, every: int):
+        self.clock, self.every, self.label = clock, every, ""
+        self.reset()
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def reset(self) -> None:
+        self.calls, self.grad_per_t = 0, Counter()
+
+    def _hook(self, module, args, kwargs):
+        self.calls += 1
+        tokens = kwargs.get("encoder_hidden_states")
+        if tokens is not None and tokens.requires_grad:
+            t = args[1] if len(args) > 1 else kwargs.get("timestep")
+            self.grad_per_t[int(torch.as_tensor(t).reshape(-1)[0])] += 1
+        if self.every and self.calls % self.every == 0:
+            self.clock.log(f"  {self.label}: {self.calls} UNet calls")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def sdxl_random_models(tokenizer_dir: Path, *, device, dtype: torch.dtype, tiny: bool, image_size: int,
+                       rank: int = 64, seed: int = 0):
+    """(base, icd) SDXL-shaped, as `sd15.random_models` builds SD 1.5 (no such helper in `icd.models.sdxl` yet):
+    random components on `device`, the VAE in fp32 under fp16 (SDXL's force_upcast, as `sdxl.load` does), the
+    distilled twin with both rank-`rank` adapters fused, boundaries 4step-2, tau 0.7."""
+    parts = sdxl.random_components(tokenizer_dir, vocabulary=world.vocabulary(), tiny=tiny, image_size=image_size,
+                                   device=device, dtype=dtype, seed=seed)
+    vae = parts["vae"].to(torch.float32) if dtype == torch.float16 else parts["vae"]
+    base = sdxl.SDXLDiffusion(tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"],
+                              text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"], vae=vae,
+                              unet=parts["unet"], schedule=NoiseSchedule.from_scheduler_config(scheduler_config()),
+                              name=f"sdxl-shaped-random{'/tiny' if tiny else ''}", image_size=image_size,
+                              size_multiple=sdxl.SIZE_MULTIPLE)
+    icd = base.with_unet(parts["unet_guidance"])
+    lora.add_adapters(icd.unet, rank=rank, alpha=rank, seed=seed)
+    icd.unet.to(device=device, dtype=dtype).requires_grad_(False)
+    icd.icd = ICDSpec(path=Path(tokenizer_dir), boundaries=Boundaries.preset(sdxl.BOUNDARIES), tau=sdxl.TAU,
+                      w_set=(0.0,))
+    icd.fused = lora.FusedAdapters(icd.unet)
+    return base, icd
+
+
+def build_pipeline(args, tmp: Path, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    if args.build == "disk":  # the loading path users run: diffusers folder + distilled UNet + released LoRA files
+        from icd.models.synthetic import write_pipeline
+
+        if args.family == "sd15" and args.scale not in (1, 10):
+            raise SystemExit("--build disk writes SD 1.5 at --scale 1 or 10 only")
+        tiny = args.tiny if args.family == "sdxl" else args.scale == 10
+        files = write_pipeline(tmp / "pipe", args.family, vocabulary=world.vocabulary(), tiny=tiny,
+                               image_size=args.image_size, rank=64)
+        pipe = Pipeline.from_pretrained(files.pipeline, unet=files.unet, lora_forward=files.lora_forward,
+                                        lora_reverse=files.lora_reverse, device=device, dtype=dtype)
+        pipe.base()  # the original UNet loads lazily: now, not inside a timed row
+        return pipe
+    if args.family == "sdxl":
+        base, icd = sdxl_random_models(tmp / "tok", device=device, dtype=dtype, tiny=args.tiny,
+                                       image_size=args.image_size)
+    else:
+        base, icd = sd15.random_models(tmp / "tok", vocabulary=world.vocabulary(), device=device, dtype=dtype,
+                                       scale=args.scale, image_size=args.image_size)
+    return Pipeline(icd, base)
+
+
+def set_memory_format(model, fmt: torch.memory_format) -> None:
+    """The UNet's 4-D weights in `fmt`, including the fused adapters' weight copies (`FusedAdapters` swaps them into
+    the layers; left contiguous, every adapter switch would undo channels-last on the adapted convolutions)."""
+    model.unet.to(memory_format=fmt)
+    fused = model.fused
+    if fused is not None:
+        for name, ws in fused.weights.items():
+            fused.weights[name] = [w.contiguous(memory_format=fmt) if w.ndim == 4 else w for w in ws]
+        fused.activate(fused.active)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_unet(unet, *, mode: str, backend: str) -> None:
+    """torch.compile of the UNet's forward in place (the module, its config and attention layers stay the same
+    objects). Static shapes; the recompile limit raised so that the edit's per-step attention-control states
+    compile instead of silently falling back to eager."""
+    import torch._dynamo
+
+    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
+    unet.compile(backend=backend, dynamic=False, **({"mode": mode} if backend == "inductor" else {}))
+
+
+# ---------------------------------------------------------------------------------------------------- editing
+@functools.lru_cache(maxsize=4)
+def edit_inputs(image_size: int, batch: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """`batch` world scenes rendered at the model's size, their captions and a recolouring target for each."""
+    scenes = [world.sample_scene(7 + i, max_objects=1) for i in range(batch)]
+    targets = []
+    for s in scenes:
+        color = s.objects[0].color
+        targets.append(s.caption.replace(color, "blue" if color != "blue" else "red", 1))
+    return np.stack([world.render(s, image_size) for s in scenes]), [s.caption for s in scenes], targets
+
+
+def run_once(pipe: Pipeline, inputs, method: str, steps: int | None, device: torch.device) -> dict:
+    images, sources, targets = inputs
+    counter = pipe.model_for(method).counter
+    reset_peak(device)
+    calls0 = counter.calls
+    sync(device)
+    t0 = time.perf_counter()
+    inv = pipe.invert(images, sources, method=method, steps=steps)
+    sync(device)
+    t1 = time.perf_counter()
+    calls1 = counter.calls
+    result = pipe.edit(inv, targets, EditControls())
+    sync(device)
+    t2 = time.perf_counter()
+    return {"invert_s": t1 - t0, "edit_s": t2 - t1, "total_s": t2 - t0, "nfe_invert": calls1 - calls0,
+            "nfe_edit": result.nfe, "peak_gib": peak_gib(device), "images": result.images}
+
+
+def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatch | None, *, method: str,
+             batch: int, steps: int | None, warmups: int, warmup_steps: int | None, repeats: int,
+             variant: str = "plain", image_size: int) -> dict:
+    """One row: `warmups` untimed runs (at `warmup_steps`), then the mean of up to `repeats` timed runs."""
+    name = f"{method} b{batch}" + ("" if variant == "plain" else f" [{variant}]")
+    row = {"method": method, "variant": variant, "batch": batch, "edit_rows": 2 * batch, "control": "p2p",
+           "steps": steps if method != "icd" else pipe.icd_model.icd.boundaries.num_segments,
+           "device": describe_device(device)}
+    if clock.expired():
+        clock.log(f"{name}: skipped (--max-minutes)")
+        return row | {"skipped": "--max-minutes reached before this row"}
+    inputs = edit_inputs(image_size, batch)
+    runs: list[dict] = []
+    try:
+        graphs0 = compiled_graphs() if variant != "plain" else 0
+        row["warmup_s"] = []
+        for k in range(warmups):
+            if watch is not None:
+                watch.label = f"{name} warm-up {k + 1}"
+            out = run_once(pipe, inputs, method, warmup_steps, device)
+            row["warmup_s"].append(round(out["total_s"], 4))
+            clock.log(f"{name}: warm-up {k + 1}/{warmups} ({warmup_steps or 'all'} steps) {out['total_s']:.2f} s")
+        if "compile" in variant:
+            graphs1 = compiled_graphs()
+            row["graphs_compiled_in_warmup"] = graphs1 - graphs0
+        for k in range(repeats):
+            if runs and clock.expired():
+                clock.log(f"{name}: stopping after {len(runs)} timed runs (--max-minutes)")
+                break
+            if watch is not None:
+                watch.label = f"{name} run {k + 1}"
+                watch.reset()
+            runs.append(run_once(pipe, inputs, method, steps, device))
+            if method == "nti" and watch is not None:
+                per_t = [watch.grad_per_t[t] for t in sorted(watch.grad_per_t, reverse=True)]
+                row |= {"nti_inner_steps": sum(per_t), "nti_inner_cap": NTI_INNER * len(per_t),
+                        "nti_inner_per_timestep": per_t}
+            clock.log(f"{name}: run {k + 1}/{repeats} {runs[-1]['total_s']:.3f} s")
+        if "compile" in variant:
+            row["graphs_compiled_while_timed"] = compiled_graphs() - graphs1
+    except Exception as e:  # a row that fails is reported, the others still run
+        row |= {"error": describe_error(e), "peak_gib_at_error": peak_gib(device)}
+        clock.log(f"{name}: {row['error']}")
+    if runs:
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("invert_s", "edit_s", "total_s")}
+        peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
+        row |= mean | {"per_image_s": mean["total_s"] / batch, "runs": len(runs), "nfe_invert": runs[-1]["nfe_invert"],
+                       "nfe_edit": runs[-1]["nfe_edit"], "peak_gib": max(peaks) if peaks else None,
+                       "_images": runs[-1]["images"]}
+    return row
+
+
+def plain_rows(pipe: Pipeline, args, device: torch.device, clock: Clock, rows: list[dict], save) -> None:
+    """Append the plain rows to `rows` (icd b1, b8, ddim, npi, nti: the order of importance), `save` after each."""
+    watch = CallWatch(pipe.base().unet, clock, args.progress_every)
+    plan = [("icd", b, None, args.warmups, None, args.repeats) for b in icd_batches(args)]
+    warm = min(args.warmup_steps, args.steps)
+    for method in ("ddim", "npi", "nti"):
+        if method not in args.skip:
+            plan.append((method, 1, args.steps, args.warmups, warm, 1 if method == "nti" else args.baseline_repeats))
+    for method, batch, steps, warmups, wsteps, repeats in plan:
+        save(running=f"{method} b{batch}")
+        rows.append(edit_row(pipe, device, clock, watch, method=method, batch=batch, steps=steps, warmups=warmups,
+                             warmup_steps=wsteps, repeats=repeats, image_size=args.image_size))
+        save()
+    watch.handle.remove()
+
+
+def icd_batches(args) -> list[int]:
+    return [1] if "b8" in args.skip else [1, 8]
+
+
+def variant_rows(pipe: Pipeline, variant: str, args, device: torch.device, clock: Clock, rows: list[dict],
+                 save) -> None:
+    """Put the icd UNet in `variant` (channels-last / compiled, in place) and append its icd rows to `rows`, each with
+    its speed-up over the plain row of the same batch and the largest pixel difference of their edited images."""
+    batches = icd_batches(args)
+    if "compile" in variant:  # each static batch shape compiles its own graphs
+        batches = [b for b in batches if b in args.compile_batches]
+    if clock.expired():
+        rows += [{"method": "icd", "variant": variant, "batch": b, "skipped": "--max-minutes reached before this row"}
+                 for b in batches]
+        save()
+        return
+    model = pipe.icd_model
+    if "channels_last" in variant:
+        set_memory_format(model, torch.channels_last)
+    if "compile" in variant:
+        compile_unet(model.unet, mode=args.compile, backend=args.compile_backend)
+    warmups = args.compile_warmups if "compile" in variant else args.warmups
+    for b in batches:
+        save(running=f"icd b{b} [{variant}]")
+        row = edit_row(pipe, device, clock, None, method="icd", batch=b, steps=None, warmups=warmups,
+                       warmup_steps=None, repeats=args.repeats, variant=variant, image_size=args.image_size)
+        plain = next((r for r in rows if r["variant"] == "plain" and r["method"] == "icd" and r["batch"] == b), {})
+        if "total_s" in row and "total_s" in plain:
+            row["speedup_vs_plain"] = plain["total_s"] / row["total_s"]
+            diff = np.abs(row["_images"].astype(int) - plain["_images"].astype(int))
+            row["max_pixel_diff_vs_plain"] = int(diff.max())  # uint8 levels (0-2: the same computation)
         rows.append(row)
-    return rows
+        save()
 
 
-def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, image_size: int, batch: int,
-                  settings: list[tuple[str, bool]], steps: int) -> list[dict]:
+def ratios(rows: list[dict], steps: int) -> dict:
+    """Seconds (total_s, batch 1, plain rows) of one method over another's: a / b."""
+    t = {r["method"]: r.get("total_s") for r in rows if r["variant"] == "plain" and r["batch"] == 1}
+    names = {"icd": "icd", "ddim": f"ddim{steps}", "npi": f"npi{steps}", "nti": "nti"}
+    pairs = [("icd", "ddim"), ("icd", "npi"), ("nti", "icd"), ("ddim", "icd"), ("npi", "icd")]
+    return {f"{names[a]}/{names[b]}": (t[a] / t[b] if t.get(a) and t.get(b) else None) for a, b in pairs}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train_timings(tokenizer_dir: Path, device: torch.device, clock: Clock, *, scale: int, image_size: int,
+                  batch: int, settings: list[tuple[str, bool]], steps: int) -> list[dict]:
     """Seconds per `training_step` (fp32 master weights, rank-64 adapters) for each (precision, checkpointing)."""
     _, model = sd15.random_models(tokenizer_dir, vocabulary=world.vocabulary(), device=device,
                                   dtype=torch.float32, scale=scale, image_size=image_size, rank=None)
@@ -103,6 +359,9 @@ def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, imag
     rows = []
     for mode, checkpointing in settings:
         row = {"mixed_precision": mode, "gradient_checkpointing": checkpointing, "batch": batch}
+        if clock.expired():
+            rows.append(row | {"skipped": "--max-minutes reached before this row"})
+            continue
         try:
             cfg = ICDConfig(batch_size=batch, mixed_precision=mode, gradient_checkpointing=checkpointing, rank=64,
                             alpha=64, device=str(device))
@@ -132,41 +391,115 @@ def train_timings(tokenizer_dir: Path, device: torch.device, *, scale: int, imag
                     "losses": {k: float(v) for k, v in losses.items()}}
         except Exception as e:
             row["error"] = describe_error(e)
-        print(json.dumps(row), flush=True)
+        clock.log(f"train {mode} checkpointing={checkpointing}: {row.get('step_s', row.get('error'))}")
         rows.append(row)
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd15", choices=sorted(FAMILIES))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="inference dtype of the editing rows")
-    ap.add_argument("--scale", type=int, default=1, help="divide every width by this (1 = SD 1.5)")
-    ap.add_argument("--image-size", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per editing method (after one warm-up; NTI: 1)")
+    ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                    help="inference dtype of the editing rows (default fp16 on CUDA, fp32 on a CPU)")
+    ap.add_argument("--scale", type=int, default=1, help="sd15: divide every width by this (1 = SD 1.5)")
+    ap.add_argument("--tiny", action="store_true", help="sdxl: the same topology at width 32 (CPU smoke)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: the family's native size (512 / 1024)")
+    ap.add_argument("--build", default="memory", choices=["memory", "disk"], help="see the module docstring")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per icd row (after --warmups)")
+    ap.add_argument("--warmups", type=int, default=1, help="untimed runs before each row (0: a CPU test)")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM / NPI / NTI steps (inversion and edit each)")
+    ap.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of ddim / npi (nti: always 1)")
+    ap.add_argument("--warmup-steps", type=int, default=2, help="steps of the baselines' untimed warm-up run")
+    ap.add_argument("--channels-last", action="store_true", help="add icd rows with the UNet in channels-last")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="add icd rows with torch.compile(unet, mode=MODE): default, max-autotune-no-cudagraphs, ...")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a CPU smoke test)")
+    ap.add_argument("--compile-warmups", type=int, default=2, help="untimed runs of a compiled row (compilation)")
+    ap.add_argument("--compile-batches", default="1", help="comma list: the icd batches of the compiled rows (each "
+                    "batch size compiles its own static-shape graphs)")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=5, help="timed training steps per setting (after 2 warm-ups)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: edit, train")
+    ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no row or run after this many minutes")
+    ap.add_argument("--progress-every", type=int, default=100, help="a progress line every N baseline UNet calls")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
+    args.skip = [s for s in args.skip.split(",") if s]
+    args.compile_batches = [int(b) for b in args.compile_batches.split(",") if b]
+    unknown = set(args.skip) - set(PARTS)
+    if unknown:
+        ap.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.family == "sdxl" and args.scale != 1 or args.family == "sd15" and args.tiny:
+        ap.error("--scale is for sd15, --tiny for sdxl")
+    args.image_size = args.image_size or FAMILIES[args.family].NATIVE_SIZE
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    skip = set(filter(None, args.skip.split(",")))
-    report = {"device": describe_device(device), "torch": torch.__version__, "scale": args.scale,
-              "image_size": args.image_size, "inference_dtype": args.dtype}
-    with tempfile.TemporaryDirectory() as tmp:
-        if "edit" not in skip:
-            base, icd = sd15.random_models(Path(tmp) / "tok", vocabulary=world.vocabulary(), device=device,
-                                           dtype=DTYPES[args.dtype], scale=args.scale, image_size=args.image_size)
-            report["params_unet_m"] = sum(p.numel() for p in base.unet.parameters()) / 1e6
-            report["edit"] = edit_timings(Pipeline(icd, base), device, args.repeats)
-            del base, icd
-        if "train" not in skip:
-            settings = [("bf16", False), ("bf16", True), ("fp16", False), ("no", False)]
-            report["train"] = train_timings(Path(tmp) / "tok", device, scale=args.scale, image_size=args.image_size,
-                                            batch=args.train_batch, settings=settings, steps=args.train_steps)
+    dtype = resolve_dtype(args.dtype, device)
+    clock = Clock(args.family, args.max_minutes)
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    report = {"family": args.family, "device": describe_device(device), "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "image_size": args.image_size, "inference_dtype": str(dtype)[6:],
+              "scale": args.scale, "tiny": args.tiny, "build": args.build, "weights": "random",
+              "max_minutes": args.max_minutes}
+
+    def save(running: str | None = None) -> None:
+        report["running"] = running  # set while a row runs: a run killed from outside shows which
+        if "edit" in report:
+            report["ratios"] = ratios(report["edit"], args.steps)
+        clean = {k: ([{f: v for f, v in r.items() if not f.startswith("_")} for r in val]
+                     if k == "edit" else val) for k, val in report.items()}
+        write_text_atomic(out, json.dumps(clean, indent=1) + "\n")
+
+    def build(tmp: Path) -> Pipeline:
+        """The models, with their sizes in the report."""
+        clock.log(f"building {args.family} at {args.image_size}px, {report['inference_dtype']}, {args.build}")
+        save(running="build")
+        t0 = time.perf_counter()
+        pipe = build_pipeline(args, tmp, device, dtype)
+        sync(device)
+        report["build_s"] = time.perf_counter() - t0
+        report["params_unet_m"] = sum(p.numel() for p in pipe.base().unet.parameters()) / 1e6
+        report["params_text_m"] = sum(p.numel() for m in (pipe.model.text_encoder,
+                                                          getattr(pipe.model, "text_encoder_2", None))
+                                      if m is not None for p in m.parameters()) / 1e6
+        clock.log(f"built in {report['build_s']:.1f} s (UNet {report['params_unet_m']:.0f} M parameters)")
+        return pipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if "edit" not in args.skip:
+            pipe = build(Path(tmp))
+            report["edit"] = rows = []
+            plain_rows(pipe, args, device, clock, rows, save)
+            if args.channels_last:
+                variant_rows(pipe, "channels_last", args, device, clock, rows, save)
+            if args.compile:  # on top of channels-last when that ran: the least predictable rows, last but training
+                variant = ("compile+channels_last" if args.channels_last else "compile") + f":{args.compile}"
+                variant_rows(pipe, variant, args, device, clock, rows, save)
+            del pipe
+            gc.collect()
+            reset_peak(device)
+        if "train" in args.skip:
+            pass
+        elif args.family != "sd15":
+            report["train"] = "skipped: the training rows are SD-1.5-shaped only"
+        else:  # alone on the device (its peak memory)
+            save(running="train")
+            settings = [("bf16", False), ("bf16", True), ("fp16", False), ("no", False)]
+            report["train"] = train_timings(Path(tmp) / "tok", device, clock, scale=args.scale,
+                                            image_size=args.image_size, batch=args.train_batch, settings=settings,
+                                            steps=args.train_steps)
+    save()
+    for row in report.get("edit", []):
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("_") and k != "nti_inner_per_timestep"}))
+    print(f"ratios {json.dumps(report.get('ratios'))}")
+    print(f"wrote {out}", flush=True)
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

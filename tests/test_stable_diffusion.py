@@ -225,3 +225,18 @@ def test_bench_editing_runs_on_both_families(family, tmp_path, capsys):
     assert (methods["icd"]["nfe_invert"], methods["icd"]["nfe_edit"]) == (4, 4)
     for name in ("ddim2", "npi2", "nti2"):
         assert methods[name]["nfe_edit"] == 2 and np.isfinite(methods[name]["gt_psnr"])
+
+
+def test_several_targets_per_image_in_one_batch(pipe):
+    """Two images with two targets each: one UNet call per step on [2 sources; 4 targets], per-target blend words,
+    dynamic CFG per row."""
+    images, captions, scenes = _scenes(2)
+    targets = [[_recolor(s), s.caption.replace(s.objects[0].shape, "star")] for s in scenes]
+    blends = [((s.objects[0].color,), ("blue" if s.objects[0].color != "blue" else "red",)) for s in scenes]
+    blends = [blends[0], ((scenes[0].objects[0].shape,), ("star",)), blends[1], ((scenes[1].objects[0].shape,),
+                                                                                  ("star",))]
+    inv = pipe.invert(images, captions)
+    pipe.model.counter.reset()
+    out = pipe.edit(inv, targets, EditControls(p2p=P2PControls(blend_words=blends)))
+    assert out.nfe == 4 and pipe.model.counter.batch_sizes == [6] * 4
+    assert out.images.shape == (4, 64, 64, 3) and out.reconstructions.shape == (2, 64, 64, 3)

@@ -132,6 +132,9 @@ def fit_to_model(image, model, fit: str | None):
     from icd.imageio import fit_image  # light, but kept beside load_pipeline's imports
 
     side = model.image_size
+    if fit == "aspect" and model.size_multiple is None:
+        raise CLIError(f"--fit aspect needs a model that takes any size (Stable Diffusion); this one takes "
+                       f"{side}x{side} only: use resize, center-crop or pad")
     if model.vocabulary is not None and image.size != (side, side):  # a photo given to a world model
         print(f"notice: this is a {side}x{side} shapes-world model (a {image.width}x{image.height} image is resized "
               "to it); for photos use a Stable Diffusion model: --model ... (docs/stable-diffusion.md)",

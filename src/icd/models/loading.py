@@ -264,5 +264,7 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
 
 
 def _finish(model: LatentDiffusion, *, device, dtype: torch.dtype) -> LatentDiffusion:
-    model.unet.to(device=device, dtype=dtype)  # LoRA weights are created in fp32 on the CPU
+    model.unet.to(device)  # LoRA weights are created in fp32 on the CPU
+    if dtype != torch.float32:  # (a no-op cast to fp32 would make diffusers warn about its fp32 modules)
+        model.unet.to(dtype=dtype)
     return model

@@ -4,7 +4,6 @@ when the app is built so that `icd --help` and the rest of the package never nee
 import logging
 from importlib import resources
 
-from icd.imageio import FITS
 from icd.models.base import PromptError
 from icd.web.engine import WEB_METHODS, EditRequest, Engine, parse_reweight
 from icd.web.examples import examples
@@ -75,7 +74,7 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
     @app.get("/api/config")
     def config():
-        return {"methods": list(WEB_METHODS), "fits": list(FITS), "image_size": engine.image_size,
+        return {"methods": list(WEB_METHODS), "fits": list(engine.fits), "image_size": engine.image_size,
                 "max_mb": limits.max_mb, "max_side": limits.max_side,
                 "vocabulary": list(engine.pipe.model.vocabulary or [])}
 

@@ -97,6 +97,11 @@ class Engine:
     def image_size(self) -> int:
         return self.pipe.model.image_size
 
+    @property
+    def fits(self) -> tuple[str, ...]:
+        """The fit policies this model takes (``aspect`` only where any image size is accepted)."""
+        return tuple(f for f in FITS if f != "aspect" or self.pipe.model.size_multiple is not None)
+
     def progress(self) -> dict:
         state = dict(self._state)
         if state.get("busy"):
@@ -118,8 +123,8 @@ class Engine:
             raise PromptError("the source or the target prompt is empty")
         if req.method not in WEB_METHODS:
             raise ValueError(f"unknown method {req.method!r}; choose from {', '.join(WEB_METHODS)}")
-        if req.fit not in FITS:
-            raise ValueError(f"unknown fit {req.fit!r}; choose from {', '.join(FITS)}")
+        if req.fit not in self.fits:
+            raise ValueError(f"unknown fit {req.fit!r}; choose from {', '.join(self.fits)}")
         self.pipe.model.check_prompts([req.source, req.target])  # unknown words, with the closest known ones
         self.pipe.settings(req.method, "edit", guidance=req.guidance, tau=req.tau, steps=req.steps)
         return self._controls(req)
@@ -140,7 +145,8 @@ class Engine:
 
     def run(self, req: EditRequest) -> dict:
         controls = self._check(req)
-        image = np.asarray(fit_image(req.image, self.image_size, req.fit))
+        model = self.pipe.model
+        image = np.asarray(fit_image(req.image, self.image_size, req.fit, multiple=model.size_multiple or 8))
         with self._count_lock:
             self._waiting += 1
         try:

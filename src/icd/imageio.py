@@ -23,6 +23,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from icd.io import file_problem, folder_problem
+
 Fit = Literal["resize", "center-crop", "pad", "aspect"]
 FITS: tuple[str, ...] = ("resize", "center-crop", "pad", "aspect")
 MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
@@ -35,10 +37,13 @@ class ImageError(ValueError):
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, or raise `ImageError`."""
     path = Path(path)
-    if not path.exists():
+    problem = file_problem(path)  # a FIFO is refused before it is opened: reading it would block
+    if problem == "not found":
         raise ImageError(f"image not found: {path}")
-    if path.is_dir():
+    if problem and "directory" in problem:
         raise ImageError(f"expected an image file, got a directory: {path}")
+    if problem:
+        raise ImageError(f"cannot read image {path}: {problem}")
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty: {path}")
     try:
@@ -108,16 +113,23 @@ def fit_image(im: Image.Image, size: int, fit: Fit = "resize", *, multiple: int 
 
 def check_output(path: str | Path, *, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
     """Validate an output path before any work: never an input, never an existing file without `force`."""
+    if not str(path).strip():
+        raise ImageError("the output path is empty")
     path = Path(path)
+    if file_problem(path) == "a symbolic link loop":
+        raise ImageError(f"output path is a symbolic link loop: {path}")
     for inp in inputs:
         if Path(inp).exists() and path.exists() and path.resolve() == Path(inp).resolve():
             raise ImageError(f"refusing to overwrite the input file {inp}")
     if path.is_dir():
         raise ImageError(f"output path is a directory: {path}")
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # a dangling link too: writing would replace it
         raise ImageError(f"output exists: {path} (use --force to overwrite)")
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise ImageError(f"unsupported output extension {path.suffix!r} (use .png, .jpg, .webp or .bmp)")
+    problem = folder_problem(path.parent)  # a full run must not end in "cannot write"
+    if problem:
+        raise ImageError(f"cannot write {path}: {problem}")
     return path
 
 

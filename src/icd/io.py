@@ -4,8 +4,11 @@ disk never leaves a half-written file (or folder) under the final name."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 
@@ -54,6 +57,51 @@ def atomic_directory(final: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a regular file, without opening it (a FIFO would block a reader): "not found",
+    "a symbolic link loop", "a directory, not a file", "not a regular file (a FIFO, socket or device)"; None if
+    it is a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return e.strerror or type(e).__name__
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why files could not be written into `folder` (created with its parents if missing), or None.
+
+    The nearest existing ancestor must be a folder this process may create entries in; that is probed with an
+    unnamed temporary file (O_TMPFILE where Linux has it), because `os.access` trusts permission bits that root,
+    sysfs and read-only mounts ignore. Nothing is left behind.
+    """
+    folder = Path(folder)
+    for q in (folder, *folder.parents):
+        try:
+            st = os.stat(q)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{q} is a symbolic link loop"
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue  # created later (or a parent is a file: found further up)
+            return f"cannot write to {q} ({e.strerror})"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{q} is not a folder"
+        try:
+            with tempfile.TemporaryFile(dir=q):
+                pass
+        except OSError as e:
+            return f"cannot write to {q} ({e.strerror or e})"
+        return None
+    return None
 
 
 def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

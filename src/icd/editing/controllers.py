@@ -108,6 +108,12 @@ class P2PControls:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.mode not in ("auto", "replace", "refine"):
             raise ValueError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
+        bad = {w: f for w, f in self.reweight.items() if not math.isfinite(f)}
+        if bad or (self.reweight_new_words is not None and not math.isfinite(self.reweight_new_words)):
+            raise ValueError(f"reweight factors (--reweight) must be finite numbers, got "
+                             f"{bad or self.reweight_new_words}")
+        if not 0.0 < self.blend_threshold < 1.0:  # 0 blends everywhere, 1 nowhere: neither is a local blend
+            raise ValueError(f"blend_threshold (--blend-threshold) must lie in (0, 1), got {self.blend_threshold}")
 
 
 class PromptToPrompt(Controller):
@@ -251,6 +257,13 @@ class MasaCtrlControls:
 
     start_t: int = 920
     start_layer: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.start_t, bool) or not isinstance(self.start_t, int) or not 0 <= self.start_t <= 1000:
+            raise ValueError(f"start_t (--masactrl-start-t) must be an integer timestep in 0..1000, got {self.start_t}")
+        if self.start_layer is not None and (isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int)
+                                             or self.start_layer < 0):
+            raise ValueError(f"start_layer (--masactrl-layer) must be a block index >= 0, got {self.start_layer}")
 
 
 class MasaCtrl(Controller):

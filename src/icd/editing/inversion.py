@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from icd.io import save_safetensors_atomic, write_text_atomic
+from icd.io import file_problem, save_safetensors_atomic, write_text_atomic
 
 
 @dataclass
@@ -53,15 +54,65 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str | Path) -> Inversion:
+        """Read ``<path>.json`` and ``<path>.safetensors``; `InversionError` names the file and what is wrong."""
         path = Path(path).with_suffix("")
+        meta_file, tensor_file = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for f in (meta_file, tensor_file):
+            problem = file_problem(f)  # a FIFO is refused before it is opened: reading it would block
+            if problem:
+                raise InversionError(f"cannot read inversion {f}: {problem}")
+        meta = _read_meta(meta_file)
         try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-            tensors = load_file(str(path.with_suffix(".safetensors")))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read inversion {path}: {e}") from None
-        if meta.get("format") != "icd-inversion/1":
-            raise ValueError(f"{path}.json is not an icd inversion file")
-        latents = [tensors[f"latent.{k}"] for k in range(len(meta["timesteps"]))]
-        nulls = [tensors[f"null.{k}"] for k in range(meta["null_steps"])] or None
+            tensors = load_file(str(tensor_file))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise InversionError(f"cannot read inversion {tensor_file}: {_first_line(e)}") from None
+        n, nulls = len(meta["timesteps"]), meta["null_steps"]
+        expected = {*(f"latent.{i}" for i in range(n)), *(f"null.{i}" for i in range(nulls))}
+        if set(tensors) != expected:
+            raise InversionError(f"{tensor_file} holds {sum(k.startswith('latent.') for k in tensors)} latents and "
+                                 f"{sum(k.startswith('null.') for k in tensors)} null embeddings, but {meta_file.name} "
+                                 f"names {n} timesteps and {nulls} null steps")
+        latents = [tensors[f"latent.{k}"] for k in range(n)]
+        if len({tuple(z.shape) for z in latents}) > 1:
+            raise InversionError(f"{tensor_file}: its latents differ in shape")
         return cls(latents=latents, timesteps=meta["timesteps"], prompts=meta["prompts"], method=meta["method"],
-                   null_embeddings=nulls, settings=meta.get("settings", {}))
+                   null_embeddings=[tensors[f"null.{k}"] for k in range(nulls)] or None, settings=meta["settings"])
+
+
+class InversionError(ValueError):
+    """A saved inversion that cannot be read: missing, truncated or malformed files."""
+
+
+_META_TYPES = {"method": str, "timesteps": list, "prompts": list, "null_steps": int}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """The checked JSON half of a saved inversion."""
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InversionError(f"cannot read inversion {meta_file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InversionError(f"cannot read inversion {meta_file}: not JSON ({e})") from None
+    except OSError as e:
+        raise InversionError(f"cannot read inversion {meta_file}: {e.strerror or e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "icd-inversion/1":
+        raise InversionError(f"{meta_file} is not an icd inversion file (no \"format\": \"icd-inversion/1\")")
+    missing = [k for k in _META_TYPES if k not in meta]
+    if missing:
+        raise InversionError(f"{meta_file} lacks {', '.join(missing)}")
+    wrong = [k for k, t in _META_TYPES.items() if not isinstance(meta[k], t) or isinstance(meta[k], bool)]
+    if not wrong and not all(isinstance(t, int) and not isinstance(t, bool) for t in meta["timesteps"]):
+        wrong = ["timesteps"]
+    if not wrong and not all(isinstance(p, str) for p in meta["prompts"]):
+        wrong = ["prompts"]
+    if not wrong and (meta["null_steps"] < 0 or not meta["timesteps"]):
+        wrong = ["null_steps" if meta["null_steps"] < 0 else "timesteps"]
+    if wrong or not isinstance(meta.setdefault("settings", {}), dict):
+        raise InversionError(f"{meta_file}: malformed {', '.join(wrong or ['settings'])}")
+    return meta

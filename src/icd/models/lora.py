@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from icd.io import save_safetensors_atomic, write_text_atomic
+from icd.io import file_problem, save_safetensors_atomic, write_text_atomic
 
 REVERSE = "rev_cd"
 FORWARD = "fwd_cd"
@@ -90,13 +91,51 @@ def save_adapters(unet, directory: str | Path, metadata: dict, names: Sequence[s
     return files
 
 
+def adapters_meta(directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
+    """The checked ``adapters.json`` of an adapters folder: ValueError naming the file and what is wrong (not a
+    regular file, not UTF-8 JSON, a missing or malformed ``files`` / ``rank`` / ``alpha``, a named file missing)."""
+    meta_file = Path(directory) / "adapters.json"
+    problem = file_problem(meta_file)  # a FIFO is refused before it is opened: reading it would block
+    if problem:
+        raise ValueError(f"{meta_file}: {problem}")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta_file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file}: not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or any(not isinstance(files.get(n), str) for n in names):
+        raise ValueError(f"{meta_file}: \"files\" must name the file of each adapter ({', '.join(names)}), "
+                         f"got {files!r}")
+    for key in ("rank", "alpha"):
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 1):
+            raise ValueError(f"{meta_file}: \"{key}\" must be a positive integer, got {meta[key]!r}")
+    for name in names:
+        problem = file_problem(Path(directory) / files[name])
+        if problem:
+            raise ValueError(f"adapter {name}: {Path(directory) / files[name]} is {problem}")
+    return meta
+
+
 def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
     """Load adapters saved by `save_adapters` into a UNet that has them (e.g. after `add_adapters`)."""
     directory = Path(directory)
-    meta = json.loads((directory / "adapters.json").read_text())
+    meta = adapters_meta(directory, names)
     for name in names:
-        state = load_file(str(directory / meta["files"][name]))
-        result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        path = directory / meta["files"][name]
+        try:
+            state = load_file(str(path))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ValueError(f"adapter {name}: cannot read {path} ({str(e).strip() or type(e).__name__})") from None
+        try:
+            result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        except RuntimeError as e:  # a shape mismatch: another rank or another UNet
+            first = str(e).strip().splitlines()
+            raise ValueError(f"adapter {name}: {path} does not fit this UNet (another rank or model?): "
+                             f"{first[-1].strip() if first else type(e).__name__}") from None
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"adapter {name}: unexpected keys for this UNet, e.g. {unexpected[:3]}")
@@ -108,7 +147,7 @@ def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) 
 
 def attach_adapters(unet, directory: str | Path) -> dict:
     """Add both adapters with the rank/alpha recorded in ``adapters.json`` and load their weights."""
-    meta = json.loads((Path(directory) / "adapters.json").read_text())
+    meta = adapters_meta(directory)
     add_adapters(unet, rank=int(meta.get("rank", 64)), alpha=int(meta.get("alpha", 8)))
     load_adapters(unet, directory)
     unet.requires_grad_(False)

@@ -18,6 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from icd.io import file_problem
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -48,6 +50,8 @@ class RunConfig:
 
     def __post_init__(self):
         name = type(self).__name__
+        if not str(self.out_dir).strip():
+            raise ConfigError(f"{name}.out_dir must name a folder, got {self.out_dir!r}")
         for f in ("steps", "batch_size", "n_images", "checkpoint_every", "log_every"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"{name}.{f} must be positive, got {getattr(self, f)}")
@@ -114,14 +118,23 @@ def load_config(cls: type[C], path: str | Path | None, section: str, overrides: 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        problem = file_problem(path)  # a FIFO is refused before it is opened: reading it would block
+        if problem == "not found":
             raise ConfigError(f"config file not found: {path}")
+        if problem:
+            raise ConfigError(f"config file {path}: {problem}")
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         if section not in doc:
             raise ConfigError(f"{path}: no [{section}] table (found: {', '.join(doc) or 'none'})")
+        if not isinstance(doc[section], dict):
+            raise ConfigError(f"{path}: [{section}] is not a table (got {doc[section]!r})")
         data.update(doc[section])
     data.update(parse_override(o) for o in overrides)
     return from_dict(cls, data)

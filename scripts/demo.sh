@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ICD=.venv/bin/icd
-$ICD demo --out out
+$ICD demo --out out --force  # make demo refreshes out/demo.png; a bare `icd demo` never overwrites

@@ -138,3 +138,120 @@ def test_adapters_with_missing_keys_are_refused(tmp_path, random_icd_dir):
     save_file(dict(list(state.items())[: len(state) // 2]), str(bad / f"{lora.REVERSE}.safetensors"))
     with pytest.raises(ModelError, match="lacks"):
         load_icd_model(random_icd_dir, adapters=bad)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate-reverse", "cannot read"), ("no-files-key", '"files" must name'), ("not-json", "not JSON"),
+    ("not-utf8", "not UTF-8"), ("json-list", "expected a JSON object"), ("rank-word", '"rank" must be'),
+    ("reverse-missing", "rev_cd.safetensors is not found"), ("reverse-fifo", "not a regular file")])
+def test_truncated_or_malformed_adapter_files_name_the_file(tmp_path, random_icd_dir, damage, needle):
+    """Issue 25 §4: a damaged adapters folder is one ModelError line naming the file and what is wrong."""
+    import json
+    import shutil
+
+    from icd.models.loading import ModelError, load_icd_model
+
+    bad = tmp_path / "adapters"
+    shutil.copytree(random_icd_dir / "icd", bad)
+    meta_file, reverse = bad / "adapters.json", bad / f"{lora.REVERSE}.safetensors"
+    meta = json.loads(meta_file.read_text())
+    if damage == "truncate-reverse":
+        reverse.write_bytes(reverse.read_bytes()[: reverse.stat().st_size // 2])
+    elif damage == "no-files-key":
+        meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    elif damage == "not-json":
+        meta_file.write_text("{'rank': 4,")
+    elif damage == "not-utf8":
+        meta_file.write_bytes(b"\xff\xfe{}")
+    elif damage == "json-list":
+        meta_file.write_text("[]")
+    elif damage == "rank-word":
+        meta_file.write_text(json.dumps({**meta, "rank": "four"}))
+    elif damage == "reverse-missing":
+        reverse.unlink()
+    else:
+        reverse.unlink()
+        os.mkfifo(reverse)  # refused before it is opened: reading it would block
+    with pytest.raises(ModelError) as info:
+        load_icd_model(random_icd_dir, adapters=bad)
+    message = str(info.value)
+    assert "\n" not in message and needle in message and str(bad) in message, message
+
+
+def _saved_inversion(tmp_path):
+    from icd.editing.inversion import Inversion
+
+    inv = Inversion(latents=[torch.randn(1, 4, 8, 8) for _ in range(3)], timesteps=[19, 500, 999],
+                    prompts=["a red star"], method="icd", settings={"model": "x"})
+    inv.save(tmp_path / "inv")
+    return tmp_path / "inv.json", tmp_path / "inv.safetensors"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate-tensors", "cannot read"), ("not-json", "not JSON"), ("not-utf8", "not UTF-8"),
+    ("other-format", "not an icd inversion"), ("no-timesteps", "lacks timesteps"),
+    ("prompts-not-strings", "malformed prompts"), ("fewer-timesteps", "names 2 timesteps"),
+    ("tensors-missing", "not found"), ("tensors-fifo", "not a regular file"), ("json-loop", "symbolic link loop")])
+def test_truncated_or_malformed_inversions_name_the_file(tmp_path, damage, needle):
+    """Issue 25 §4: a damaged saved inversion is one InversionError line naming the file and what is wrong; a
+    FIFO or a symbolic-link loop is refused before anything is opened (no hang)."""
+    import json
+
+    from icd.editing.inversion import Inversion, InversionError
+
+    meta_file, tensors = _saved_inversion(tmp_path)
+    meta = json.loads(meta_file.read_text())
+    assert Inversion.load(meta_file).timesteps == [19, 500, 999]  # the undamaged files load
+    edits = {"not-json": "{", "other-format": json.dumps({**meta, "format": "x"}),
+             "no-timesteps": json.dumps({k: v for k, v in meta.items() if k != "timesteps"}),
+             "prompts-not-strings": json.dumps({**meta, "prompts": [1]}),
+             "fewer-timesteps": json.dumps({**meta, "timesteps": [19, 999]})}
+    if damage in edits:
+        meta_file.write_text(edits[damage])
+    elif damage == "not-utf8":
+        meta_file.write_bytes(b"\xff{}")
+    elif damage == "truncate-tensors":
+        tensors.write_bytes(tensors.read_bytes()[:100])
+    elif damage == "tensors-missing":
+        tensors.unlink()
+    elif damage == "tensors-fifo":
+        tensors.unlink()
+        os.mkfifo(tensors)
+    else:
+        meta_file.unlink()
+        os.symlink(tmp_path / "inv2.json", meta_file)
+        os.symlink(meta_file, tmp_path / "inv2.json")
+    with pytest.raises(InversionError) as info:
+        Inversion.load(meta_file)
+    message = str(info.value)
+    assert "\n" not in message and needle in message and str(tmp_path / "inv") in message, message
+
+
+def test_training_checks_out_dir_first_and_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    """Issue 25 §3: out_dir is checked before any training; the data cache lives inside the run folder; a start
+    that fails before the first checkpoint removes the folders it created."""
+    from icd.train.runner import run_folder
+
+    cfg = tmp_path / "vae.toml"
+    fields = 'steps = 1\nbatch_size = 2\nn_images = 4\nn_scale_images = 4\nthreads = 1\n'
+    (tmp_path / "afile").write_text("x")
+    for out_dir, needle in [(tmp_path / "afile" / "run", "is not a folder"), ("/sys/icd-run", "cannot write")]:
+        cfg.write_text(f'[vae]\nout_dir = "{out_dir}"\n{fields}')
+        assert main(["train", "vae", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("icd: error: out_dir") and needle in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "vae.toml"]  # nothing created, no cache beside
+    cfg.write_text(f'[vae]\nout_dir = "{tmp_path / "runs" / "ok"}"\n{fields}')
+    assert main(["train", "vae", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "runs" / "ok" / "cache").is_dir() and sorted(p.name for p in (tmp_path / "runs").iterdir()) \
+        == ["ok"]  # the cache is inside the run folder, never beside it
+    with pytest.raises(RuntimeError, match="disk on fire"):  # a failure after the run folder was made
+        with run_folder(tmp_path / "new" / "run") as out:
+            (out / "cache").mkdir(parents=True)
+            raise RuntimeError("disk on fire")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError):  # a folder that existed before is kept
+        with run_folder(tmp_path / "runs" / "ok"):
+            raise RuntimeError("later failure")
+    assert (tmp_path / "runs" / "ok" / "final").is_dir()

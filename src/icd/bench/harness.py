@@ -9,6 +9,7 @@ Writes ``results.json`` (schema: `icd.bench.results`), ``results.md``, ``quality
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from icd import world
 from icd.bench import editing, generation, guidance, inversion
-from icd.bench.cases import SEED_START, world_cases, world_scenes
+from icd.bench.cases import KIND_STRIDE, SEED_START, world_cases, world_scenes
 from icd.bench.methods import parse_methods, parse_steps_list
 from icd.bench.optional_metrics import load_optional_metrics
 from icd.bench.piebench import load_pie_bench
@@ -27,13 +28,14 @@ from icd.bench.report import example_grid, markdown, plots
 from icd.bench.results import SCHEMA_VERSION, method_entry, validate, write_json
 from icd.bench.runtime import Shards, describe_device, strip_images, timing_cases
 from icd.bench.task import BenchTask, RunContext
-from icd.io import write_text_atomic
+from icd.io import folder_problem, write_text_atomic
 from icd.judge import JudgeScorer
-from icd.pipeline import DEFAULT_RENOISE, Pipeline
+from icd.pipeline import DEFAULT_RENOISE, MAX_GUIDANCE, Pipeline
 
 REGISTRY: dict[str, BenchTask] = {t.name: t for t in (inversion.TASK, editing.TASK, generation.TASK, guidance.TASK)}
 TASKS = tuple(REGISTRY)
 RESULT_FILES = ("results.json", "results.md")
+MAX_CASES = 10_000  # images (inversion, guidance) or prompts per object count (generation) of one run
 
 
 @dataclass
@@ -74,6 +76,19 @@ class BenchOptions:
         for name in ("n", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        most = KIND_STRIDE if self.task == "editing" and not self.pie_bench else MAX_CASES
+        if self.n > most:
+            raise ValueError(f"--n must lie in 1..{most}, got {self.n}")
+        if self.seed_start is not None and self.seed_start < 0:
+            raise ValueError(f"--seed-start must be >= 0 (world seeds), got {self.seed_start}")
+        if self.methods is not None and not self.methods.strip(" ,"):
+            raise ValueError("--methods names no method (leave it out for the task's default methods)")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
+            raise ValueError(f"--guidance must be a code w = CFG - 1 in [0, {MAX_GUIDANCE:g}], got {self.guidance}")
+        if self.tau is not None and not (math.isfinite(self.tau) and 0 <= self.tau <= 1):
+            raise ValueError(f"--tau must lie in [0, 1], got {self.tau}")
+        if not str(self.out).strip():
+            raise ValueError("--out must name a folder")
         if self.n_timing < 1 or self.examples < 0:
             raise ValueError("--n-timing must be >= 1 and --examples >= 0")
         if self.pie_bench and self.task not in ("inversion", "editing"):
@@ -113,9 +128,13 @@ def run_bench(opts: BenchOptions) -> dict:
     """Run one benchmark; every process returns the same results dict, the main process writes the files."""
     task = REGISTRY[opts.task]
     out = Path(opts.out)
+    problem = folder_problem(out)  # before any compute: a run must not end in "cannot write"
+    if problem:
+        raise ValueError(f"--out {out}: {problem}")
     if not opts.force and any((out / f).exists() for f in RESULT_FILES):
         raise FileExistsError(f"{out} already holds results; pass --force to replace them")
-    methods = parse_methods(opts.methods or task.default_methods, steps_list=parse_steps_list(opts.steps_list),
+    names = task.default_methods if opts.methods is None else opts.methods  # "" is an error, not the default
+    methods = parse_methods(names, steps_list=parse_steps_list(opts.steps_list),
                             allowed=task.families, adapters=opts.adapters, stepped=task.stepped)
     shards = Shards(opts.device)
     adapters = {name: _adapters_folder(opts, path, name, shards) for name, path in opts.adapters.items()}

@@ -2,37 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import time
-from pathlib import Path
-
-import numpy as np
 
 from icd import world
-from icd.cli.common import add_threads, seed
+from icd.cli.common import CLIError, add_threads, library_errors, seed
+from icd.cli.world import check_out_folder
 from icd.editing.controllers import P2PControls
 from icd.editing.edit import EditControls
-from icd.imageio import load_image, save_image
+from icd.imageio import save_image
 from icd.metrics import psnr
 from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
 from icd.plotting import captioned_grid
 
+DEMO_FILES = ("demo.png", "case/source.png", "case/target.png")
+
 
 def cmd_demo(args) -> None:
     """Edit a held-out world image with 4+4 iCD steps on the embedded model; write out/demo.png."""
-    out = Path(args.out)
+    out = check_out_folder(args.out)
+    existing = [n for n in DEMO_FILES if os.path.lexists(out / n)]
+    if existing and not args.force:
+        raise CLIError(f"{out} already holds {', '.join(existing)} (use --force to overwrite)")
     case = world.make_case("color", world.EVAL_SEED_START + args.seed)
-    save_image(case.source, out / "case" / "source.png")
-    save_image(case.target, out / "case" / "target.png")
     editor = Pipeline.from_pretrained(args.model)
     model = editor.model
-    source = np.asarray(load_image(out / "case" / "source.png"))[None]
+    source = case.source[None]  # what out/case/source.png holds (PNG is lossless)
     old, new = case.blend_words
-    model.counter.reset()
-    t0 = time.perf_counter()
-    inversion = editor.invert(source, [case.source_prompt])
-    t1 = time.perf_counter()
-    result = editor.edit(inversion, [case.target_prompt],
-                         EditControls(guidance=args.guidance, p2p=P2PControls(blend_words=((old,), (new,)))))
+    with library_errors():  # an out-of-range --guidance
+        editor.settings("icd", "edit", guidance=args.guidance)
+        model.counter.reset()
+        t0 = time.perf_counter()
+        inversion = editor.invert(source, [case.source_prompt])
+        t1 = time.perf_counter()
+        result = editor.edit(inversion, [case.target_prompt],
+                             EditControls(guidance=args.guidance, p2p=P2PControls(blend_words=((old,), (new,)))))
     t2 = time.perf_counter()
     edit, recon = result.images[0], result.reconstructions[0]
     background = float(psnr(source, edit[None], ~case.mask)[0])
@@ -42,6 +46,8 @@ def cmd_demo(args) -> None:
         [f"source: {case.source_prompt}", f"iCD 4+4 reconstruction, {float(psnr(source, recon[None])[0]):.1f} dB",
          f"edit: {case.target_prompt}", f"rendered ground truth (edit: {truth:.1f} dB)"],
         cols=4, scale=4, text_lines=4)
+    save_image(case.source, out / "case" / "source.png")
+    save_image(case.target, out / "case" / "target.png")
     save_image(grid, out / "demo.png")
     print(f"edit '{old}' -> '{new}': {model.counter.calls} UNet calls ({model.counter.calls - result.nfe} invert + "
           f"{result.nfe} edit), {t2 - t0:.2f} s (invert {t1 - t0:.2f} s, edit {t2 - t1:.2f} s)")
@@ -55,5 +61,6 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=seed, default=1, help="which held-out world case to edit")
     d.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE["edit"], help="guidance code w of the edit")
     d.add_argument("--model", default="embedded")
+    d.add_argument("--force", action="store_true", help="overwrite the files of an earlier demo in --out")
     add_threads(d)
     d.set_defaults(func=cmd_demo)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import sys
 
 from icd.cli.common import CLIError, add_threads
 from icd.web.uploads import DEFAULT_MAX_MB, DEFAULT_MAX_SIDE, Limits
+
+MAX_UPLOAD_MB = 10_000.0  # an upload limit above 10 GB is a typo (and inf / NaN cannot become a byte count)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -38,11 +41,12 @@ def cmd_serve(args) -> None:
     from icd.web.app import serve  # imports fastapi: only once the extra is known to be there
     from icd.web.engine import Engine  # heavy via icd.pipeline, as above
 
-    if args.max_mb <= 0 or args.max_side <= 0:
-        raise CLIError("--max-mb and --max-side must be positive")
+    if not (math.isfinite(args.max_mb) and 0 < args.max_mb <= MAX_UPLOAD_MB) or args.max_side <= 0:
+        raise CLIError(f"--max-mb must lie in (0, {MAX_UPLOAD_MB:g}] and --max-side be positive, got {args.max_mb:g} "
+                       f"and {args.max_side}")
     limits = Limits(max_bytes=int(args.max_mb * 1_000_000), max_side=args.max_side)
     _check_port(args.host, args.port)
-    print(f"icd serve: loading the model {args.model!r} …", file=sys.stderr, flush=True)
+    print(f"icd serve: loading the model {args.model!r} …", flush=True)  # stdout: stderr holds only errors
     engine = Engine(Pipeline.from_pretrained(args.model))
     if not _is_loopback(args.host):
         print(f"icd serve: warning: listening on {args.host}, reachable from other machines; the page has no "

@@ -6,6 +6,7 @@ from icd.train.config import load_config
 from icd.train.guidance import GuidanceConfig, train_guidance
 from icd.train.icd import ICDConfig, train_icd
 from icd.train.judge import JudgeConfig, train_judge
+from icd.train.runner import run_folder
 from icd.train.teacher import TeacherConfig, train_teacher
 from icd.train.vae import VAEConfig, train_vae
 
@@ -22,7 +23,8 @@ TRAINERS = {
 def cmd_train(args) -> None:
     config_cls, run = TRAINERS[args.component]
     cfg = load_config(config_cls, args.config, args.section or args.component, args.set or [])
-    result = run(cfg, resume=not args.no_resume)
+    with run_folder(cfg.out_dir):  # writable before training; a failed start leaves no empty run folder
+        result = run(cfg, resume=not args.no_resume)
     print(result)
 
 

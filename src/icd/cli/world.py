@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +12,28 @@ from icd import world
 from icd.bench.piebench import write_fixture
 from icd.cli.common import CLIError, seed
 from icd.imageio import check_output, save_image
-from icd.io import write_text_atomic
+from icd.io import folder_problem, write_text_atomic
 from icd.plotting import captioned_grid
 
 CASE_FILES = ["source.png", "target.png", "mask.png", "case.json"]
 
 
+def check_out_folder(out: str, flag: str = "--out") -> Path:
+    """An output folder that can be written (created if missing), before any work; else a one-line CLIError."""
+    if not out.strip():
+        raise CLIError(f"{flag} must name a folder")
+    problem = folder_problem(out)
+    if problem:
+        raise CLIError(f"{flag} {out}: {problem}")
+    return Path(out)
+
+
 def cmd_world_case(args) -> None:
-    case = world.make_case(args.kind, args.seed)
-    out = Path(args.out)
-    existing = [n for n in CASE_FILES if (out / n).exists()]
+    out = check_out_folder(args.out)
+    existing = [n for n in CASE_FILES if os.path.lexists(out / n)]
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)} (use --force to overwrite)")
+    case = world.make_case(args.kind, args.seed)
     save_image(case.source, out / "source.png")
     save_image(case.target, out / "target.png")
     save_image((case.mask.astype(np.uint8) * 255), out / "mask.png")
@@ -39,6 +50,8 @@ def cmd_world_grid(args) -> None:
         raise CLIError(f"--n must lie in 1..{MAX_GRID_SCENES}, got {args.n}")
     if not 1 <= args.scale <= MAX_GRID_SCALE:
         raise CLIError(f"--scale must lie in 1..{MAX_GRID_SCALE}, got {args.scale}")
+    if args.seed_start < 0:
+        raise CLIError(f"--seed-start must be >= 0 (world seeds), got {args.seed_start}")
     check_output(args.output, force=args.force)
     scenes = [world.sample_scene(args.seed_start + i, max_objects=args.max_objects) for i in range(args.n)]
     grid = captioned_grid([world.render(s) for s in scenes], [s.caption for s in scenes], scale=args.scale)
@@ -47,6 +60,7 @@ def cmd_world_grid(args) -> None:
 
 
 def cmd_world_pie_bench(args) -> None:
+    check_out_folder(args.out, "the fixture folder")
     try:
         path = write_fixture(args.out, n_per_kind=args.n_per_kind)
     except ValueError as e:

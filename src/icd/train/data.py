@@ -18,6 +18,8 @@ from icd.imageio import to_tensor
 
 log = logging.getLogger(__name__)
 
+CACHE = "cache"  # the renders and latents of a run, inside its out_dir (never shared with the runs beside it)
+
 
 def world_dataset(n: int, *, seed_start: int = 0, max_objects: int = 2, cache_dir: str | Path | None = None):
     """Renders and captions of world seeds ``seed_start .. seed_start + n - 1``: (uint8 [N,64,64,3], captions)."""

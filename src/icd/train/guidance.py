@@ -21,7 +21,7 @@ from icd.models.base import Cond, LatentDiffusion
 from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
-from icd.train.data import caption_tokens, world_latents
+from icd.train.data import CACHE, caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_model(cfg.teacher)
     z_all, captions = world_latents(teacher.vae, resolve_model_path(cfg.teacher) / "vae", cfg.n_images,
-                                    max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
+                                    max_objects=cfg.max_objects, cache_dir=out / CACHE)
     tokens_all = caption_tokens(teacher, captions)
     uncond_tokens = teacher.encode_prompt([""]).tokens
     torch.manual_seed(cfg.seed)

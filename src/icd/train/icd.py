@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import PRECISIONS, Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import load_checkpoint
 from icd.train.config import ConfigError, RunConfig, from_dict, to_dict
-from icd.train.data import caption_tokens, world_latents
+from icd.train.data import CACHE, caption_tokens, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,15 @@ class ICDConfig(RunConfig):
             raise ConfigError(f"ICDConfig.reverse_own_latents must lie in [0, 1], got {self.reverse_own_latents}")
         if not self.forward_cd and self.lambda_f == 0:
             raise ConfigError("ICDConfig: forward_cd = false needs lambda_f > 0, or F would not train at all")
-        boundaries = self.resolved_boundaries()  # validates
+        if self.rank < 1 or self.alpha < 1 or not (math.isfinite(self.huber_c) and self.huber_c > 0):
+            raise ConfigError(f"ICDConfig.rank, alpha and huber_c must be positive, got {self.rank}, {self.alpha}, "
+                              f"{self.huber_c}")
+        if not all(math.isfinite(w) for w in self.w_set):
+            raise ConfigError(f"ICDConfig.w_set must hold finite codes, got {self.w_set}")
+        try:
+            boundaries = self.resolved_boundaries()  # validates
+        except ValueError as e:
+            raise ConfigError(f"ICDConfig: {e}") from None
         if self.reverse_own_latents and boundaries.num_segments < 2:
             raise ConfigError("ICDConfig.reverse_own_latents needs at least two segments (an interior boundary)")
         if not set(self.reverse_own_w) <= set(self.w_set):
@@ -238,26 +247,41 @@ def adapter_objectives(losses: dict[str, torch.Tensor], cfg: ICDConfig) -> dict[
     }
 
 
+def _check_init_adapters(cfg: ICDConfig) -> None:
+    """ConfigError unless cfg.init_adapters is a readable adapters folder of the config's rank and alpha."""
+    try:
+        meta = lora.adapters_meta(cfg.init_adapters)
+    except ValueError as e:
+        raise ConfigError(f"init_adapters: {e}") from None
+    if (meta.get("rank"), meta.get("alpha")) != (cfg.rank, cfg.alpha):
+        raise ConfigError(f"init_adapters {cfg.init_adapters} has rank/alpha {meta.get('rank')}/{meta.get('alpha')}, "
+                          f"the config asks for {cfg.rank}/{cfg.alpha}")
+
+
 def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sync = ProcessGroup(cfg.device)
+    try:
+        sync = ProcessGroup(cfg.device)
+    except ValueError as e:  # an unknown device name, or cuda on a machine without one (before any compute)
+        raise ConfigError(f"ICDConfig.device: {e}") from None
     precision = Precision(cfg.mixed_precision, sync.device)
+    if cfg.init_adapters:  # checked before any compute
+        _check_init_adapters(cfg)
     out = Path(cfg.out_dir)
     boundaries = cfg.resolved_boundaries()
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=sync.device)
     if not model.guidance_distilled:
-        raise ValueError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
+        raise ConfigError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
     z_all, captions = world_latents(model.vae, resolve_model_path(cfg.model) / "vae", cfg.n_images,
-                                    max_objects=cfg.max_objects, cache_dir=out.parent / "cache")
+                                    max_objects=cfg.max_objects, cache_dir=out / CACHE)
     z_all, tokens_all = z_all.cpu(), caption_tokens(model, captions).cpu()
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
-        meta = json.loads((Path(cfg.init_adapters) / "adapters.json").read_text())
-        if (meta.get("rank"), meta.get("alpha")) != (cfg.rank, cfg.alpha):
-            raise ValueError(f"init_adapters {cfg.init_adapters} has rank/alpha {meta.get('rank')}/{meta.get('alpha')}"
-                             f", the config asks for {cfg.rank}/{cfg.alpha}")
-        lora.load_adapters(model.unet, cfg.init_adapters)
+        try:
+            lora.load_adapters(model.unet, cfg.init_adapters)
+        except ValueError as e:  # files of another model, or damaged
+            raise ConfigError(f"init_adapters: {e}") from None
     model.unet.to(sync.device)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

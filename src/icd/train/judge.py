@@ -14,7 +14,7 @@ from icd import world
 from icd.imageio import to_tensor
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
-from icd.train.data import world_dataset
+from icd.train.data import CACHE, world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    images, captions = world_dataset(cfg.n_images, seed_start=SEED_START, max_objects=3, cache_dir=out.parent / "cache")
+    images, captions = world_dataset(cfg.n_images, seed_start=SEED_START, max_objects=3, cache_dir=out / CACHE)
     attrs = [world.parse_caption(c) for c in captions]
     torch.manual_seed(cfg.seed)
     model = J.Judge()

@@ -11,19 +11,22 @@ uninterrupted one; its "seconds" column is training time summed over the resumed
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from icd.io import folder_problem
 from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from icd.train.config import to_dict
+from icd.train.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,24 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr
     return lr
+
+
+@contextlib.contextmanager
+def run_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Check that `out_dir` can be written before any training starts (`ConfigError` if not); if the run fails
+    before its first checkpoint, remove the folders it created (its data cache included), so a failed start leaves
+    no empty run folder. A folder that existed before, or holds a checkpoint, is kept."""
+    out = Path(out_dir)
+    problem = folder_problem(out)
+    if problem:
+        raise ConfigError(f"out_dir {out}: {problem}")
+    created = next((q for q in reversed((out, *out.parents)) if not q.exists()), None)  # the topmost new folder
+    try:
+        yield out
+    except Exception:
+        if created is not None and latest_checkpoint(out) is None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 class TrainingRun:

@@ -30,7 +30,7 @@ from icd.models import tiny
 from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
 from icd.train.config import ConfigError, RunConfig
-from icd.train.data import world_latents
+from icd.train.data import CACHE, world_latents
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
     z_all, captions = world_latents(vae, cfg.vae_path, cfg.n_images, max_objects=cfg.max_objects,
-                                    cache_dir=out.parent / "cache")
+                                    cache_dir=out / CACHE)
     tokenizer = tiny.build_tokenizer(out / "tokenizer", world.vocabulary())
     ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
                         return_tensors="pt").input_ids

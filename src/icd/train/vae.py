@@ -20,7 +20,7 @@ from icd.io import atomic_directory
 from icd.models import tiny
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
-from icd.train.data import world_dataset
+from icd.train.data import CACHE, world_dataset
 from icd.train.runner import TrainingRun, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    images, _ = world_dataset(cfg.n_images, cache_dir=out.parent / "cache")
+    images, _ = world_dataset(cfg.n_images, cache_dir=out / CACHE)
     torch.manual_seed(cfg.seed)
     vae = tiny.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)

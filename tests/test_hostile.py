@@ -447,12 +447,7 @@ def _fifo_rescue(ws: str, argv: list[str]):
 
 # Mishandled by code outside this suite's fixes (docs/RELIABILITY.md names the fix): strict, so a fix shows up as
 # XPASS and the mark must go.
-KNOWN = {
-    "edit-save-inversion-unwritable": "cli/edit.py checks --save-inversion for clashes only: it fails after the edit",
-    "edit-save-inversion-under-a-file": "as above: `inversion.save` raises an internal error after the compute",
-    "generate-prompt-10000-unknown-words": "models/base.py's unknown-word message lists every word: an 89 kB line",
-    "invert-prompt-10000-unknown-words": "as above",
-}
+KNOWN: dict[str, str] = {}  # case id -> why it is still mishandled (xfail strict); none today
 
 
 def _fill(argv: list[str], ws: dict[str, str]) -> list[str]:

@@ -32,6 +32,15 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def default_threads() -> int:
+    """torch CPU threads for a run that asks for none: one per core not already busy (the 1-minute load average),
+    at least 1, at most torch's default. OpenMP threads wait for each other at every parallel region, so threads
+    beyond the free cores cost far more than they give (docs/RELIABILITY.md, Threads)."""
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(torch.get_num_threads(), cores - round(busy)))
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from icd.cli import bench, demo, edit, sample, serve, train, world
 from icd.cli.common import USER_ERRORS, CLIError, print_error, quiet_libraries
+from icd.runtime import default_threads
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet_libraries()
     threads = torch.get_num_threads()
-    if getattr(args, "threads", 0) > 0:  # the one place --threads takes effect (common.add_threads declares it)
-        torch.set_num_threads(args.threads)
+    if hasattr(args, "threads"):  # the one place --threads takes effect (common.add_threads declares it)
+        torch.set_num_threads(args.threads if args.threads > 0 else default_threads())
     try:
         args.func(args)
     except USER_ERRORS as e:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import sys
 
+from icd.editing.inversion import InversionError
 from icd.editing.tokens import AlignmentError
 from icd.imageio import ImageError
 from icd.models.base import PromptError
@@ -24,7 +25,7 @@ class CLIError(Exception):
 # Raised by the library for bad inputs (not bugs): `main` reports them in one line and exits with code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, AlignmentError, NumericsError,
-    CheckpointError, FileNotFoundError)
+    CheckpointError, InversionError, FileNotFoundError)
 
 
 def print_error(e: BaseException) -> None:
@@ -81,7 +82,8 @@ def seed(text: str) -> int:
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
     """--threads, the one declaration; `main` applies it before running the command."""
-    parser.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=_threads, default=0,
+                        help="torch CPU threads (0: one per idle core, from the load average)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
 from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
+from icd.io import folder_problem
 from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
 from icd.plotting import captioned_grid
 
@@ -51,6 +52,9 @@ def _check_args(args) -> None:
         raise CLIError("-o and --grid name the same file")
     if args.save_inversion:
         saved = [Path(args.save_inversion).with_suffix(s) for s in (".json", ".safetensors")]
+        problem = folder_problem(saved[0].parent)
+        if problem:
+            raise CLIError(f"--save-inversion {args.save_inversion}: {problem}")
         if any(p.exists() for p in saved) and not args.force:
             raise CLIError(f"{saved[0]} already exists (use --force to overwrite the saved inversion)")
         if args.inversion and Path(args.inversion).with_suffix(".json").resolve() == saved[0].resolve():

@@ -312,8 +312,9 @@ class LatentDiffusion:
 
 def unknown_words_message(unknown: Sequence[str], vocabulary: Sequence[str]) -> str:
     """One line naming each unknown word with the closest known words, then the vocabulary."""
-    hints = []
-    for w in unknown:
+    hints, shown = [], 5  # a few words: a 10 000-word prompt must not print a 90 kB line
+    more = f" and {len(unknown) - shown} more" if len(unknown) > shown else ""
+    for w in unknown[:shown]:
         close = difflib.get_close_matches(w, list(vocabulary), n=3, cutoff=0.5)
         hints.append(f"{w!r} (did you mean {' / '.join(close)}?)" if close else repr(w))
-    return f"unknown word(s) for this model: {', '.join(hints)}; known words: {' '.join(vocabulary)}"
+    return f"unknown word(s) for this model: {', '.join(hints)}{more}; known words: {' '.join(vocabulary)}"

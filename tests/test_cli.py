@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from icd import cli
 from icd.cli import main
 
 
@@ -219,8 +220,20 @@ def test_threads_are_applied_once_by_main_and_restored_after(monkeypatch, capsys
     _assert_one_line_error(code, err, "empty")  # fails before any model loads, after --threads took effect
     assert calls == [3, before] and torch.get_num_threads() == before
     calls.clear()
+    monkeypatch.setattr(cli, "default_threads", lambda: 1)  # the load-following default, fixed for the test
     code, _, _ = run(["generate", "   ", "-o", "x.png"], capsys)
-    assert code == 2 and calls == [before]  # --threads 0 (the default) leaves torch's own count
+    assert code == 2 and calls == [1, before]  # --threads 0 (the default): one thread per idle core, then restored
+
+
+def test_default_threads_follow_the_load(monkeypatch):
+    """One thread per core not already busy (the 1-minute load average), at least one, at most torch's default."""
+    from icd import runtime
+
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 8)
+    for load, expected in ((0.2, 8), (2.6, 5), (7.9, 1), (30.0, 1)):
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, load, load))
+        assert runtime.default_threads() == expected
 
 
 def test_edit_outputs_and_saved_inversions_are_checked_before_compute(tmp_path, capsys, random_icd_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
@@ -102,6 +103,17 @@ def folder_problem(folder: str | Path) -> str | None:
             return f"cannot write to {q} ({e.strerror or e})"
         return None
     return None
+
+
+def read_json(path: str | Path):
+    """The JSON value of a UTF-8 file; ValueError with a short reason ("not UTF-8 text (byte N)", "not JSON (...)")
+    that callers prefix with the file and raise as their own error class. OSError passes through."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
 
 
 def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -243,7 +243,7 @@ class Pipeline:
         original: CFG 7.5)."""
         if task == "invert" or self._base_path is None or self.model.vocabulary is not None:
             return DEFAULT_GUIDANCE[task]
-        family = family_of(self._base_path)
+        family = family_of(self.model)
         return family.BASE_GUIDANCE if METHODS[method].unet == "base" else family.GUIDANCE[task]
 
     def decoder_eps(self, method: str, *, guidance, tau: float | None) -> EpsFn:

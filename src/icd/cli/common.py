@@ -9,7 +9,7 @@ import sys
 
 from icd.editing.inversion import InversionError
 from icd.editing.tokens import AlignmentError
-from icd.imageio import ImageError
+from icd.imageio import ImageError, fit_image
 from icd.models.base import PromptError
 from icd.models.loading import ModelError
 from icd.solver import NumericsError
@@ -131,8 +131,6 @@ def load_pipeline(args, **overrides):
 def fit_to_model(image, model, fit: str | None):
     """`image` (PIL) fitted to `model`: policy `fit`, default the model's (squares for the embedded model, the
     aspect kept at the native resolution for Stable Diffusion)."""
-    from icd.imageio import fit_image  # light, but kept beside load_pipeline's imports
-
     side = model.image_size
     if fit == "aspect" and model.size_multiple is None:
         raise CLIError(f"--fit aspect needs a model that takes any size (Stable Diffusion); this one takes "

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from icd.io import file_problem, save_safetensors_atomic, write_text_atomic
+from icd.io import file_problem, read_json, save_safetensors_atomic, write_text_atomic
 
 
 @dataclass
@@ -94,11 +94,9 @@ def _first_line(e: BaseException) -> str:
 def _read_meta(meta_file: Path) -> dict:
     """The checked JSON half of a saved inversion."""
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InversionError(f"cannot read inversion {meta_file}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InversionError(f"cannot read inversion {meta_file}: not JSON ({e})") from None
+        meta = read_json(meta_file)
+    except ValueError as e:
+        raise InversionError(f"cannot read inversion {meta_file}: {e}") from None
     except OSError as e:
         raise InversionError(f"cannot read inversion {meta_file}: {e.strerror or e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "icd-inversion/1":

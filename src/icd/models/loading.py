@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from icd.boundaries import PRESETS, Boundaries
+from icd.io import read_json
 from icd.models import lora, sd15, sdxl
 from icd.models.base import ICDSpec, LatentDiffusion
 from icd.models.released import ReleasedLoraError, load_released
@@ -93,18 +94,20 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def _index(path: Path) -> dict:
     try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path / 'model_index.json'} is not valid JSON ({_first_line(e)})") from None
+        index = read_json(path / "model_index.json")
+    except ValueError as e:
+        raise ModelError(f"{path / 'model_index.json'}: {e}") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{path / 'model_index.json'}: expected a JSON object")
     if index.get("_class_name") not in FAMILIES:
         raise ModelError(f"unsupported pipeline {index.get('_class_name')!r} in {path} "
                          f"(supported: {', '.join(FAMILIES)})")
     return index
 
 
-def family_of(path: Path):
-    """The family module (`icd.models.sd15` or `icd.models.sdxl`) of a pipeline folder."""
-    return FAMILIES[_index(path)["_class_name"]]
+def family_of(model: LatentDiffusion):
+    """The family module (`icd.models.sd15` or `icd.models.sdxl`) of a loaded model (`LatentDiffusion.family`)."""
+    return sdxl if model.family == "sdxl" else sd15
 
 
 # ---------------------------------------------------------------------------------------------- UNets
@@ -235,7 +238,7 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
         raise ModelError(f"model folder {path} has no guidance-distilled UNet ({GUIDANCE_UNET}/): pass --unet "
                          "(e.g. the released sd15-cfg-distill-unet) or run `icd train guidance`")
     model = _build(path, distilled, dtype=dtype, device=device, name=str(name_or_path))
-    family = FAMILIES[_index(path)["_class_name"]]
+    family = family_of(model)
     if lora_forward is not None:
         try:
             b = load_released(model.unet, lora_forward, lora_reverse, boundaries=boundaries)

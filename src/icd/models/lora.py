@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from icd.io import file_problem, save_safetensors_atomic, write_text_atomic
+from icd.io import file_problem, read_json, save_safetensors_atomic, write_text_atomic
 
 REVERSE = "rev_cd"
 FORWARD = "fwd_cd"
@@ -99,11 +99,9 @@ def adapters_meta(directory: str | Path, names: Sequence[str] = ADAPTERS) -> dic
     if problem:
         raise ValueError(f"{meta_file}: {problem}")
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{meta_file}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file}: not JSON ({e})") from None
+        meta = read_json(meta_file)
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: {e}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
     files = meta.get("files")

@@ -12,7 +12,9 @@ Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4):
 - ``gddim``: DDIM on the guidance-distilled UNet with its adapters off (guidance is an input: one call per step);
 - ``ddim``: DDIM on the original UNet, two-pass classifier-free guidance;
 - ``npi``: negative-prompt inversion (DDIM inversion, then CFG against the source prompt);
-- ``nti``: null-text inversion (DDIM inversion plus per-step optimised unconditional embeddings).
+- ``nti``: null-text inversion (DDIM inversion plus per-step optimised unconditional embeddings);
+- ``sdedit`` / ``sdedit-icd``: SDEdit (no inversion: noise to the strength's time, denoise under the target prompt)
+  with the teacher's DDIM steps (original UNet) or the iCD reverse model's jumps (`icd.editing.sdedit`).
 
 `Pipeline.settings` resolves guidance, tau, steps and re-noising for a (method, task) in one place; the CLI, the
 bench and the Python API call it, and everything they run goes through the samplers of `icd.samplers`.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 from icd.boundaries import Boundaries
+from icd.editing import sdedit
 from icd.editing.attention import AttentionLayers
-from icd.editing.edit import EditControls, edit_latents, flatten_targets, make_controller
+from icd.editing.edit import EditControls, baseline_uncond, edit_latents, flatten_targets, make_controller
 from icd.editing.inversion import Inversion
 from icd.editing.nulltext import null_text_optimize
 from icd.imageio import to_uint8
 from icd.models import lora
-from icd.models.base import Cond, EpsFn, LatentDiffusion, PromptError
+from icd.models.base import EpsFn, LatentDiffusion, PromptError
 from icd.models.loading import (
     ADAPTERS_SUBFOLDER,
     GUIDANCE_UNET,
@@ -66,6 +69,7 @@ DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG
 DEFAULT_STEPS = 50  # the DDIM baselines' step count
 DEFAULT_DDIM_RULE = "start"  # DDIM inversion's noise label (icd.samplers.DDIM_RULES); docs/baselines.md §2
 DEFAULT_RENOISE = 1.0  # iCD generation's re-noising strength (docs/method.md §8.4, §12); inversion never re-noises
+DEFAULT_STRENGTH = 0.4  # SDEdit's start noise level S (t_S = S T), chosen on validation cases (experiments/sdedit.md)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class MethodSpec:
 
     name: str
     unet: str
-    inversion: str  # "icd" | "ddim"
+    inversion: str  # "icd" | "ddim" | "sdedit" (the forward process q(x_t | x_0), no UNet call)
     tasks: tuple[str, ...]
     summary: str
 
@@ -86,6 +90,8 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("ddim", "base", "ddim", TASKS, "DDIM, two-pass classifier-free guidance"),
     MethodSpec("npi", "base", "ddim", ("invert", "edit"), "negative-prompt inversion"),
     MethodSpec("nti", "base", "ddim", ("invert", "edit"), "null-text inversion"),
+    MethodSpec(sdedit.METHODS[0], "base", "sdedit", ("invert", "edit"), "SDEdit with the teacher's DDIM steps"),
+    MethodSpec(sdedit.METHODS[1], "icd", "sdedit", ("invert", "edit"), "SDEdit with the iCD reverse model's jumps"),
 )}
 
 
@@ -110,6 +116,7 @@ class Settings:
     tau: float | None
     steps: int
     renoise: float
+    strength: float | None = None  # SDEdit's start noise level (sdedit methods only)
 
 
 @dataclass
@@ -208,19 +215,20 @@ class Pipeline:
         return self.icd_model
 
     def settings(self, method: str, task: str, *, guidance: float | None = None, tau: float | None = None,
-                 steps: int | None = None, renoise: float | None = None) -> Settings:
+                 steps: int | None = None, renoise: float | None = None, strength: float | None = None) -> Settings:
         """Resolve the defaults of (method, task): guidance DEFAULT_GUIDANCE[task]; tau the adapters' for iCD
         inversion and editing, None (constant guidance) otherwise; steps the adapters' segment count for iCD (the
-        only count they take), else DEFAULT_STEPS; renoise DEFAULT_RENOISE for iCD generation, else 0."""
+        only count they take), else DEFAULT_STEPS; renoise DEFAULT_RENOISE for iCD generation, else 0; strength
+        DEFAULT_STRENGTH for SDEdit (and refused elsewhere)."""
         spec = method_spec(method, task)
+        strength = sdedit.resolve_strength(method, strength, default=DEFAULT_STRENGTH)
         _check_ranges(guidance=guidance, tau=tau, steps=steps, max_steps=self.model.schedule.num_timesteps)
         if spec.unet == "icd":
             icd = self.model_for(method).icd
             segments = icd.boundaries.num_segments
             if steps not in (None, segments):
                 raise ValueError(f"the iCD adapters at {icd.path} take {segments} steps, not {steps} (--steps); other "
-                                 "step "
-                                 "counts need adapters trained with other boundaries")
+                                 "step counts need adapters trained with other boundaries")
             steps = segments
             if tau is None and task != "generate":
                 tau = icd.tau
@@ -235,7 +243,8 @@ class Pipeline:
                              "jumps)")
         if guidance is None:
             guidance = self.guidance_default(method, task)
-        return Settings(method=method, task=task, guidance=guidance, tau=tau, steps=steps, renoise=renoise)
+        return Settings(method=method, task=task, guidance=guidance, tau=tau, steps=steps, renoise=renoise,
+                        strength=strength)
 
     def guidance_default(self, method: str, task: str) -> float:
         """The default guidance code of (method, task): DEFAULT_GUIDANCE on the embedded world; a Stable Diffusion
@@ -254,17 +263,20 @@ class Pipeline:
     # ------------------------------------------------------------------ inversion
     def invert(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
                seed: int = 0, guidance: float | None = None, progress: bool = False,
-               ddim_rule: str = DEFAULT_DDIM_RULE) -> Inversion:
+               ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None) -> Inversion:
         """Invert uint8 images [N, H, W, 3] (or PIL images) with their captions. Deterministic: iCD's encoding
-        noise comes from `seed`. `guidance` is NTI's CFG code (default: the edit default). `ddim_rule`: the DDIM
-        baselines' inversion rule (`icd.samplers.DDIM_RULES`)."""
+        noise and SDEdit's noise draw come from `seed`. `guidance` is NTI's CFG code (default: the edit default).
+        `ddim_rule`: the DDIM baselines' inversion rule (`icd.samplers.DDIM_RULES`). `strength`: SDEdit's start
+        noise level (sdedit methods; no UNet call: the record holds z0 noised to the start time)."""
         prompts = list(prompts)
         model = self.model_for(method)
         check_prompts(model, prompts)
-        st = self.settings(method, "invert", steps=steps)
+        st = self.settings(method, "invert", steps=steps, strength=strength)
         z0 = model.encode_images(images)
         if len(prompts) != z0.shape[0]:
             raise ValueError(f"{z0.shape[0]} images but {len(prompts)} prompts")
+        if METHODS[method].inversion == "sdedit":  # no UNet call: z0 noised to the strength's start time
+            return sdedit.encode(model, z0, prompts, method=method, steps=st.steps, strength=st.strength, seed=seed)
         cond = model.encode_prompt(prompts)
         if method == "icd":
             noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
@@ -288,25 +300,30 @@ class Pipeline:
                ) -> torch.Tensor:
         """Clean latents decoded from `inversion` with its own prompts (a reconstruction)."""
         method = inversion.method
-        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=len(inversion.timesteps) - 1)
+        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=sdedit.steps_of(inversion),
+                           strength=inversion.settings.get("strength"))
         model = self.model_for(method)
         cond = model.encode_prompt(inversion.prompts)
         eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
+        if method_spec(method).inversion == "sdedit":
+            return ddim_loop(eps, inversion.noise, cond, sdedit.decode_timesteps(model, inversion),
+                             schedule=model.schedule)[0]
         if method_spec(method).inversion == "icd":
             return icd_decode(eps, inversion.noise, cond, model.icd.boundaries, schedule=model.schedule)
         return ddim_decode(eps, inversion.noise, cond, inversion.timesteps, schedule=model.schedule)
 
     def reconstruct(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
                     guidance: float | None = None, tau: float | None = None, seed: int = 0,
-                    ddim_rule: str = DEFAULT_DDIM_RULE) -> Reconstruction:
+                    ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None) -> Reconstruction:
         """Invert, then decode with the same prompts: uint8 reconstructions with the NFE and seconds of each half
         (timed from the uint8 input to the uint8 output)."""
         model = self.model_for(method)
-        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=steps)
+        st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=steps, strength=strength)
         calls0 = model.counter.calls
         synchronize(model.device)
         t0 = time.perf_counter()
-        inv = self.invert(images, prompts, method=method, steps=steps, seed=seed, ddim_rule=ddim_rule)
+        inv = self.invert(images, prompts, method=method, steps=steps, seed=seed, ddim_rule=ddim_rule,
+                          strength=strength)
         synchronize(model.device)
         t1, calls1 = time.perf_counter(), model.counter.calls
         recon = to_uint8(model.decode_latents(self.decode(inv, guidance=st.guidance, tau=st.tau)))
@@ -319,20 +336,21 @@ class Pipeline:
     # ------------------------------------------------------------------ editing
     def edit(self, inversion: Inversion, target_prompts: Sequence[str] | Sequence[Sequence[str]],
              controls: EditControls | None = None) -> EditResult:
-        """Decode [sources, targets] from `inversion`. target_prompts: one per image, or a list per image."""
-        controls = controls or EditControls()
+        """Decode [sources, targets] from `inversion` (SDEdit: no attention control); one target or list per image."""
         method = inversion.method
+        is_sdedit = method_spec(method, "edit").inversion == "sdedit"
+        controls = sdedit.sdedit_controls(controls) if is_sdedit else controls or EditControls()
         model = self.model_for(method)
         self.check_inversion(inversion)
         st = self.settings(method, "edit", guidance=controls.guidance, tau=controls.tau,
-                           steps=len(inversion.timesteps) - 1)
+                           steps=sdedit.steps_of(inversion), strength=inversion.settings.get("strength"))
         t0, calls0 = time.perf_counter(), model.counter.calls
         sources = list(inversion.prompts)
         targets, source_of = flatten_targets(target_prompts, len(sources))
         check_prompts(model, targets)
         cond_src, cond_tgt = model.encode_prompt(sources), model.encode_prompt(targets)
-        timesteps = (model.icd.boundaries.reverse_schedule() if method == "icd"
-                     else list(reversed(inversion.timesteps)))
+        timesteps = (sdedit.decode_timesteps(model, inversion) if is_sdedit else model.icd.boundaries.reverse_schedule()
+                     if method == "icd" else list(reversed(inversion.timesteps)))
         layers = self._attention(model)
         controller = make_controller(model, layers, sources=sources, targets=targets, source_of=source_of,
                                      num_steps=len(timesteps) - 1, controls=controls,
@@ -344,8 +362,8 @@ class Pipeline:
         else:  # two-pass CFG; sources at their first target's code (the P2P convention guides both branches)
             first = torch.stack([w[(source_of == i).nonzero()[0, 0]] for i in range(s)])
             eps = model.eps_fn(guidance=torch.cat([first, w]), tau=st.tau,
-                               uncond=_baseline_uncond(model, method, inversion, cond_src, source_of=source_of))
-        swap_tau = st.tau if controls.control == "swap" else None
+                               uncond=baseline_uncond(model, method, inversion, cond_src, source_of=source_of))
+        swap_tau = st.tau if controls.control == "swap" and not is_sdedit else None
         z0 = edit_latents(eps, inversion.noise, cond_src, cond_tgt, model=model, layers=layers,
                           controller=controller, timesteps=timesteps, swap_tau=swap_tau)
         images = to_uint8(model.decode_latents(z0))  # the loop raises NumericsError naming the step of a NaN/Inf
@@ -364,7 +382,9 @@ class Pipeline:
         if shape != latent:
             raise ValueError(f"this inversion's latents are {tuple(inversion.noise.shape[1:])}, the model's "
                              f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
-        if spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
+        if spec.inversion == "sdedit":
+            sdedit.decode_timesteps(model, inversion)
+        elif spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
             raise ValueError(f"this inversion's times {list(inversion.timesteps)} are not these adapters' "
                              f"{model.icd.boundaries.forward_schedule()}: invert again with them")
         if len(inversion.latents) != len(inversion.timesteps):
@@ -420,23 +440,6 @@ def _check_ranges(*, guidance: float | None, tau: float | None, steps: int | Non
         raise ValueError(f"tau (--tau) must lie in [0, 1], got {tau}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps):
         raise ValueError(f"steps (--steps) must be an integer in 1..{max_steps}, got {steps}")
-
-
-def _baseline_uncond(model: LatentDiffusion, method: str, inversion: Inversion, cond_src: Cond, *,
-                     source_of: torch.Tensor):
-    """The unconditional rows of a two-pass baseline's edit: None (the empty prompt: ddim), the source prompt (npi),
-    or null-text inversion's per-step token embeddings (nti, a function of the timestep; SDXL's pooled embedding
-    stays the empty prompt's)."""
-    rows = torch.cat([torch.arange(len(cond_src)), source_of])
-    if method == "npi":
-        return cond_src.index(rows)
-    if method == "nti":
-        if inversion.null_embeddings is None:
-            raise ValueError("this inversion has no null-text embeddings (invert with method='nti')")
-        steps = list(reversed(inversion.timesteps))
-        empty = model.empty_cond(len(rows))
-        return lambda t: replace(empty, tokens=inversion.null_embeddings[steps.index(t)][rows])
-    return None
 
 
 def check_prompts(model: LatentDiffusion, prompts: Sequence[str]) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from icd.editing.attention import AttentionLayers, controlled
 from icd.editing.controllers import Controller, MasaCtrl, MasaCtrlControls, P2PControls, PromptToPrompt
+from icd.editing.inversion import Inversion
 from icd.models.base import Cond, EpsFn, LatentDiffusion
 from icd.samplers import ddim_loop
 
@@ -99,3 +100,20 @@ def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond
         z0, _ = ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=model.schedule,
                           callback=lambda i, t0, t1, x: controller.on_latents(x))
     return z0
+
+
+def baseline_uncond(model: LatentDiffusion, method: str, inversion: Inversion, cond_src: Cond, *,
+                    source_of: torch.Tensor):
+    """The unconditional rows of a two-pass baseline's edit: None (the empty prompt: ddim), the source prompt (npi),
+    or null-text inversion's per-step token embeddings (nti, a function of the timestep; SDXL's pooled embedding
+    stays the empty prompt's)."""
+    rows = torch.cat([torch.arange(len(cond_src)), source_of])
+    if method == "npi":
+        return cond_src.index(rows)
+    if method == "nti":
+        if inversion.null_embeddings is None:
+            raise ValueError("this inversion has no null-text embeddings (invert with method='nti')")
+        steps = list(reversed(inversion.timesteps))
+        empty = model.empty_cond(len(rows))
+        return lambda t: replace(empty, tokens=inversion.null_embeddings[steps.index(t)][rows])
+    return None

@@ -2,7 +2,8 @@
 ground truth (or a PIE-Bench mask), counted NFE and timed single-image edits, in one run.
 
 Controls per case kind (docs/method.md §8.2, docs/baselines.md §3-4): Prompt-to-Prompt word swap with the case's
-blend words for rigid edits, MasaCtrl for non-rigid ones (`NON_RIGID_KINDS`). Quality is measured on batches of
+blend words for rigid edits, MasaCtrl for non-rigid ones (`NON_RIGID_KINDS`); SDEdit (``sdedit``, ``sdedit-icd``)
+takes no attention control and no inversion (its noising costs 0 UNet calls). Quality is measured on batches of
 `batch` cases of one kind (one UNet call per step for the batch of [sources, targets]); speed on `n_timing`
 single-image edits, each timed from the uint8 image to the uint8 edit (text encoder, VAE and UNet calls included,
 model loading excluded).
@@ -24,6 +25,7 @@ from icd.bench.runtime import case_records, chunked, example_indices, sync, time
 from icd.bench.task import BenchTask, RunContext
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
+from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.metrics import ms_ssim, psnr, ssim
 from icd.models import lora
 from icd.pipeline import Pipeline
@@ -39,7 +41,9 @@ P2P_SETTINGS = {"icd": dict(cross_replace=0.3, self_replace=0.6, reweight_new_wo
 
 def controls_for(family: str, cases: Sequence[BenchCase], guidance: float, tau: float | None) -> EditControls:
     """One batch of cases of one kind: MasaCtrl for non-rigid kinds, else P2P with each case's blend words (local
-    blend only when every case of the batch has them)."""
+    blend only when every case of the batch has them); SDEdit: no attention control."""
+    if family in SDEDIT_METHODS:
+        return EditControls(guidance=guidance, tau=tau, p2p=None, masactrl=None)
     if cases[0].kind in NON_RIGID_KINDS:
         return EditControls(guidance=guidance, tau=tau, p2p=None, masactrl=MasaCtrlControls())
     blend = None
@@ -112,7 +116,7 @@ def optional_metrics(metrics: dict[str, Callable], cases: Sequence[BenchCase], e
 def edit_batch(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext):
     sources = np.stack([c.source for c in cases])
     inv = pipe.invert(sources, [c.source_prompt for c in cases], method=method.family, steps=method.steps,
-                      guidance=ctx.guidance)
+                      guidance=ctx.guidance, strength=method.strength)
     return pipe.edit(inv, [c.target_prompt for c in cases], controls_for(method.family, cases, ctx.guidance, ctx.tau))
 
 
@@ -144,7 +148,7 @@ def time_edit(pipe: Pipeline, method: Method, case: BenchCase, ctx: RunContext) 
     sync(model.device)
     t0 = time.perf_counter()
     inv = pipe.invert(case.source[None], [case.source_prompt], method=method.family, steps=method.steps,
-                      guidance=ctx.guidance)
+                      guidance=ctx.guidance, strength=method.strength)
     sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
     pipe.edit(inv, [case.target_prompt], controls_for(method.family, [case], ctx.guidance, ctx.tau))
@@ -186,6 +190,6 @@ def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ct
     return timed_runs(ctx.shards, cases, run)
 
 
-TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti"), default_methods="icd,ddim50,ddim4,npi50,nti50",
-                 default_guidance=1.0, measure_quality=measure_quality, measure_speed=measure_speed,
-                 optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)
+TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti", *SDEDIT_METHODS),
+                 default_methods="icd,ddim50,ddim4,npi50,nti50", default_guidance=1.0, measure_quality=measure_quality,
+                 measure_speed=measure_speed, optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)

@@ -13,11 +13,13 @@ from icd.cli.common import CLIError, add_model_options, default, fit_to_model, l
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
+from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
 from icd.io import folder_problem
-from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
+from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, Pipeline
 from icd.plotting import captioned_grid
+from icd.samplers import check_strength
 
 
 def _parse_reweight(items: list[str] | None) -> dict[str, float]:
@@ -63,6 +65,39 @@ def _check_args(args) -> None:
         raise CLIError("the source or target prompt is empty")
     if args.masactrl and args.swap:
         raise CLIError("--masactrl and --swap are exclusive")
+    _check_sdedit(args)
+
+
+# attention-control options (dest, default) SDEdit refuses: it decodes the target prompt without attention control
+_CONTROL_OPTIONS = (("masactrl", False), ("swap", False), ("blend", None), ("mask", None), ("reweight", None),
+                    ("cross_replace", default(P2PControls, "cross_replace")),
+                    ("self_replace", default(P2PControls, "self_replace")),
+                    ("blend_threshold", default(P2PControls, "blend_threshold")),
+                    ("masactrl_start_t", default(MasaCtrlControls, "start_t")),
+                    ("masactrl_layer", default(MasaCtrlControls, "start_layer")), ("ddim_rule", "start"))
+
+
+def _check_sdedit(args) -> None:
+    """--strength only with an SDEdit method (and in (0, 1]); SDEdit refuses attention-control options."""
+    sdedit = args.method in SDEDIT_METHODS and not args.inversion
+    if args.strength is not None:
+        if args.inversion:
+            raise CLIError("--strength applies when noising the image; a saved --inversion keeps its own strength")
+        if not sdedit:
+            raise CLIError(f"--strength applies to --method {' / '.join(SDEDIT_METHODS)}, not {args.method}")
+        try:
+            check_strength(args.strength)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if sdedit:
+        _refuse_controls(args, args.method)
+
+
+def _refuse_controls(args, method: str) -> None:
+    given = [dest for dest, value in _CONTROL_OPTIONS if getattr(args, dest) != value]
+    if given:
+        raise CLIError(f"--method {method} takes no attention control: drop "
+                       f"{', '.join('--' + d.replace('_', '-') for d in given)}")
 
 
 def _user_mask(args, size: tuple[int, int], fit: str):
@@ -77,8 +112,11 @@ def _user_mask(args, size: tuple[int, int], fit: str):
     return mask
 
 
-def _controls(args, mask) -> EditControls:
-    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap)."""
+def _controls(args, mask, method: str) -> EditControls:
+    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap); none for SDEdit."""
+    if method in SDEDIT_METHODS:
+        _refuse_controls(args, method)  # a saved SDEdit --inversion: its method is known only now
+        return EditControls(guidance=args.guidance, tau=args.tau, p2p=None, masactrl=None)
     p2p = None
     if not args.masactrl and not args.swap:
         if not is_word_swap(args.source, args.target):
@@ -93,15 +131,22 @@ def _controls(args, mask) -> EditControls:
     return EditControls(guidance=args.guidance, tau=args.tau, p2p=p2p, masactrl=masactrl)
 
 
-def _inversion(editor: Pipeline, args, image: np.ndarray) -> Inversion:
-    """A saved inversion (--inversion, made with the same source prompt), else a fresh one of `image`."""
-    if args.inversion:
-        inversion = Inversion.load(args.inversion)
-        if inversion.prompts != [args.source]:
-            raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
-        return inversion
+def _saved_inversion(args) -> Inversion | None:
+    """The saved inversion of --inversion (made with the same source prompt), or None."""
+    if not args.inversion:
+        return None
+    inversion = Inversion.load(args.inversion)
+    if inversion.prompts != [args.source]:
+        raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
+    return inversion
+
+
+def _inversion(editor: Pipeline, args, image: np.ndarray, saved: Inversion | None) -> Inversion:
+    """The saved inversion, else a fresh one of `image` (SDEdit: the noised latent, no UNet call)."""
+    if saved is not None:
+        return saved
     return editor.invert(image, [args.source], method=args.method, steps=args.steps, seed=args.seed,
-                         guidance=args.guidance, ddim_rule=args.ddim_rule,
+                         guidance=args.guidance, ddim_rule=args.ddim_rule, strength=args.strength,
                          progress=sys.stderr.isatty())  # NTI's per-step optimisation bar
 
 
@@ -113,10 +158,12 @@ def cmd_edit(args) -> None:
     fitted = fit_to_model(image, model, args.fit)
     image = np.asarray(fitted)[None]
     with library_errors():  # out-of-range controls, a --steps the adapters cannot take
-        controls = _controls(args, _user_mask(args, fitted.size, args.fit or model.default_fit))
+        mask = _user_mask(args, fitted.size, args.fit or model.default_fit)
         model.counter.reset()
         t0 = time.perf_counter()
-        inversion = _inversion(editor, args, image)
+        saved = _saved_inversion(args)
+        controls = _controls(args, mask, args.method if saved is None else saved.method)
+        inversion = _inversion(editor, args, image, saved)
         t1 = time.perf_counter()
         result = editor.edit(inversion, [args.target], controls)
     t2 = time.perf_counter()
@@ -128,11 +175,14 @@ def cmd_edit(args) -> None:
                               [f"source: {args.source}", f"reconstruction ({inversion.method})",
                                f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
         save_image(grid, args.grid)
-    control = controls.control
+    sdedit = inversion.method in SDEDIT_METHODS
+    control = "none" if sdedit else controls.control
     report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
               "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
               "seconds": round(t2 - t0, 4), "guidance": editor.guidance_default(inversion.method, "edit")
               if args.guidance is None else args.guidance, "control": control, "output": str(args.output)}
+    if sdedit:
+        report["strength"] = inversion.settings["strength"]
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
           f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
@@ -145,10 +195,16 @@ def add_parser(sub) -> None:
     e.add_argument("image")
     e.add_argument("--source", required=True, help="caption of the image")
     e.add_argument("--target", required=True, help="the edited caption")
-    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti"],
-                   help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet")
-    e.add_argument("--steps", type=int, default=None, help="icd: the adapters' segment count; others: 50")
-    e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise")
+    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti", *SDEDIT_METHODS],
+                   help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet; sdedit: "
+                   "SDEdit with the teacher's DDIM steps (original UNet); sdedit-icd: SDEdit through the iCD reverse "
+                   "model's jumps (no inversion, no attention control)")
+    e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; others: 50 "
+                   "(sdedit runs the steps below its start)")
+    e.add_argument("--strength", type=float, default=None,
+                   help=f"sdedit / sdedit-icd: noise level S in (0, 1] where the edit starts, t = S T "
+                   f"(default {DEFAULT_STRENGTH:g})")
+    e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise; sdedit: of its noise draw")
     e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
                    help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g} on the embedded "
                    "model; SD 1.5: 19, SDXL: 7 for icd, 6.5 for the baselines)")

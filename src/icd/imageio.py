@@ -160,3 +160,43 @@ def to_tensor(images: np.ndarray):
     import torch  # imageio serves the CLI's input checks before torch is needed
 
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+
+def flat_colour_coverage(image: np.ndarray, colours: int = 4, tolerance: int = 8) -> float:
+    """The fraction of pixels of uint8 RGB `image` [H, W, 3] within `tolerance` grey levels (every channel) of its
+    `colours` most common colours, taken greedily: each round the most common colour of the pixels left (4-bit
+    bins, the bin's median as its centre) takes every left pixel near it. A shapes-world render (a flat background
+    and up to 3 flat shapes with anti-aliased edges) scores 0.94 or more; noise, textures and wide gradients spread
+    over many colours and score far less."""
+    px = np.asarray(image, dtype=np.int16).reshape(-1, 3)
+    left = np.ones(len(px), bool)
+    for _ in range(colours):
+        if not left.any():
+            break
+        rest = px[left]
+        bins = (rest[:, 0] // 16) * 256 + (rest[:, 1] // 16) * 16 + rest[:, 2] // 16
+        centre = np.median(rest[bins == np.bincount(bins).argmax()], axis=0)
+        left &= np.abs(px - centre).max(axis=1) > tolerance
+    return 1.0 - float(left.mean())
+
+
+def flat_fraction(image: np.ndarray, tolerance: int = 3) -> float:
+    """The fraction of pixels of uint8 RGB `image` that differ from their right and lower neighbours by at most
+    `tolerance` grey levels in every channel (flat areas). A shapes-world render scores 0.87 or more; sensor-like
+    noise, texture and gradients steeper than `tolerance` levels per pixel score near 0."""
+    a = np.asarray(image, dtype=np.int16)
+    down = np.abs(np.diff(a, axis=0)).max(axis=-1)[:, :-1]
+    right = np.abs(np.diff(a, axis=1)).max(axis=-1)[:-1]
+    return float(((down <= tolerance) & (right <= tolerance)).mean())
+
+
+# Below either bar an image is far from the shapes world (docs/RELIABILITY.md, "Far-from-world notice": world
+# renders score >= 0.944 and >= 0.875 on 900 held-out scenes of 1-3 objects).
+WORLD_MIN_COVERAGE = 0.8
+WORLD_MIN_FLAT = 0.6
+
+
+def looks_like_shapes_world(image: np.ndarray) -> bool:
+    """Whether uint8 RGB `image` looks like a render of the shapes world: a few flat colours, mostly flat areas."""
+    return flat_colour_coverage(image) >= WORLD_MIN_COVERAGE and flat_fraction(image) >= WORLD_MIN_FLAT

@@ -7,9 +7,11 @@ import contextlib
 import dataclasses
 import sys
 
+import numpy as np
+
 from icd.editing.inversion import InversionError
 from icd.editing.tokens import AlignmentError
-from icd.imageio import ImageError, fit_image
+from icd.imageio import ImageError, fit_image, looks_like_shapes_world
 from icd.models.base import PromptError
 from icd.models.loading import ModelError
 from icd.solver import NumericsError
@@ -130,16 +132,22 @@ def load_pipeline(args, **overrides):
 
 def fit_to_model(image, model, fit: str | None):
     """`image` (PIL) fitted to `model`: policy `fit`, default the model's (squares for the embedded model, the
-    aspect kept at the native resolution for Stable Diffusion)."""
+    aspect kept at the native resolution for Stable Diffusion). On a shapes-world model, an image of another size or
+    one whose content is far from the world (many colours, texture: `looks_like_shapes_world`) gets a one-line
+    notice on stderr that says so and how to use a Stable Diffusion model."""
     side = model.image_size
     if fit == "aspect" and model.size_multiple is None:
         raise CLIError(f"--fit aspect needs a model that takes any size (Stable Diffusion); this one takes "
                        f"{side}x{side} only: use resize, center-crop or pad")
-    if model.vocabulary is not None and image.size != (side, side):  # a photo given to a world model
-        print(f"notice: this is a {side}x{side} shapes-world model (a {image.width}x{image.height} image is resized "
-              "to it); for photos use a Stable Diffusion model: --model ... (docs/stable-diffusion.md)",
-              file=sys.stderr)
-    return fit_image(image, side, fit or model.default_fit, multiple=model.size_multiple or 8)
+    fitted = fit_image(image, side, fit or model.default_fit, multiple=model.size_multiple or 8)
+    if model.vocabulary is not None:  # a world model: say so once when the input is not a world image
+        why = [f"a {image.width}x{image.height} image is resized to it"] if image.size != (side, side) else []
+        if not looks_like_shapes_world(np.asarray(fitted)):
+            why.append("this image has many colours or texture, unlike its flat-colour shapes")
+        if why:
+            print(f"notice: the built-in model is a {side}x{side} shapes-world model ({'; '.join(why)}); for photos "
+                  "use a Stable Diffusion model: --model ... (docs/stable-diffusion.md)", file=sys.stderr)
+    return fitted
 
 
 def _cuda() -> bool:

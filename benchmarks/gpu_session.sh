@@ -11,6 +11,9 @@
 # Usage (on the device machine, after installing diffusers there; see docs/experiments/gpu-mixed-precision.md for the exact call):
 #   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh [ROW ...]
 #   OUT=/some/dir GPU_TESTS=0 TRAIN=0 bash benchmarks/gpu_session.sh       # the SD timings only (issue 21, item 5)
+#   OUT=/some/dir GPU_TESTS=0 TRAIN=0 SD15_TIMING_S=0 SDXL_TIMING_S=0 THROUGHPUT=1 THROUGHPUT_S=480 \
+#       bash benchmarks/gpu_session.sh                                    # training throughput only (issue 22, item 5)
+#   train_throughput_sd15.json / .log       benchmarks/train_throughput.py (both stages, checkpointing off / on)
 # BUDGET: seconds from the start of this script by which every training is stopped (rows that have not finished
 # return their latest checkpoint, named in exported.txt with its step); no timing runs past it either.
 # Time guards of the timings: each family runs under `timeout SD15_TIMING_S` / `timeout SDXL_TIMING_S` (default
@@ -87,6 +90,16 @@ sd_timing() {  # FAMILY SECONDS ARGS: one family under its timeout, cut to what 
 }
 sd_timing sd15 "$SD15_TIMING_S" "$SD15_TIMING_ARGS"
 sd_timing sdxl "$SDXL_TIMING_S" "$SDXL_TIMING_ARGS"
+# training throughput of both stages at full size (issue 22, item 5): THROUGHPUT=1, under THROUGHPUT_S seconds
+if [ "${THROUGHPUT:-0}" = 1 ]; then
+    limit=${THROUGHPUT_S:-300}
+    left=$(( start + BUDGET - $(date +%s) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    # shellcheck disable=SC2086
+    timeout "$limit" $PY benchmarks/train_throughput.py --family sd15 --device "$DEVICE" ${THROUGHPUT_ARGS:-} \
+        --out "$OUT/train_throughput_sd15.json" > "$OUT/train_throughput_sd15.log" 2>&1
+    echo "train throughput rc=$? (limit $limit s) after $(( $(date +%s) - start )) s"
+fi
 if [ "$TRAIN" != 1 ]; then
     tar -cf "$OUT/logs.tar" -C "$OUT" logs && rm -r "$OUT/logs"
     echo "session done (TRAIN=0) after $(( $(date +%s) - start )) s"

@@ -8,6 +8,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def run_interrupted(train, cfg, *, after: int, monkeypatch) -> None:
+    """Run `train(cfg)` until it has finished `after` steps (KeyboardInterrupt there, as a kill would stop it),
+    then run it again to the end: the second call resumes from the checkpoint."""
+    from icd.train.runner import TrainingRun  # the fixtures' heavy imports stay out of collection
+
+    end_step = TrainingRun.end_step
+
+    def interrupt(run, values):
+        end_step(run, values)
+        if run.step == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingRun, "end_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(TrainingRun, "end_step", end_step)
+    train(cfg)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("ICD_SLOW") == "1":
         return

@@ -4,7 +4,8 @@ The commands are extracted, not copied: every `icd …` line of README.md's ```b
 `&&` chains split) and every `icd …` line of an `examples:` epilog anywhere in the parser tree, so a new example runs
 here as soon as it is written. Each runs through `icd.cli.main` in-process (one CPU thread) in its own workspace,
 where `configs/` is the repository's and the inputs that other examples produce are present (out/case1 from
-`icd world case`, out/pie-fixture from `icd world pie-bench`, runs/ablation/G3/final from `icd train icd … G3`;
+`icd world case`, out/pie-fixture from `icd world pie-bench`, runs/ablation/G3/final from `icd train icd … G3`,
+out/shapes-data and out/train/{G,I}/final from the training section's `icd world dataset` and `icd train`;
 runs/vae/final and runs/guidance/final, the outputs of earlier training stages, are the shipped model's).
 
 Sizes follow `SMALL`, the one substitution table: only counts shrink (cases, images, the step count of a bench
@@ -70,7 +71,7 @@ SKIP = {
 }
 PENDING: dict[str, str] = {}  # examples of features not written yet: command -> the issue that adds it
 # produce the inputs of other examples: run once into the shared workspace, in this order
-PRODUCERS = ("icd world case ", "icd world pie-bench ", "icd train icd ")
+PRODUCERS = ("icd world case ", "icd world pie-bench ", "icd world dataset ", "icd train guidance ", "icd train icd ")
 
 
 def _commands(text: str) -> list[str]:
@@ -166,7 +167,7 @@ def _workspace(tmp: Path, root: Path) -> Path:
     for name in ("configs", "runs"):
         (tmp / name).symlink_to(root / name)
     (tmp / "out").mkdir()
-    for name in ("case1", "pie-fixture"):
+    for name in ("case1", "pie-fixture", "shapes-data", "train"):
         if (root / "out" / name).exists():
             (tmp / "out" / name).symlink_to(root / "out" / name)
     return tmp
@@ -213,6 +214,10 @@ def check(argv: list[str], out: str, err: str, ws: Path) -> None:
     elif (cmd, what) == ("world", "grid"):  # sample scenes with their captions: n tiles of 64 px at --scale 3
         grid = _png(ws / _option(argv, "-o"))
         assert grid.shape[0] * grid.shape[1] >= int(_option(argv, "--n")) * (64 * 3) ** 2
+    elif (cmd, what) == ("world", "dataset"):  # n world renders + metadata.jsonl (file_name, text)
+        rows = [json.loads(line) for line in (ws / _option(argv, "--out") / "metadata.jsonl").read_text().splitlines()]
+        assert len(rows) == int(_option(argv, "--n")) and {"file_name", "text"} <= set(rows[0])
+        assert _png(ws / _option(argv, "--out") / rows[0]["file_name"]).shape == (64, 64, 3)
     elif (cmd, what) == ("world", "pie-bench"):
         assert (ws / argv[2] / "mapping_file.json").is_file() and (ws / argv[2] / "annotation_images").is_dir()
     elif cmd in ("edit", "invert", "generate"):

@@ -5,7 +5,7 @@ from icd.train.guidance import GUIDANCE_SUBFOLDER, GuidanceConfig, train_guidanc
 
 
 def test_guidance_training_runs_and_ships_a_distilled_unet(tmp_path, random_model_dir):
-    cfg = GuidanceConfig(out_dir=str(tmp_path / "g"), teacher=str(random_model_dir), steps=3, batch_size=2,
+    cfg = GuidanceConfig(out_dir=str(tmp_path / "g"), model=str(random_model_dir), steps=3, batch_size=2,
                          n_images=8, checkpoint_every=2, log_every=1, w_set=(0.0, 2.0))
     final = train_guidance(cfg)
     assert (final / GUIDANCE_SUBFOLDER / "config.json").is_file()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_interrupted
 from icd.models import lora
 from icd.models.loading import load_model
 from icd.train.icd import (
@@ -14,7 +15,6 @@ from icd.train.icd import (
     own_latent_start,
     train_icd,
 )
-from icd.train.runner import TrainingRun
 
 
 def _cfg(tmp_path, model_dir, out="icd", **kw):
@@ -114,19 +114,8 @@ def test_cosine_learning_rate_decays_and_an_interrupted_run_resumes_exactly(tmp_
     assert [learning_rate(cfg, s) for s in (0, 3)] == [pytest.approx(1e-3), pytest.approx(1e-5)]
     assert learning_rate(cfg, 1) < cfg.lr and learning_rate(_cfg(tmp_path, random_distilled_dir), 1) == 1e-3
     train_icd(cfg)
-    end_step = TrainingRun.end_step
-
-    def interrupt_after_first_step(run, values):
-        end_step(run, values)
-        if run.step == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainingRun, "end_step", interrupt_after_first_step)
     cfg_b = _cfg(tmp_path, random_distilled_dir, out="cos-b", steps=3, lr_schedule="cosine", lr_min=1e-5)
-    with pytest.raises(KeyboardInterrupt):
-        train_icd(cfg_b)
-    monkeypatch.setattr(TrainingRun, "end_step", end_step)
-    train_icd(cfg_b)
+    run_interrupted(train_icd, cfg_b, after=1, monkeypatch=monkeypatch)
     train_icd(_cfg(tmp_path, random_distilled_dir, out="constant", steps=3))
     a, b, constant = _final(tmp_path, "cos-a"), _final(tmp_path, "cos-b"), _final(tmp_path, "constant")
     for name in lora.ADAPTERS:
@@ -178,10 +167,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, random_distil
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_resumes_exactly(tmp_path, random_distilled_dir, mode):
-    """Autocast on the CPU stands in for the GPU here; fp16 also round-trips its loss scaler through checkpoints."""
-    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-a", steps=2, mixed_precision=mode))
-    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-b", steps=1, mixed_precision=mode))
-    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-b", steps=2, mixed_precision=mode))
+    """Autocast on the CPU stands in for the GPU here (device "cpu": "auto" would train a CPU run in fp32); fp16 also
+    round-trips its loss scaler through checkpoints."""
+    kw = dict(mixed_precision=mode, device="cpu")
+    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-a", steps=2, **kw))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-b", steps=1, **kw))
+    train_icd(_cfg(tmp_path, random_distilled_dir, out=f"{mode}-b", steps=2, **kw))
     train_icd(_cfg(tmp_path, random_distilled_dir, out="fp32", steps=2))
     a, b, ref = _final(tmp_path, f"{mode}-a"), _final(tmp_path, f"{mode}-b"), _final(tmp_path, "fp32")
     for name in lora.ADAPTERS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from icd.train.config import load_config
 from icd.train.guidance import GuidanceConfig, train_guidance
 from icd.train.icd import ICDConfig, train_icd
@@ -22,6 +24,7 @@ TRAINERS = {
 
 def cmd_train(args) -> None:
     config_cls, run = TRAINERS[args.component]
+    logging.getLogger("icd.train").setLevel(logging.INFO)  # a long run reports its batch, validation and skips
     cfg = load_config(config_cls, args.config, args.section or args.component, args.set or [])
     with run_folder(cfg.out_dir):  # writable before training; a failed start leaves no empty run folder
         result = run(cfg, resume=not args.no_resume)

@@ -1,4 +1,4 @@
-"""`icd world case | grid | pie-bench`: the synthetic shapes world."""
+"""`icd world case | grid | pie-bench | dataset`: the synthetic shapes world."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from icd import world
 from icd.bench.piebench import write_fixture
 from icd.cli.common import CLIError, seed
 from icd.imageio import check_output, save_image
-from icd.io import folder_problem, write_text_atomic
+from icd.io import atomic_directory, folder_problem, write_text_atomic
 from icd.plotting import captioned_grid
 
 CASE_FILES = ["source.png", "target.png", "mask.png", "case.json"]
@@ -68,6 +68,30 @@ def cmd_world_pie_bench(args) -> None:
     print(f"wrote a PIE-Bench-format fixture to {path}")
 
 
+MAX_DATASET = 100_000  # 64x64 PNGs: ~5 KB each
+
+
+def cmd_world_dataset(args) -> None:
+    """World renders as a Hugging Face ``imagefolder`` (NNNNN.png + metadata.jsonl with file_name and text): the
+    training-data layout of docs/training.md, written atomically into a new folder."""
+    if not 1 <= args.n <= MAX_DATASET:
+        raise CLIError(f"--n must lie in 1..{MAX_DATASET}, got {args.n}")
+    if args.seed_start < 0:
+        raise CLIError(f"--seed-start must be >= 0 (world seeds), got {args.seed_start}")
+    out = check_out_folder(args.out)
+    if os.path.lexists(out):
+        raise CLIError(f"--out {out} already exists (a dataset is written into a new folder)")
+    rows = []
+    with atomic_directory(out) as tmp:
+        for i in range(args.n):
+            scene = world.sample_scene(args.seed_start + i, max_objects=args.max_objects)
+            name = f"{i:05d}.png"
+            save_image(world.render(scene), tmp / name)
+            rows.append(json.dumps({"file_name": name, "text": scene.caption}))
+        write_text_atomic(tmp / "metadata.jsonl", "\n".join(rows) + "\n")
+    print(f"wrote {args.n} images and metadata.jsonl to {out}/")
+
+
 def add_parser(sub) -> None:
     w = sub.add_parser("world", help="the synthetic shapes world: edit cases and sample grids")
     wsub = w.add_subparsers(dest="world_command", required=True, metavar="WHAT")
@@ -91,3 +115,10 @@ def add_parser(sub) -> None:
     pb.add_argument("out", help="new folder")
     pb.add_argument("--n-per-kind", type=int, default=2)
     pb.set_defaults(func=cmd_world_pie_bench)
+
+    ds = wsub.add_parser("dataset", help="write world renders as an image folder with captions (training data)")
+    ds.add_argument("--n", type=int, required=True)
+    ds.add_argument("--seed-start", type=int, default=0, help="first world seed (the training seeds start at 0)")
+    ds.add_argument("--max-objects", type=int, default=2, choices=[1, 2, 3])
+    ds.add_argument("--out", required=True, help="new folder")
+    ds.set_defaults(func=cmd_world_dataset)

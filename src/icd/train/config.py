@@ -15,10 +15,12 @@ import dataclasses
 import math
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from icd.io import file_problem
+from icd.runtime import PRECISIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +63,74 @@ class RunConfig:
             raise ConfigError(f"{name}.lr_min must lie in [0, lr], got {self.lr_min}")
         if self.threads < 0:
             raise ConfigError(f"{name}.threads must be >= 0, got {self.threads}")
+
+
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def _parent_post_init(config, mixin: type) -> None:
+    """Run the next ``__post_init__`` after `mixin`'s in `config`'s MRO (the config mixins chain their checks)."""
+    parent = getattr(super(mixin, config), "__post_init__", None)
+    if parent is not None:
+        parent()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a trainer's images and captions come from (`icd.train.sources`, docs/training.md §1)."""
+
+    data: str = "world"  # "world" (rendered shapes), a folder / .csv / .jsonl / .tar shards / saved dataset / hub id
+    data_format: str = "auto"  # auto | imagefolder | csv | webdataset | hf
+    caption_column: str = "text"  # caption field (metadata column, .json field or shard member extension)
+    image_column: str = ""  # image field ("" = file_name for folders and CSV, image for datasets)
+    resolution: int = 0  # training size in pixels (0 = the model's native size); shorter side resized, then cropped
+    random_crop: bool = False  # random instead of centre crop (drawn per row and step)
+    caption_dropout: float = 0.0  # probability of training a row on the empty prompt
+    latent_cache: bool = False  # keep each example's VAE latent in <out_dir>/cache (centre crops only)
+
+    def __post_init__(self):
+        _parent_post_init(self, DataConfig)
+        name = type(self).__name__
+        if not str(self.data).strip():
+            raise ConfigError(f"{name}.data must name a dataset or 'world', got {self.data!r}")
+        if self.resolution < 0:
+            raise ConfigError(f"{name}.resolution must be >= 0 (0: the model's native size), got {self.resolution}")
+        if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout < 1.0):
+            raise ConfigError(f"{name}.caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if self.latent_cache and self.random_crop:
+            raise ConfigError(f"{name}: latent_cache needs centre crops (random_crop = false): a random crop's "
+                              "latent differs every time")
+        if self.data == "world" and (self.random_crop or self.latent_cache or self.caption_dropout):
+            raise ConfigError(f"{name}: random_crop, latent_cache and caption_dropout apply to real data; "
+                              "data = 'world' renders its own")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Devices, precision, memory and monitoring of a training run (docs/training.md §3)."""
+
+    device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
+    gradient_accumulation: int = 1  # micro-batches per process and step; global batch = batch_size
+    validate_every: int = 0  # steps between validations (0: only at the end of a real-data run; world: never)
+    validation_prompts: tuple[str, ...] = ()  # prompts of the sample grid ("" = the validation images' captions)
+    n_validation: int = 4  # fixed validation images: the first N examples of the dataset
+    log_to: str = "none"  # "none" | "tensorboard" | "wandb" (when installed) besides log.csv
+
+    def __post_init__(self):
+        _parent_post_init(self, ScaleConfig)
+        name = type(self).__name__
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"{name}.mixed_precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.mixed_precision!r}")
+        if self.log_to not in LOGGERS:
+            raise ConfigError(f"{name}.log_to must be one of {', '.join(LOGGERS)}, got {self.log_to!r}")
+        for f in ("gradient_accumulation", "n_validation"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"{name}.{f} must be >= 1, got {getattr(self, f)}")
+        if self.validate_every < 0:
+            raise ConfigError(f"{name}.validate_every must be >= 0, got {self.validate_every}")
 
 
 def _coerce(cls: type, name: str, value: Any, annotation: Any) -> Any:

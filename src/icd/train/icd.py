@@ -43,11 +43,14 @@ from icd.io import atomic_directory
 from icd.models import lora
 from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
 from icd.models.loading import load_model, resolve_model_path
-from icd.runtime import PRECISIONS, Precision, ProcessGroup, step_generator
+from icd.models.released import RELEASED_ALPHA, save_released
+from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import load_checkpoint
-from icd.train.config import ConfigError, RunConfig, from_dict, to_dict
-from icd.train.data import CACHE, caption_tokens, world_latents
+from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig, from_dict, to_dict
+from icd.train.feed import make_feed, open_data
 from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.scale import describe_batch, micro_batches, open_run_tracker, precision_mode
+from icd.train.validation import validate_icd
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
-class ICDConfig(RunConfig):
+class ICDConfig(ScaleConfig, DataConfig, RunConfig):
     out_dir: str = "runs/icd"
     model: str = "embedded"  # pipeline folder holding the guidance-distilled UNet
     unet_subfolder: str = "unet_guidance"
@@ -89,22 +92,19 @@ class ICDConfig(RunConfig):
     steps: int = 6000
     update: str = "joint"  # "joint" (eq. 5 exactly) or "sequential" (reference compatibility)
     max_objects: int = 2
-    device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
     ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (warm-up as in the teacher) and save it as final
     init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"ICDConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {self.mixed_precision!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"ICDConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
                               f"got {self.lr_schedule!r}")
         if self.update not in UPDATES:
             raise ConfigError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if self.update == "sequential" and self.gradient_accumulation > 1:
+            raise ConfigError("ICDConfig: update = 'sequential' steps once per loss term; it takes no "
+                              "gradient_accumulation (use update = 'joint')")
         if not self.w_set or any(w < 0 for w in self.w_set):
             raise ConfigError(f"ICDConfig.w_set must be non-empty codes >= 0, got {self.w_set}")
         if not 0.0 <= self.tau <= 1.0:
@@ -265,17 +265,20 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
         sync = ProcessGroup(cfg.device)
     except ValueError as e:  # an unknown device name, or cuda on a machine without one (before any compute)
         raise ConfigError(f"ICDConfig.device: {e}") from None
-    precision = Precision(cfg.mixed_precision, sync.device)
+    precision = Precision(precision_mode(cfg, sync), sync.device)
     if cfg.init_adapters:  # checked before any compute
         _check_init_adapters(cfg)
+    source = open_data(cfg)  # the dataset is checked before any model is loaded
     out = Path(cfg.out_dir)
     boundaries = cfg.resolved_boundaries()
+    if not (resolve_model_path(cfg.model) / cfg.unet_subfolder).is_dir():
+        raise ConfigError(f"{cfg.model} has no {cfg.unet_subfolder}/ (a guidance-distilled UNet); run "
+                          "`icd train guidance` first, or set unet_subfolder")
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=sync.device)
     if not model.guidance_distilled:
         raise ConfigError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
-    z_all, captions = world_latents(model.vae, resolve_model_path(cfg.model) / "vae", cfg.n_images,
-                                    max_objects=cfg.max_objects, cache_dir=out / CACHE)
-    z_all, tokens_all = z_all.cpu(), caption_tokens(model, captions).cpu()
+    feed = make_feed(source, model, cfg, out=out, rank=sync.rank, world=sync.world)
+    tracker = open_run_tracker(cfg, out, sync)
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
         try:
@@ -288,22 +291,32 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
         model.unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
     params, opts = adapter_optimizers(model, cfg)
     columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
+    columns += [] if source is None else ["skipped"]
     modules: dict[str, torch.nn.Module] = {"unet": model.unet}
     if cfg.ema_decay:
         modules["ema"] = torch.nn.ModuleDict({name: torch.nn.ParameterList(
             [torch.nn.Parameter(q.detach().clone(), requires_grad=False) for q in params[name]]) for name in params})
     run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules=modules,
                       optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      resume=resume, is_main=sync.is_main, stateful={"precision": precision})
+                      resume=resume, is_main=sync.is_main, stateful={"precision": precision},
+                      images_per_step=cfg.batch_size, tracker=tracker)
+    log.info("iCD: %s; boundaries E_R %s, E_F %s", describe_batch(cfg, sync, precision.mode), list(boundaries.reverse),
+             list(boundaries.forward))
+    validation = feed.validation(cfg.n_validation) if sync.is_main and (cfg.validate_every or source) else None
+
+    def validate() -> None:
+        row = validate_icd(model, boundaries, images=validation[0], captions=validation[1],
+                           prompts=cfg.validation_prompts, w=max(cfg.w_set), tau=cfg.tau, step=run.step, out=out)
+        log.info("validation at step %d: %s", run.step, row)
+
     with run:
         while not run.done:
             # 1. global draws, then this process's rows
-            d = batch_draws(cfg, run.step, n_data=len(z_all), shape=tuple(z_all.shape[1:]),
+            d = batch_draws(cfg, run.step, n_data=feed.n_data, shape=feed.latent_shape,
                             num_segments=boundaries.num_segments)
             rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
             d = {k: v[rows].to(sync.device) for k, v in d.items()}
-            z0 = z_all[d["idx"].cpu()].to(sync.device)
-            cond = Cond(tokens=tokens_all[d["idx"].cpu()].to(sync.device))
+            z0, cond = feed.rows(run.step, d["idx"], sync.device)
             # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
             set_lr(opts.values(), learning_rate(cfg, run.step))
             losses = training_step(model, cfg, Batch(z0, cond, d, boundaries), params=params, opts=opts, sync=sync,
@@ -316,13 +329,19 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
             losses = {k: v.detach() for k, v in losses.items()}
             values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
             values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
+            if source is not None:
+                values["skipped"] = feed.skipped_total
             run.end_step(values)
+            if validation is not None and cfg.validate_every and run.step % cfg.validate_every == 0:
+                validate()
             sync.barrier()  # no process reads a checkpoint before the main process has written it
     if cfg.ema_decay:  # the EMA weights are the result
         with torch.no_grad():
             for name in params:
                 for pe, q in zip(modules["ema"][name], params[name]):
                     q.copy_(pe)
+    if validation is not None and (not cfg.validate_every or cfg.steps % cfg.validate_every or cfg.ema_decay):
+        validate()
     if sync.rank == 0:
         save_icd_adapters(model, cfg, boundaries, out / "final")
     sync.barrier()
@@ -345,8 +364,17 @@ def training_step(model: LatentDiffusion, cfg: ICDConfig, batch: Batch, *, param
     reference's update): each term its own backward / clip / step round on the adapter it trains.
     """
     if cfg.update == "joint":
-        with precision.autocast():
-            losses = icd_losses(model, cfg, batch, backward=precision.backward)
+        parts = micro_batches(len(batch.z0), cfg.gradient_accumulation)
+        losses: dict[str, torch.Tensor] = {}
+        for rows, weight in parts:
+            micro = batch if len(parts) == 1 else Batch(batch.z0[rows], batch.cond.index(rows),
+                                                        {k: v[rows] for k, v in batch.draws.items()},
+                                                        batch.boundaries)
+            with precision.autocast():
+                part = icd_losses(model, cfg, micro, backward=(precision.backward if len(parts) == 1 else
+                                                               lambda loss, wt=weight: precision.backward(wt * loss)))
+            for k, v in part.items():
+                losses[k] = losses.get(k, 0.0) + (v if len(parts) == 1 else weight * v)
         for name in lora.ADAPTERS:
             precision.step(params[name], opts[name], sync)
         precision.update()
@@ -369,6 +397,8 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
                 "config": to_dict(cfg)}
     with atomic_directory(directory) as tmp:
         lora.save_adapters(model.unet, tmp, metadata)
+        if cfg.alpha == RELEASED_ALPHA:  # the released format too (`--lora-forward / --lora-reverse`)
+            save_released(model.unet, tmp / "released", boundaries)
     return directory
 
 

@@ -67,7 +67,7 @@ class TrainingRun:
     def __init__(self, out_dir: str | Path, *, desc: str, total_steps: int, columns: Sequence[str],
                  modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
                  config: Any, log_every: int, checkpoint_every: int, resume: bool = True, is_main: bool = True,
-                 stateful: Mapping[str, Any] = {}):
+                 stateful: Mapping[str, Any] = {}, images_per_step: int = 0, tracker=None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.desc, self.total_steps, self.columns = desc, total_steps, list(columns)
@@ -75,6 +75,10 @@ class TrainingRun:
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.is_main = is_main  # only the main process writes logs and checkpoints (every process resumes)
         self.stateful = dict(stateful)  # small objects with state_dict()/load_state_dict() (e.g. a loss scaler)
+        self.images_per_step = images_per_step  # > 0: an images_per_s column (global batch / step time)
+        self.tracker = tracker  # an `icd.train.trackers` tracker (main process only), or None
+        if images_per_step:
+            self.columns.append("images_per_s")
         self.step = 0
         ckpt = latest_checkpoint(self.out) if resume else None
         if ckpt is not None:
@@ -92,6 +96,7 @@ class TrainingRun:
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step",
                          disable=not self.is_main)
         self._t0 = time.time()
+        self._tick = (self._t0, self.step)  # (time, step) of the last log row: throughput over the interval
         if not self.is_main:
             return self
         path = self.out / "log.csv"
@@ -114,8 +119,17 @@ class TrainingRun:
         if not self.is_main:
             return
         if self.step % self.log_every == 0 or self.done:
+            values = dict(values)
             first = self.columns[0]
-            self._bar.set_postfix({first: f"{values[first]:.4g}"})
+            postfix = {first: f"{values[first]:.4g}"}
+            if self.images_per_step:
+                now, (then, before) = time.time(), self._tick
+                values["images_per_s"] = round(self.images_per_step * (self.step - before) / max(now - then, 1e-9), 3)
+                self._tick = (now, self.step)
+                postfix["img/s"] = f"{values['images_per_s']:.3g}"
+            self._bar.set_postfix(postfix)
+            if self.tracker is not None:
+                self.tracker.log(self.step, {k: float(v) for k, v in values.items()})
             self._writer.writerow([self.step, *(values[c] for c in self.columns), round(time.time() - self._t0, 1)])
             self._file.flush()
         if self.step % self.checkpoint_every == 0 or self.done:
@@ -127,3 +141,5 @@ class TrainingRun:
         self._bar.close()
         if self.is_main:
             self._file.close()
+            if self.tracker is not None:
+                self.tracker.close()

@@ -262,3 +262,17 @@ def test_offline_hub_datasets_and_missing_trackers_stop_in_one_line(monkeypatch)
         if importlib.util.find_spec(kind) is None:
             with pytest.raises(ConfigError, match=f"needs the {kind} package"):
                 check_tracker(kind)
+
+
+def test_the_latent_cache_is_filled_once_and_read_in_later_epochs(data, tmp_path, pipelines):
+    def run(out, cache):
+        return train_guidance(GuidanceConfig(model=str(pipelines["sd15"]), data=str(data["folder"]), resolution=32,
+                                             steps=5, batch_size=4, out_dir=str(tmp_path / out), w_set=(0.0, 2.0),
+                                             latent_cache=cache, n_validation=1, threads=1))
+
+    weights = Path(GUIDANCE_SUBFOLDER) / "diffusion_pytorch_model.safetensors"
+    cached, plain = load_file(str(run("cached", True) / weights)), load_file(str(run("plain", False) / weights))
+    files = list((tmp_path / "cached" / "cache").glob("latents-*/*/*.safetensors"))
+    assert len(files) == N_IMAGES  # 5 steps x 4 rows = 20 reads of 16 examples: each encoded once
+    assert not (tmp_path / "plain" / "cache").exists() or not list((tmp_path / "plain" / "cache").iterdir())
+    assert all(torch.allclose(cached[k], plain[k], atol=1e-5) for k in plain)  # the same latents (to rounding)

@@ -23,7 +23,8 @@ EPILOG = """examples:
   icd bench guidance --n 256 --guidance 2 --out out/bench/guidance-w2        # distilled UNet vs two-pass CFG
   icd bench editing --pie-bench PIE-Bench_v1 --n 20 --methods icd,ddim50 --out out/bench/pie
 methods: icd, icd:NAME (with --adapters NAME=DIR), ddimK (original UNet, two-pass CFG), gddimK (guidance-distilled
-UNet), npiK, ntiK, vae (inversion: encode + decode only); a family without K takes 50 steps or each of
+UNet), npiK, ntiK, sdeditK@S / sdedit-icd@S (editing: SDEdit from strength S), vae (inversion: encode + decode
+only); a family without K takes 50 steps or each of
 --steps-list. Multi-process: run the same command under `accelerate launch` or `torchrun`; cases are sharded and
 gathered into one results.json."""
 

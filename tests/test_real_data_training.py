@@ -157,7 +157,7 @@ def test_unreadable_images_are_skipped_and_counted(data, tmp_path, pipelines):
     (folder / "img05.png").unlink()
     cfg = GuidanceConfig(model=str(pipelines["sd15"]), data=str(folder), resolution=32, steps=2, batch_size=4,
                          out_dir=str(tmp_path / "g"), w_set=(0.0, 2.0), log_every=1, checkpoint_every=2,
-                         n_validation=2, threads=1)
+                         n_validation=0, threads=1)
     train_guidance(cfg)
     log = (tmp_path / "g" / "log.csv").read_text().splitlines()
     header, last = log[0].split(","), log[-1].split(",")
@@ -206,10 +206,10 @@ def test_sdxl_trains_both_stages_on_webdataset_shards(data, tmp_path, pipelines)
 def test_custom_boundaries_are_honoured(data, tmp_path, pipelines):
     g = train_guidance(GuidanceConfig(model=str(pipelines["sd15"]), data=str(data["folder"]), resolution=32,
                                       steps=1, batch_size=2, out_dir=str(tmp_path / "g"), w_set=(0.0,), threads=1,
-                                      n_validation=1))
+                                      n_validation=0))
     final = train_icd(ICDConfig(model=str(g), data=str(data["folder"]), resolution=32, steps=1, batch_size=2,
                                 out_dir=str(tmp_path / "i"), reverse_boundaries=(0, 499), forward_boundaries=(499, 999),
-                                rank=4, threads=1, w_set=(0.0,), n_validation=1))
+                                rank=4, threads=1, w_set=(0.0,), n_validation=0))
     saved = json.loads((final / "adapters.json").read_text())["boundaries"]
     assert (saved["reverse"], saved["forward"]) == ([0, 499], [499, 999])
 
@@ -219,7 +219,7 @@ def test_an_interrupted_real_data_run_resumes_to_identical_weights(data, tmp_pat
         return ICDConfig(model=str(pipe), unet_subfolder="unet_guidance", data=str(data["folder"]),
                          resolution=32, steps=3, batch_size=2, out_dir=str(tmp_path / out), rank=4, lr=1e-3,
                          checkpoint_every=1, log_every=1, threads=1, w_set=(0.0, 2.0), random_crop=True,
-                         caption_dropout=0.5, n_validation=1)
+                         caption_dropout=0.5, n_validation=0)
 
     import shutil
 
@@ -268,7 +268,7 @@ def test_the_latent_cache_is_filled_once_and_read_in_later_epochs(data, tmp_path
     def run(out, cache):
         return train_guidance(GuidanceConfig(model=str(pipelines["sd15"]), data=str(data["folder"]), resolution=32,
                                              steps=5, batch_size=4, out_dir=str(tmp_path / out), w_set=(0.0, 2.0),
-                                             latent_cache=cache, n_validation=1, threads=1))
+                                             latent_cache=cache, n_validation=0, threads=1))
 
     weights = Path(GUIDANCE_SUBFOLDER) / "diffusion_pytorch_model.safetensors"
     cached, plain = load_file(str(run("cached", True) / weights)), load_file(str(run("plain", False) / weights))

@@ -115,7 +115,7 @@ class ScaleConfig:
     gradient_accumulation: int = 1  # micro-batches per process and step; global batch = batch_size
     validate_every: int = 0  # steps between validations (0: only at the end of a real-data run; world: never)
     validation_prompts: tuple[str, ...] = ()  # prompts of the sample grid ("" = the validation images' captions)
-    n_validation: int = 4  # fixed validation images: the first N examples of the dataset
+    n_validation: int = 4  # fixed validation images: the first N examples of the dataset (0: no validation)
     log_to: str = "none"  # "none" | "tensorboard" | "wandb" (when installed) besides log.csv
 
     def __post_init__(self):
@@ -126,9 +126,10 @@ class ScaleConfig:
                               f"got {self.mixed_precision!r}")
         if self.log_to not in LOGGERS:
             raise ConfigError(f"{name}.log_to must be one of {', '.join(LOGGERS)}, got {self.log_to!r}")
-        for f in ("gradient_accumulation", "n_validation"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{name}.{f} must be >= 1, got {getattr(self, f)}")
+        if self.gradient_accumulation < 1:
+            raise ConfigError(f"{name}.gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
+        if self.n_validation < 0:
+            raise ConfigError(f"{name}.n_validation must be >= 0 (0: no validation), got {self.n_validation}")
         if self.validate_every < 0:
             raise ConfigError(f"{name}.validate_every must be >= 0, got {self.validate_every}")
 

@@ -135,7 +135,8 @@ def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
     student.train().requires_grad_(True)
     params = list(student.parameters())
     log.info("guidance distillation: %s", describe_batch(cfg, sync, precision.mode))
-    validation = feed.validation(cfg.n_validation) if sync.is_main and (cfg.validate_every or source) else None
+    wants_validation = sync.is_main and cfg.n_validation > 0 and bool(cfg.validate_every or source)
+    validation = feed.validation(cfg.n_validation) if wants_validation else None
 
     with run:
         while not run.done:

@@ -302,7 +302,8 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
                       images_per_step=cfg.batch_size, tracker=tracker)
     log.info("iCD: %s; boundaries E_R %s, E_F %s", describe_batch(cfg, sync, precision.mode), list(boundaries.reverse),
              list(boundaries.forward))
-    validation = feed.validation(cfg.n_validation) if sync.is_main and (cfg.validate_every or source) else None
+    wants_validation = sync.is_main and cfg.n_validation > 0 and bool(cfg.validate_every or source)
+    validation = feed.validation(cfg.n_validation) if wants_validation else None
 
     def validate() -> None:
         row = validate_icd(model, boundaries, images=validation[0], captions=validation[1],

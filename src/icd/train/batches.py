@@ -54,12 +54,11 @@ def crop_square(im: Image.Image, resolution: int, offset: tuple[float, float] | 
 
 @dataclass
 class Examples:
-    """One process's rows of one step: uint8 images [n, H, W, 3], captions (after dropout), identities, skips."""
+    """One process's rows of one step: uint8 images [n, H, W, 3], captions (after dropout), identities."""
 
     images: np.ndarray
     captions: list[str]
     keys: list[str]
-    skipped: int
 
 
 class BatchReader:
@@ -69,7 +68,9 @@ class BatchReader:
         self.rank, self.world, self.random_crop, self.caption_dropout = rank, world, random_crop, caption_dropout
         self.rows = list(range(rank, global_batch, world))  # this process's rows of every global batch
         self.bad: set[str] = set()  # identities of the unreadable examples met so far
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) of a table
+        self._order: tuple[int, list[Path]] | None = None  # (epoch, shard order) of this process's shards
+        self._keys: tuple[int, Path, list[str]] | None = None  # (epoch, shard, its key order)
         if isinstance(source, ShardSource):
             if len(source.shards) < world:
                 raise DataError(f"{source.description}: {len(source.shards)} shard(s) for {world} processes; "
@@ -90,18 +91,26 @@ class BatchReader:
             self._perm = (epoch, torch.randperm(n, generator=step_generator(self.seed, epoch, PERMUTATION_STREAM)))
         return int(self._perm[1][position % n])
 
+    def _shard_order(self, epoch: int) -> list[Path]:
+        """This process's shards in epoch `epoch`'s order (cached for the epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            gen = step_generator(self.seed, epoch, PERMUTATION_STREAM + 1000 * (1 + self.rank))
+            self._order = (epoch, [self.shards[i] for i in torch.randperm(len(self.shards), generator=gen).tolist()])
+        return self._order[1]
+
+    def _shard_keys(self, epoch: int, shard: Path) -> list[str]:
+        """`shard`'s sample keys in epoch `epoch`'s order (cached for the shard being read)."""
+        if self._keys is None or self._keys[:2] != (epoch, shard):
+            keys = self.source.samples(shard)
+            gen = step_generator(self.seed, epoch, PERMUTATION_STREAM + 7919 * (1 + self.source.shards.index(shard)))
+            self._keys = (epoch, shard, [keys[i] for i in torch.randperm(len(keys), generator=gen).tolist()])
+        return self._keys[2]
+
     def _shard_sample(self, position: int) -> tuple[Path, str]:
         epoch, offset = divmod(position, self.epoch_size)
-        order = torch.randperm(len(self.shards), generator=step_generator(self.seed, epoch, PERMUTATION_STREAM
-                                                                          + 1000 * (1 + self.rank)))
-        for i in order.tolist():
-            shard = self.shards[i]
+        for shard in self._shard_order(epoch):
             if offset < self.sizes[shard]:
-                keys = self.source.samples(shard)
-                global_index = self.source.shards.index(shard)
-                perm = torch.randperm(len(keys), generator=step_generator(self.seed, epoch, PERMUTATION_STREAM
-                                                                          + 7919 * (1 + global_index)))
-                return shard, keys[int(perm[offset])]
+                return shard, self._shard_keys(epoch, shard)[offset]
             offset -= self.sizes[shard]
         raise AssertionError("position beyond the epoch")  # unreachable: offset < epoch_size
 
@@ -113,7 +122,7 @@ class BatchReader:
         i = self._table_index(position)
         return i, self.source.keys[i] if self.source.keys else str(i)
 
-    def _read_good(self, position: int, stride: int) -> tuple[Image.Image, str, str, int]:
+    def _read_good(self, position: int, stride: int) -> tuple[Image.Image, str, str]:
         """The example at `position`, or the first readable one after it (every `stride`-th position); unreadable
         examples are remembered (`bad`, counted once each) and never decoded again."""
         for attempt in range(MAX_RETRIES):
@@ -125,7 +134,7 @@ class BatchReader:
                     image, caption = self.source.read(*where)
                 else:
                     image, caption = self.source.image(where), self.source.captions[where]
-                return image, caption, key, attempt
+                return image, caption, key
             except BadImage as e:
                 if len(self.bad) < 5:
                     log.warning("skipping an unreadable image: %s", e)
@@ -141,27 +150,24 @@ class BatchReader:
     # ------------------------------------------------------------------------------------------- batches
     def batch(self, step: int) -> Examples:
         """This process's rows of global batch `step` (see the module docstring)."""
-        gen = step_generator(self.seed, step, ROW_STREAM)
-        offsets = torch.rand((self.batch_size, 2), generator=gen)
-        drop = torch.rand(self.batch_size, generator=gen) < self.caption_dropout
-        if isinstance(self.source, ShardSource):
+        if isinstance(self.source, ShardSource):  # the process's own stream, and its own crop / dropout draws
             n = len(self.rows)
-            positions, stride = [step * n + j for j in range(n)], 1
-            # the process's own draws for crops and dropout (its stream is its own)
+            positions, stride, rows = [step * n + j for j in range(n)], 1, list(range(n))
             gen = step_generator(self.seed, step, ROW_STREAM + 1 + self.rank)
-            offsets, drop = torch.rand((n, 2), generator=gen), torch.rand(n, generator=gen) < self.caption_dropout
-            rows = list(range(n))
-        else:
-            positions, stride, rows = [step * self.batch_size + r for r in self.rows], self.batch_size, self.rows
-        images, captions, keys, skipped = [], [], [], 0
+        else:  # global draws, so a row's crop and dropout do not depend on the process count
+            n = self.batch_size
+            positions, stride, rows = [step * n + r for r in self.rows], n, self.rows
+            gen = step_generator(self.seed, step, ROW_STREAM)
+        offsets = torch.rand((n, 2), generator=gen)
+        drop = torch.rand(n, generator=gen) < self.caption_dropout
+        images, captions, keys = [], [], []
         for row, position in zip(rows, positions):
-            image, caption, key, misses = self._read_good(position, stride)
+            image, caption, key = self._read_good(position, stride)
             offset = tuple(offsets[row].tolist()) if self.random_crop else None
             images.append(crop_square(image, self.resolution, offset))
             captions.append("" if bool(drop[row]) else caption)
             keys.append(key)
-            skipped += misses
-        return Examples(np.stack(images), captions, keys, skipped)
+        return Examples(np.stack(images), captions, keys)
 
 
 class LatentEncoder:

@@ -35,9 +35,14 @@ def precision_mode(cfg, sync: ProcessGroup) -> str:
     return cfg.mixed_precision
 
 
+def local_rows(cfg, sync: ProcessGroup) -> int:
+    """How many rows of each global batch this process trains on (rows ``rank::world``)."""
+    return len(range(sync.rank, cfg.batch_size, sync.world))
+
+
 def describe_batch(cfg, sync: ProcessGroup, precision: str) -> str:
     """'global batch 512 = 8 per micro-batch x 8 accumulation x 8 processes' (logged at the start of a run)."""
-    local = len(range(sync.rank, cfg.batch_size, sync.world))
+    local = local_rows(cfg, sync)
     micro = -(-local // cfg.gradient_accumulation)
     return (f"global batch {cfg.batch_size} = {micro} per micro-batch x {cfg.gradient_accumulation} accumulation x "
             f"{sync.world} process(es) on {sync.device}, {precision} precision, gradient checkpointing "
@@ -47,6 +52,5 @@ def describe_batch(cfg, sync: ProcessGroup, precision: str) -> str:
 def open_run_tracker(cfg, out: Path, sync: ProcessGroup) -> NoTracker | None:
     """The config's tracker on the main process (None elsewhere); checked on every process before training."""
     check_tracker(cfg.log_to)
-    if len(range(sync.rank, cfg.batch_size, sync.world)) < cfg.gradient_accumulation:
-        micro_batches(len(range(sync.rank, cfg.batch_size, sync.world)), cfg.gradient_accumulation)  # raises
+    micro_batches(local_rows(cfg, sync), cfg.gradient_accumulation)  # ConfigError before training if it cannot split
     return open_tracker(cfg.log_to, out, to_dict(cfg)) if sync.is_main and cfg.log_to != "none" else None

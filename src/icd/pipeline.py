@@ -67,7 +67,7 @@ TASKS = ("invert", "edit", "generate")
 DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model;
 # a Stable Diffusion family has its own: `guidance_default`)
 DEFAULT_STEPS = 50  # the DDIM baselines' step count
-DEFAULT_DDIM_RULE = "start"  # DDIM inversion's noise label (icd.samplers.DDIM_RULES); docs/baselines.md §2
+DEFAULT_DDIM_RULE = "reference"  # DDIM inversion's noise label (icd.samplers.DDIM_RULES); docs/baselines.md §2
 DEFAULT_RENOISE = 1.0  # iCD generation's re-noising strength (docs/method.md §8.4, §12); inversion never re-noises
 DEFAULT_STRENGTH = 0.4  # SDEdit's start noise level S (t_S = S T), chosen on validation cases (experiments/sdedit.md)
 

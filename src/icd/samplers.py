@@ -7,10 +7,10 @@ Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decide
 (`LatentDiffusion.eps_fn`), never by the loop.
 
 - `ddim_invert` / `ddim_decode`: DDIM inversion up the DDIM grid from z0 at t = 0, and decoding back down it.
-  Inversion takes one of two rules for the timestep label of the noise prediction on the step t -> t': ``start``
-  labels it t (the latent's own time: our previous default, and how iCD's forward teacher steps); ``reference``
-  labels it t' (the destination), as the Prompt-to-Prompt / null-text inversion reference code and diffusers'
-  `DDIMInverseScheduler` do.
+  Inversion takes one of two rules for the timestep label of the noise prediction on the step t -> t':
+  ``reference`` (the default) labels it t' (the destination), as the Prompt-to-Prompt / null-text inversion
+  reference code and diffusers' `DDIMInverseScheduler` do; ``start`` labels it t (the latent's own time, how iCD's
+  forward teacher steps; docs/baselines.md §2 gives the measured difference).
 - `icd_invert` (docs/method.md §8.1): noise z0 to the first forward boundary with explicit noise, then one forward
   jump per segment up to T - 1. `icd_decode`: one reverse jump per segment down to 0, optionally re-noised
   (`renoise` = gamma, generation only; `icd.solver.renoised_jump`).
@@ -74,7 +74,7 @@ def generation_timesteps(steps: int) -> list[int]:
 
 @torch.no_grad()
 def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedule: NoiseSchedule,
-                rule: str = "start") -> tuple[list[int], list[torch.Tensor]]:
+                rule: str = "reference") -> tuple[list[int], list[torch.Tensor]]:
     """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents). `rule`: the
     noise's timestep label on each step (`DDIM_RULES`; module docstring)."""
     timesteps = inversion_timesteps(steps)

@@ -116,7 +116,7 @@ def optional_metrics(metrics: dict[str, Callable], cases: Sequence[BenchCase], e
 def edit_batch(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext):
     sources = np.stack([c.source for c in cases])
     inv = pipe.invert(sources, [c.source_prompt for c in cases], method=method.family, steps=method.steps,
-                      guidance=ctx.guidance, strength=method.strength)
+                      guidance=ctx.guidance, strength=method.strength, ddim_rule=ctx.ddim_rule)
     return pipe.edit(inv, [c.target_prompt for c in cases], controls_for(method.family, cases, ctx.guidance, ctx.tau))
 
 
@@ -148,7 +148,7 @@ def time_edit(pipe: Pipeline, method: Method, case: BenchCase, ctx: RunContext) 
     sync(model.device)
     t0 = time.perf_counter()
     inv = pipe.invert(case.source[None], [case.source_prompt], method=method.family, steps=method.steps,
-                      guidance=ctx.guidance, strength=method.strength)
+                      guidance=ctx.guidance, strength=method.strength, ddim_rule=ctx.ddim_rule)
     sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
     pipe.edit(inv, [case.target_prompt], controls_for(method.family, [case], ctx.guidance, ctx.tau))

@@ -30,7 +30,8 @@ from icd.bench.runtime import Shards, describe_device, strip_images, timing_case
 from icd.bench.task import BenchTask, RunContext
 from icd.io import folder_problem, write_text_atomic
 from icd.judge import JudgeScorer
-from icd.pipeline import DEFAULT_RENOISE, MAX_GUIDANCE, Pipeline
+from icd.pipeline import DEFAULT_DDIM_RULE, DEFAULT_RENOISE, MAX_GUIDANCE, Pipeline
+from icd.samplers import DDIM_RULES
 
 REGISTRY: dict[str, BenchTask] = {t.name: t for t in (inversion.TASK, editing.TASK, generation.TASK, guidance.TASK)}
 TASKS = tuple(REGISTRY)
@@ -54,6 +55,7 @@ class BenchOptions:
     guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
     tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
     renoise: float | None = None  # generation: icd methods' re-noising strength (None: icd.pipeline.DEFAULT_RENOISE)
+    ddim_rule: str = DEFAULT_DDIM_RULE  # DDIM inversion's noise label (ddim / gddim / npi / nti; icd.samplers)
     batch: int = 50
     n_timing: int = 5
     examples: int = 2  # example cases per kind in examples.png
@@ -89,6 +91,8 @@ class BenchOptions:
             raise ValueError(f"--tau must lie in [0, 1], got {self.tau}")
         if not str(self.out).strip():
             raise ValueError("--out must name a folder")
+        if self.ddim_rule not in DDIM_RULES:
+            raise ValueError(f"--ddim-rule must be one of {', '.join(DDIM_RULES)}, got {self.ddim_rule!r}")
         if self.n_timing < 1 or self.examples < 0:
             raise ValueError("--n-timing must be >= 1 and --examples >= 0")
         if self.pie_bench and self.task not in ("inversion", "editing"):
@@ -159,12 +163,13 @@ def run_bench(opts: BenchOptions) -> dict:
             judge = JudgeScorer.load(None)
     renoise = _renoise(opts)
     ctx = RunContext(guidance=guidance, tau=opts.tau, shards=shards, renoise=renoise, batch=opts.batch,
-                     examples=opts.examples, progress=opts.progress and shards.is_main, judge=judge, metrics=metrics)
+                     examples=opts.examples, progress=opts.progress and shards.is_main, judge=judge, metrics=metrics,
+                     ddim_rule=opts.ddim_rule)
     timed = timing_cases(cases, opts.n_timing)
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
                "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau, "renoise": renoise,
-               "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
+               "ddim_rule": opts.ddim_rule, "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
     shown: dict[str, list] = {}
     for m in methods:
         records, timings = task.measure(pipes[m.name], m, cases, timed=timed, ctx=ctx)

@@ -29,7 +29,7 @@ def reconstruct(pipe: Pipeline, method: Method, images: np.ndarray, prompts: lis
         return autoencode(pipe, images)
     pipe.model_for(method.family).counter.reset()
     r = pipe.reconstruct(images, prompts, method=method.family, steps=method.steps, guidance=ctx.guidance,
-                         tau=ctx.tau)
+                         tau=ctx.tau, ddim_rule=ctx.ddim_rule)
     return r.images, {"seconds": r.seconds_invert + r.seconds_decode, "seconds_invert": r.seconds_invert,
                       "seconds_decode": r.seconds_decode, "nfe": r.nfe_invert + r.nfe_decode,
                       "nfe_invert": r.nfe_invert, "nfe_decode": r.nfe_decode}

@@ -16,6 +16,7 @@ class RunContext:
     tau: float | None
     shards: Shards
     renoise: float | None = None  # generation: the icd methods' re-noising strength
+    ddim_rule: str = "reference"  # DDIM inversion's noise label (icd.samplers.DDIM_RULES)
     batch: int = 50
     examples: int = 0
     progress: bool = True

@@ -11,6 +11,7 @@ from icd import world
 from icd.bench import TASKS, BenchOptions, run_bench
 from icd.cli.common import CLIError, add_threads, default
 from icd.pipeline import DEFAULT_RENOISE
+from icd.samplers import DDIM_RULES
 from icd.train.icd import export_checkpoint
 
 EPILOG = """examples:
@@ -46,7 +47,7 @@ def cmd_bench(args) -> None:
                             model=args.model, guidance=args.guidance, tau=args.tau, renoise=args.renoise,
                             batch=args.batch, n_timing=args.n_timing, examples=args.examples,
                             pie_bench=args.pie_bench, lpips=args.lpips, clip=args.clip, dino=args.dino,
-                            device=args.device, force=args.force, progress=not args.quiet,
+                            device=args.device, ddim_rule=args.ddim_rule, force=args.force, progress=not args.quiet,
                             export_checkpoint=export_checkpoint)
         results = run_bench(opts)
     except (ValueError, FileExistsError) as e:  # bad options, unknown kinds or methods, a malformed PIE-Bench folder
@@ -96,6 +97,10 @@ def add_parser(sub) -> None:
     b.add_argument("--dino", default=opt("dino"), metavar="DIR", help="local DINOv2 model folder")
     b.add_argument("--device", default=opt("device"),
                    help="auto (the launcher's device, else cuda if present), cpu, cuda (default %(default)s)")
+    b.add_argument("--ddim-rule", default=opt("ddim_rule"), choices=DDIM_RULES,
+                   help="DDIM inversion (ddim / gddim / npi / nti): label each step's noise with its destination time "
+                   "(reference, the default: the P2P / null-text reference code, diffusers' DDIMInverseScheduler) "
+                   "or its start time")
     b.add_argument("--force", action="store_true", help="replace results already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     add_threads(b)

@@ -14,6 +14,8 @@ from icd.editing.tokens import AlignmentError
 from icd.imageio import ImageError, fit_image, looks_like_shapes_world
 from icd.models.base import PromptError
 from icd.models.loading import ModelError
+from icd.pipeline import DEFAULT_DDIM_RULE
+from icd.samplers import DDIM_RULES
 from icd.solver import NumericsError
 from icd.train.checkpoint import CheckpointError
 from icd.train.config import ConfigError
@@ -102,9 +104,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--boundaries", default=None, metavar="SET",
                    help="4step-1 / 4step-2 / 3step or E_R such as 0,259,519,779 (default: the adapters')")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    m.add_argument("--ddim-rule", default="start", choices=["start", "reference"],
-                   help="DDIM inversion (ddim / npi / nti): label each step's noise with its start time (default) or "
-                   "its destination, as the P2P / null-text reference code and diffusers' DDIMInverseScheduler")
+    m.add_argument("--ddim-rule", default=DEFAULT_DDIM_RULE, choices=DDIM_RULES,
+                   help="DDIM inversion (ddim / npi / nti): label each step's noise with its destination time "
+                   "(reference, the default: the P2P / null-text reference code, diffusers' DDIMInverseScheduler) "
+                   "or its start time")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' precision (auto: fp16 on CUDA, fp32 on a CPU)")
     m.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images on small GPUs)")

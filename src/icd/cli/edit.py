@@ -17,7 +17,7 @@ from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
 from icd.io import folder_problem
-from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, Pipeline
+from icd.pipeline import DEFAULT_DDIM_RULE, DEFAULT_GUIDANCE, DEFAULT_STRENGTH, Pipeline
 from icd.plotting import captioned_grid
 from icd.samplers import check_strength
 
@@ -74,7 +74,7 @@ _CONTROL_OPTIONS = (("masactrl", False), ("swap", False), ("blend", None), ("mas
                     ("self_replace", default(P2PControls, "self_replace")),
                     ("blend_threshold", default(P2PControls, "blend_threshold")),
                     ("masactrl_start_t", default(MasaCtrlControls, "start_t")),
-                    ("masactrl_layer", default(MasaCtrlControls, "start_layer")), ("ddim_rule", "start"))
+                    ("masactrl_layer", default(MasaCtrlControls, "start_layer")), ("ddim_rule", DEFAULT_DDIM_RULE))
 
 
 def _check_sdedit(args) -> None:

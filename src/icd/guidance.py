@@ -44,3 +44,16 @@ def dynamic_guidance(t: int | torch.Tensor, w: torch.Tensor | float, tau: float 
         return w
     t = torch.as_tensor(t)
     return torch.where(t.float() / 1000.0 > tau, torch.zeros_like(w), w)
+
+
+def two_way_cfg(eps_uncond: torch.Tensor, eps_image: torch.Tensor, eps_full: torch.Tensor, *, image_scale: float,
+                text_scale: float) -> torch.Tensor:
+    """Two-way classifier-free guidance over an image and a text condition (Brooks, Holynski & Efros 2023,
+    "InstructPix2Pix: Learning to Follow Image Editing Instructions", CVPR, eq. 3):
+
+        eps = eps(0, 0) + s_I (eps(c_I, 0) - eps(0, 0)) + s_T (eps(c_I, c_T) - eps(c_I, 0))
+
+    `eps_uncond` = eps(0, 0) (no image, no text), `eps_image` = eps(c_I, 0), `eps_full` = eps(c_I, c_T); s_I =
+    `image_scale`, s_T = `text_scale` are classical scales (1: that condition unguided). s_I = 1 is plain text CFG
+    conditioned on the image; s_I = s_T = 1 is the conditional prediction eps(c_I, c_T)."""
+    return eps_uncond + image_scale * (eps_image - eps_uncond) + text_scale * (eps_full - eps_image)

@@ -6,15 +6,14 @@
     result = pipe.edit(inversion, targets, EditControls(...))  # 4 reverse calls for [sources, targets]
     images = pipe.generate(["a small blue star on a white background"])
 
-Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4):
-
-- ``icd``: the forward adapter encodes, the reverse adapter decodes (guidance-distilled UNet, dynamic CFG);
-- ``gddim``: DDIM on the guidance-distilled UNet with its adapters off (guidance is an input: one call per step);
-- ``ddim``: DDIM on the original UNet, two-pass classifier-free guidance;
-- ``npi``: negative-prompt inversion (DDIM inversion, then CFG against the source prompt);
-- ``nti``: null-text inversion (DDIM inversion plus per-step optimised unconditional embeddings);
-- ``sdedit`` / ``sdedit-icd``: SDEdit (no inversion: noise to the strength's time, denoise under the target prompt)
-  with the teacher's DDIM steps (original UNet) or the iCD reverse model's jumps (`icd.editing.sdedit`).
+Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4): ``icd`` (the forward adapter encodes, the reverse
+adapter decodes: guidance-distilled UNet, dynamic CFG); ``gddim`` (DDIM on the guidance-distilled UNet, adapters off);
+``ddim`` (DDIM on the original UNet, two-pass CFG); ``npi`` (negative-prompt inversion: DDIM inversion, then CFG
+against the source prompt); ``nti`` (null-text inversion: per-step optimised unconditional embeddings); ``sdedit`` /
+``sdedit-icd`` (SDEdit: no inversion, noise to the strength's time and denoise under the target prompt with the
+teacher's DDIM steps or the iCD reverse jumps, `icd.editing.sdedit`); ``ip2p`` (InstructPix2Pix trained on our
+teacher's P2P triples: an instruction and the source latent, two-way CFG, `icd.editing.ip2p`; weights in
+``<model>/ip2p`` or ``ip2p=DIR``).
 
 `Pipeline.settings` resolves guidance, tau, steps and re-noising for a (method, task) in one place; the CLI, the
 bench and the Python API call it, and everything they run goes through the samplers of `icd.samplers`.
@@ -22,7 +21,6 @@ bench and the Python API call it, and everything they run goes through the sampl
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,14 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from icd.boundaries import Boundaries
-from icd.editing import sdedit
+from icd.editing import ip2p, sdedit
 from icd.editing.attention import AttentionLayers
+from icd.editing.checks import MAX_GUIDANCE, check_prompts, check_ranges  # noqa: F401 (re-exported)
 from icd.editing.edit import EditControls, baseline_uncond, edit_latents, flatten_targets, make_controller
 from icd.editing.inversion import Inversion
 from icd.editing.nulltext import null_text_optimize
 from icd.imageio import to_uint8
 from icd.models import lora
-from icd.models.base import EpsFn, LatentDiffusion, PromptError
+from icd.models.base import EpsFn, LatentDiffusion
 from icd.models.loading import (
     ADAPTERS_SUBFOLDER,
     GUIDANCE_UNET,
@@ -79,7 +78,7 @@ class MethodSpec:
 
     name: str
     unet: str
-    inversion: str  # "icd" | "ddim" | "sdedit" (the forward process q(x_t | x_0), no UNet call)
+    inversion: str  # "icd" | "ddim" | "sdedit" (the forward process q(x_t | x_0), no UNet call) | "ip2p" (encode)
     tasks: tuple[str, ...]
     summary: str
 
@@ -92,6 +91,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("nti", "base", "ddim", ("invert", "edit"), "null-text inversion"),
     MethodSpec(sdedit.METHODS[0], "base", "sdedit", ("invert", "edit"), "SDEdit with the teacher's DDIM steps"),
     MethodSpec(sdedit.METHODS[1], "icd", "sdedit", ("invert", "edit"), "SDEdit with the iCD reverse model's jumps"),
+    MethodSpec(ip2p.METHOD, "base", "ip2p", ("invert", "edit"), "InstructPix2Pix trained on the teacher's edits"),
 )}
 
 
@@ -100,9 +100,8 @@ def method_spec(name: str, task: str | None = None) -> MethodSpec:
     valid = [m for m in METHODS.values() if task is None or task in m.tasks]
     spec = METHODS.get(name)
     if spec is None or spec not in valid:
-        what = f"for {task}" if task else ""
-        raise ValueError(f"unknown method {name!r} {what}; choose from {', '.join(m.name for m in valid)}".replace(
-            "  ", " "))
+        what = f" for {task}" if task else ""
+        raise ValueError(f"unknown method {name!r}{what}; choose from {', '.join(m.name for m in valid)}")
     return spec
 
 
@@ -142,10 +141,12 @@ class Pipeline:
     """Invert, reconstruct, edit and generate with one model folder: iCD on its adapters, baselines on its UNets."""
 
     def __init__(self, icd_model: LatentDiffusion | None, base_model: LatentDiffusion | None = None, *,
-                 base_path: Path | None = None):
+                 base_path: Path | None = None, ip2p_path: str | Path | None = None):
         if icd_model is None and base_model is None:
             raise ValueError("a Pipeline needs a model")
         self.icd_model, self._base, self._base_path = icd_model, base_model, base_path
+        self._ip2p_path = ip2p_path or (base_path / ip2p.SUBFOLDER if base_path is not None else None)
+        self._ip2p: ip2p.IP2PModel | None = None  # loaded on first use of method ip2p
         self._layers: dict[int, AttentionLayers] = {}  # id(unet) -> its attention layers (found once)
 
     @classmethod
@@ -153,7 +154,8 @@ class Pipeline:
                         adapters: str | Path | None = None, lora_forward: str | Path | None = None,
                         lora_reverse: str | Path | None = None, boundaries: Boundaries | str | None = None,
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                        vae_tiling: bool = False, vae_slicing: bool = False, fuse: bool = True) -> Pipeline:
+                        vae_tiling: bool = False, vae_slicing: bool = False, fuse: bool = True,
+                        ip2p: str | Path | None = None) -> Pipeline:
         """The embedded model by default; any SD 1.5 / SDXL pipeline folder or hub id (`icd.models.loading`).
 
         unet: the guidance-distilled UNet (folder, hub id or state-dict file; default ``<model>/unet_guidance``).
@@ -161,7 +163,8 @@ class Pipeline:
         ``<model>/icd``). boundaries: a preset or E_R list overriding the adapters'. dtype: None = fp16 on CUDA,
         fp32 on a CPU. vae_tiling / vae_slicing: decode large images / batches in tiles / one image at a time.
         fuse: fold each adapter into its own copy of the weights (fast; two extra copies of the adapted weights);
-        False keeps peft's LoRA branches (no extra copies, each call runs the low-rank branches too).
+        False keeps peft's LoRA branches (no extra copies, each call runs the low-rank branches too). ip2p: the
+        InstructPix2Pix weights folder (default ``<model>/ip2p``), loaded when method ip2p first runs.
         The baselines' original UNet loads lazily, sharing text encoder and VAE; without a distilled UNet or
         adapters the pipeline serves the baselines only."""
         path = resolve_model_path(name_or_path)
@@ -171,11 +174,11 @@ class Pipeline:
         has_icd = any(v is not None for v in (unet, adapters, lora_forward, lora_reverse)) or (
             (path / GUIDANCE_UNET).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
         if not has_icd:
-            pipe = cls(None, load_model(name_or_path, device=device, dtype=dtype), base_path=path)
+            pipe = cls(None, load_model(name_or_path, device=device, dtype=dtype), base_path=path, ip2p_path=ip2p)
         else:
             pipe = cls(load_icd_model(name_or_path, unet=unet, adapters=adapters, lora_forward=lora_forward,
                                       lora_reverse=lora_reverse, boundaries=boundaries, device=device, dtype=dtype,
-                                      fuse=fuse, require_adapters=False), None, base_path=path)
+                                      fuse=fuse, require_adapters=False), None, base_path=path, ip2p_path=ip2p)
         if vae_tiling:
             pipe.model.vae.enable_tiling()
         if vae_slicing:
@@ -187,7 +190,7 @@ class Pipeline:
         if self._base_path is None:
             raise ValueError("with_adapters needs a pipeline made by Pipeline.from_pretrained")
         return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device,
-                                        dtype=self.model.dtype)
+                                        dtype=self.model.dtype, ip2p=self._ip2p_path)
 
     # ------------------------------------------------------------------ dispatch
     @property
@@ -202,6 +205,11 @@ class Pipeline:
             m = self.icd_model
             self._base = m.with_unet(base_unet(self._base_path, dtype=m.dtype, device=m.device))
         return self._base
+
+    def ip2p_model(self) -> ip2p.IP2PModel:
+        """The InstructPix2Pix weights (loaded once; `ip2p.IP2PError` naming `icd train ip2p` when missing)."""
+        self._ip2p = self._ip2p or ip2p.IP2PModel.load(self._ip2p_path or ip2p.SUBFOLDER, model=self.base())
+        return self._ip2p
 
     def model_for(self, method: str) -> LatentDiffusion:
         """The model serving `method` (METHODS[method].unet)."""
@@ -222,7 +230,7 @@ class Pipeline:
         DEFAULT_STRENGTH for SDEdit (and refused elsewhere)."""
         spec = method_spec(method, task)
         strength = sdedit.resolve_strength(method, strength, default=DEFAULT_STRENGTH)
-        _check_ranges(guidance=guidance, tau=tau, steps=steps, max_steps=self.model.schedule.num_timesteps)
+        check_ranges(guidance=guidance, tau=tau, steps=steps, max_steps=self.model.schedule.num_timesteps)
         if spec.unet == "icd":
             icd = self.model_for(method).icd
             segments = icd.boundaries.num_segments
@@ -233,7 +241,7 @@ class Pipeline:
             if tau is None and task != "generate":
                 tau = icd.tau
         elif steps is None:
-            steps = DEFAULT_STEPS
+            steps = ip2p.DEFAULT_STEPS if method == ip2p.METHOD else DEFAULT_STEPS
         if renoise is None:
             renoise = DEFAULT_RENOISE if (task == "generate" and method == "icd") else 0.0
         if not 0.0 <= renoise <= 1.0:
@@ -277,6 +285,8 @@ class Pipeline:
             raise ValueError(f"{z0.shape[0]} images but {len(prompts)} prompts")
         if METHODS[method].inversion == "sdedit":  # no UNet call: z0 noised to the strength's start time
             return sdedit.encode(model, z0, prompts, method=method, steps=st.steps, strength=st.strength, seed=seed)
+        if METHODS[method].inversion == "ip2p":  # no UNet call: the source latent and the sampler's seeded noise
+            return ip2p.encode(model, z0, prompts, steps=st.steps, seed=seed)
         cond = model.encode_prompt(prompts)
         if method == "icd":
             noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
@@ -300,6 +310,8 @@ class Pipeline:
                ) -> torch.Tensor:
         """Clean latents decoded from `inversion` with its own prompts (a reconstruction)."""
         method = inversion.method
+        if method_spec(method).inversion == "ip2p":  # IP2P conditions on the source latent: it is its own record
+            return inversion.latents[0]
         st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=sdedit.steps_of(inversion),
                            strength=inversion.settings.get("strength"))
         model = self.model_for(method)
@@ -335,9 +347,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ editing
     def edit(self, inversion: Inversion, target_prompts: Sequence[str] | Sequence[Sequence[str]],
-             controls: EditControls | None = None) -> EditResult:
-        """Decode [sources, targets] from `inversion` (SDEdit: no attention control); one target or list per image."""
+             controls: EditControls | ip2p.IP2PControls | None = None) -> EditResult:
+        """Decode [sources, targets] from `inversion` (SDEdit: no attention control; IP2P: `ip2p.IP2PControls`, its
+        sources are the VAE round trip); one target or list per image."""
         method = inversion.method
+        if method_spec(method, "edit").inversion == "ip2p":  # the instruction-conditioned sampler, no controller
+            self.check_inversion(inversion)
+            t0, calls0 = time.perf_counter(), self.base().counter.calls
+            images, recon = ip2p.edit(self.ip2p_model(), self.base(), inversion, target_prompts, controls=controls)
+            return EditResult(images, recon, self.base().counter.calls - calls0, time.perf_counter() - t0)
         is_sdedit = method_spec(method, "edit").inversion == "sdedit"
         controls = sdedit.sdedit_controls(controls) if is_sdedit else controls or EditControls()
         model = self.model_for(method)
@@ -384,6 +402,8 @@ class Pipeline:
                              f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
         if spec.inversion == "sdedit":
             sdedit.decode_timesteps(model, inversion)
+        elif spec.inversion == "ip2p":
+            ip2p.check_record(inversion, model)
         elif spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
             raise ValueError(f"this inversion's times {list(inversion.timesteps)} are not these adapters' "
                              f"{model.icd.boundaries.forward_schedule()}: invert again with them")
@@ -427,24 +447,3 @@ class Pipeline:
                 z0 = ddim_loop(eps, x, cond, generation_timesteps(st.steps), schedule=model.schedule)[0]
             out.append(model.decode_latents(z0))
         return torch.cat(out)
-
-
-MAX_GUIDANCE = 100.0  # codes above this are a typo, not a setting (CFG 8 is w = 7)
-
-
-def _check_ranges(*, guidance: float | None, tau: float | None, steps: int | None, max_steps: int) -> None:
-    """ValueError naming the option for a guidance code, tau or step count no run can use."""
-    if guidance is not None and not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
-        raise ValueError(f"guidance (--guidance) must be a code w = CFG - 1 in [0, {MAX_GUIDANCE:g}], got {guidance}")
-    if tau is not None and not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
-        raise ValueError(f"tau (--tau) must lie in [0, 1], got {tau}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps):
-        raise ValueError(f"steps (--steps) must be an integer in 1..{max_steps}, got {steps}")
-
-
-def check_prompts(model: LatentDiffusion, prompts: Sequence[str]) -> None:
-    """PromptError for an empty prompt or one the model cannot read."""
-    for p in prompts:
-        if not p.strip():
-            raise PromptError("a prompt is empty")
-    model.check_prompts(prompts)

@@ -187,7 +187,7 @@ def test_train_components_come_from_the_registry():
     from icd.train.icd import ICDConfig, train_icd
     from icd.train.vae import VAEConfig, train_vae
 
-    assert list(TRAINERS) == ["vae", "judge", "teacher", "guidance", "icd"]
+    assert list(TRAINERS) == ["vae", "judge", "teacher", "guidance", "icd", "ip2p"]
     assert TRAINERS["icd"] == (ICDConfig, train_icd) and TRAINERS["vae"] == (VAEConfig, train_vae)
     with pytest.raises(SystemExit):
         main(["train", "unet", "--config", "x.toml"])

@@ -7,6 +7,7 @@ import logging
 from icd.train.config import load_config
 from icd.train.guidance import GuidanceConfig, train_guidance
 from icd.train.icd import ICDConfig, train_icd
+from icd.train.ip2p import IP2PConfig, train_ip2p
 from icd.train.judge import JudgeConfig, train_judge
 from icd.train.runner import run_folder
 from icd.train.teacher import TeacherConfig, train_teacher
@@ -19,6 +20,7 @@ TRAINERS = {
     "teacher": (TeacherConfig, train_teacher),
     "guidance": (GuidanceConfig, train_guidance),
     "icd": (ICDConfig, train_icd),
+    "ip2p": (IP2PConfig, train_ip2p),  # InstructPix2Pix on the teacher's P2P triples (docs/experiments/ip2p.md)
 }
 
 

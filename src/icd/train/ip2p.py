@@ -1,0 +1,244 @@
+"""Train the InstructPix2Pix editor (Brooks, Holynski & Efros 2023) on triples our own teacher made
+(`icd.train.ip2p_data`): ``icd train ip2p --config configs/embedded.toml``.
+
+1. Triples: the teacher's Prompt-to-Prompt pairs from noise, judged (`generate_triples`; resumable chunks in
+   ``triples_dir``, default ``<out_dir>/triples``).
+2. Model: the teacher's UNet widened to 8 input channels (`icd.editing.ip2p.widen_unet`, new channels zero) and the
+   IP2P tokenizer / text encoder with the instruction words appended (`extend_text_encoder`); only the UNet and the
+   new embedding rows train, the rest of the text encoder stays frozen (IP2P froze CLIP).
+3. Objective (epsilon prediction on the noised *target* latent, uniform t in 0..999)::
+
+       x_t = alpha_t z_tgt + sigma_t eps,   L = w(t) || eps_theta(concat(x_t, z_src), t, c_T) - eps ||^2
+
+   with the teacher's recipe for the noise (offset noise) and the weight w(t) (min-SNR-gamma; 0 disables) since
+   the model starts from it, and IP2P's conditioning dropout: `text_dropout` of the rows drop the instruction only
+   (the empty prompt), `both_dropout` both, `image_dropout` the source latent only (zeros). Instructions are drawn
+   per row and step from the kind's paraphrases (`icd.editing.instructions`).
+4. Guidance: a grid of (s_T, s_I) on validation cases from training-range seeds (``validation_seed_start``, never
+   the held-out bench range) at ``validation_steps``; the best ground-truth PSNR is the folder's default.
+
+Writes ``<out_dir>/final`` (`icd.editing.ip2p.save_folder`), whose ip2p.json records the dataset, the training
+cost and the guidance grid. Checkpoints, resume, log.csv and the progress bar are `TrainingRun`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icd import world
+from icd.editing import ip2p
+from icd.editing.instructions import INSTRUCTION_WORDS, instruction, vocabulary
+from icd.io import atomic_directory
+from icd.judge import JudgeScorer
+from icd.metrics import psnr
+from icd.models.base import NFECounter
+from icd.runtime import step_generator
+from icd.train.config import ConfigError, RunConfig
+from icd.train.ip2p_data import TripleSpec, generate_triples, load_triples
+from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.teacher import ema_update, teacher_noise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IP2PConfig(RunConfig):
+    out_dir: str = "runs/ip2p"  # triples/, checkpoints, log.csv and final/ (the IP2P folder)
+    model: str = "embedded"  # the teacher: a pipeline folder whose original UNet makes the triples and starts IP2P
+    triples_dir: str = ""  # "" = <out_dir>/triples
+    n_chunks: int = 40  # triples generated = n_chunks x chunk (before the judge's filter)
+    chunk: int = 32  # caption pairs per generation batch (one edit kind per chunk, kinds in turn)
+    triple_seed_start: int = 0  # world seeds of the triples: triple_seed_start + i (below 1e9, held-out seeds)
+    teacher_steps: int = 50
+    teacher_guidance: float = 1.0  # code w = CFG - 1
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-4  # AdamW; linear warm-up, then cosine decay to lr_min
+    lr_min: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    offset_noise: float = 0.1  # the teacher's
+    snr_gamma: float = 5.0  # the teacher's min-SNR-gamma weighting (0: plain MSE)
+    text_dropout: float = 0.05  # rows that drop the instruction only (IP2P: 5 %)
+    both_dropout: float = 0.05  # rows that drop the instruction and the source latent
+    image_dropout: float = 0.05  # rows that drop the source latent only
+    paraphrase: bool = True  # a random paraphrase of the instruction per row and step (False: the default one)
+    ema_decay: float = 0.0  # EMA of the UNet (0: export the trained weights)
+    validation_cases: int = 10  # per kind, for the guidance grid (0: keep IP2P's SD defaults, no grid)
+    validation_seed_start: int = 900_000_000
+    validation_steps: int = 20
+    text_scales: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 7.5)
+    image_scales: tuple[float, ...] = (1.0, 1.5, 2.0)
+    checkpoint_every: int = 250
+    log_every: int = 25
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        drops = (self.text_dropout, self.both_dropout, self.image_dropout)
+        if min(drops) < 0 or sum(drops) >= 1:
+            raise ConfigError(f"{name}: the dropout fractions must be >= 0 and sum below 1, got {drops}")
+        end = self.triple_seed_start + self.n_chunks * self.chunk
+        val_end = self.validation_seed_start + len(world.EDIT_KINDS) * 1000
+        if self.n_chunks < 1 or self.chunk < 1:
+            raise ConfigError(f"{name}.n_chunks and chunk must be >= 1")
+        if self.triple_seed_start < 0 or end > world.EVAL_SEED_START or val_end > world.EVAL_SEED_START:
+            raise ConfigError(f"{name}: triple and validation seeds must lie in 0..{world.EVAL_SEED_START - 1} (the "
+                              "held-out bench seeds start there)")
+        if self.validation_seed_start < end and val_end > self.triple_seed_start:
+            raise ConfigError(f"{name}: validation seeds {self.validation_seed_start}.. overlap the triple seeds "
+                              f"{self.triple_seed_start}..{end - 1}")
+        if not self.text_scales or not self.image_scales or not 0 <= self.validation_cases <= 1000:
+            raise ConfigError(f"{name}: text_scales and image_scales must be non-empty, validation_cases in 0..1000")
+
+    def spec(self) -> TripleSpec:
+        return TripleSpec(n_chunks=self.n_chunks, chunk=self.chunk, seed_start=self.triple_seed_start,
+                          steps=self.teacher_steps, guidance=self.teacher_guidance)
+
+
+def dropout_masks(r: torch.Tensor, cfg: IP2PConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop the text, drop the image) per row from uniform draws `r`: [0, a) text only, [a, a + b) both,
+    [a + b, a + b + c) image only (a, b, c = text_dropout, both_dropout, image_dropout), as IP2P's script."""
+    a, b, c = cfg.text_dropout, cfg.both_dropout, cfg.image_dropout
+    return r < a + b, (r >= a) & (r < a + b + c)
+
+
+def validation_cases(cfg: IP2PConfig) -> list[world.EditCase]:
+    """`validation_cases` per kind from training-range seeds (kind j from validation_seed_start + 1000 j)."""
+    cases = []
+    for j, kind in enumerate(world.EDIT_KINDS):
+        seed, found = cfg.validation_seed_start + 1000 * j, 0
+        while found < cfg.validation_cases:
+            try:
+                cases.append(world.make_case(kind, seed))
+                found += 1
+            except world.NoEditError:
+                pass
+            seed += 1
+    return cases
+
+
+def guidance_grid(model: ip2p.IP2PModel, base, cases, cfg: IP2PConfig, *, judge: JudgeScorer) -> list[dict]:
+    """GT PSNR, background PSNR and judge accuracy of every (s_T, s_I) on `cases` (one batch per kind)."""
+    rows = []
+    for s_t in cfg.text_scales:
+        for s_i in cfg.image_scales:
+            gt, bg, ok = [], [], []
+            for kind in world.EDIT_KINDS:
+                part = [c for c in cases if c.kind == kind]
+                z0 = base.encode_images(np.stack([c.source for c in part]))
+                record = ip2p.encode(base, z0, [c.source_prompt for c in part], steps=cfg.validation_steps, seed=0)
+                edited, _ = ip2p.edit(model, base, record, [c.target_prompt for c in part],
+                                      controls=ip2p.IP2PControls(text_guidance=s_t, image_guidance=s_i))
+                gt += list(psnr(np.stack([c.target for c in part]), edited))
+                bg += list(psnr(np.stack([c.source for c in part]), edited, ~np.stack([c.mask for c in part])))
+                ok += [r == world.parse_caption(c.target_prompt) for r, c in zip(judge.read(edited), part)]
+            rows.append({"text_guidance": s_t, "image_guidance": s_i, "gt_psnr": round(float(np.mean(gt)), 3),
+                         "bg_psnr": round(float(np.mean(bg)), 3), "judge_accuracy": round(float(np.mean(ok)), 4)})
+            log.info("guidance s_T %g s_I %g: %s", s_t, s_i, rows[-1])
+    return rows
+
+
+def _training_seconds(out: Path) -> float:
+    """The "seconds" of log.csv's last row: training time summed over resumed sessions."""
+    with open(out / "log.csv", newline="") as f:
+        rows = [r for r in csv.reader(f)][1:]
+    return float(rows[-1][-1]) if rows else 0.0
+
+
+def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
+    # a heavy import kept inside: the pipeline (every method) is needed only to generate the triples
+    from icd.pipeline import Pipeline
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.from_pretrained(cfg.model)
+    teacher = pipe.base()
+    triples_dir = Path(cfg.triples_dir) if cfg.triples_dir else out / "triples"
+    dataset = generate_triples(pipe, triples_dir, cfg.spec())
+    data = load_triples(triples_dir, cfg.spec())
+    log.info("IP2P triples: %d kept of %d generated", len(data), dataset["generated"])
+
+    torch.manual_seed(cfg.seed)
+    unet = ip2p.widen_unet(teacher.unet).train().requires_grad_(True)
+    tokenizer, text_encoder, new_ids = ip2p.extend_text_encoder(teacher.tokenizer, teacher.text_encoder,
+                                                                vocabulary(), out / "tokenizer")
+    text_encoder.eval().requires_grad_(False)
+    rows = text_encoder.get_input_embeddings().weight
+    rows.requires_grad_(True)
+    frozen = torch.ones(rows.shape[0], 1)
+    frozen[new_ids] = 0.0
+    rows.register_hook(lambda g: g * frozen)  # only the instruction words' rows learn
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "weight_decay": cfg.weight_decay},
+                             {"params": [rows], "weight_decay": 0.0}], lr=cfg.lr)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = modules["ema_unet"] = copy.deepcopy(unet).requires_grad_(False)
+    run = TrainingRun(out, desc="train ip2p", total_steps=cfg.steps, columns=["loss", "mse", "lr"], modules=modules,
+                      optimizers={"ip2p": opt}, config=cfg, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=resume, images_per_step=cfg.batch_size)
+    schedule = teacher.schedule
+
+    def lr_now(s: int) -> float:
+        return cfg.lr * (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else lr_at(s, cfg)
+
+    with run:
+        while not run.done:
+            gen = step_generator(cfg.seed, run.step)
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+            t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=gen)
+            eps = teacher_noise((cfg.batch_size, *data.target.shape[1:]), cfg.offset_noise, gen)
+            drop_text, drop_image = dropout_masks(torch.rand(cfg.batch_size, generator=gen), cfg)
+            words = np.random.default_rng([cfg.seed, run.step])
+            texts = ["" if drop_text[k] else instruction(data.source_captions[i], data.target_captions[i],
+                                                         data.kinds[i], words if cfg.paraphrase else None)
+                     for k, i in enumerate(idx.tolist())]
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            image = torch.where(drop_image[:, None, None, None], torch.zeros_like(data.source[idx]), data.source[idx])
+            x_t = schedule.add_noise(data.target[idx], eps, t)
+            lr = set_lr([opt], lr_now(run.step))
+            pred = unet(torch.cat([x_t, image], dim=1), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            per_row = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+            snr = schedule.snr(t).float()
+            weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma > 0 else torch.ones_like(per_row)
+            loss = (weight * per_row).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
+            opt.step()
+            if ema is not None:
+                ema_update(ema, unet, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+            run.end_step({"loss": loss.item(), "mse": per_row.mean().item(), "lr": lr})
+
+    final_unet = (ema if ema is not None else unet).eval()
+    settings = {"format": "icd-ip2p/1", "base_model": str(cfg.model), "vocabulary": vocabulary(),
+                "added_words": list(INSTRUCTION_WORDS), "text_guidance": ip2p.DEFAULT_TEXT_GUIDANCE,
+                "image_guidance": ip2p.DEFAULT_IMAGE_GUIDANCE, "guidance_choice": "IP2P's SD defaults (no grid)",
+                "dataset": dataset,
+                "training": {"steps": cfg.steps, "batch_size": cfg.batch_size, "triples": len(data),
+                             "seconds": _training_seconds(out), "threads": torch.get_num_threads()}}
+    if cfg.validation_cases:
+        t0 = time.perf_counter()
+        model = ip2p.IP2PModel(unet=final_unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings,
+                               counter=NFECounter())
+        grid = guidance_grid(model, teacher, validation_cases(cfg), cfg, judge=JudgeScorer.load(None))
+        best = max(grid, key=lambda r: (r["gt_psnr"], r["judge_accuracy"]))
+        settings |= {"text_guidance": best["text_guidance"], "image_guidance": best["image_guidance"],
+                     "guidance_choice": f"best GT PSNR of the grid on {len(world.EDIT_KINDS) * cfg.validation_cases} "
+                     f"validation cases (seeds from {cfg.validation_seed_start}) at {cfg.validation_steps} steps",
+                     "guidance_grid": grid, "grid_seconds": round(time.perf_counter() - t0, 1)}
+    with atomic_directory(out / "final") as tmp:
+        ip2p.save_folder(tmp, unet=final_unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings)
+    return out / "final"

@@ -3,10 +3,12 @@ ground truth (or a PIE-Bench mask), counted NFE and timed single-image edits, in
 
 Controls per case kind (docs/method.md §8.2, docs/baselines.md §3-4): Prompt-to-Prompt word swap with the case's
 blend words for rigid edits, MasaCtrl for non-rigid ones (`NON_RIGID_KINDS`); SDEdit (``sdedit``, ``sdedit-icd``)
-takes no attention control and no inversion (its noising costs 0 UNet calls). Quality is measured on batches of
-`batch` cases of one kind (one UNet call per step for the batch of [sources, targets]); speed on `n_timing`
-single-image edits, each timed from the uint8 image to the uint8 edit (text encoder, VAE and UNet calls included,
-model loading excluded).
+takes no attention control and no inversion (its noising costs 0 UNet calls); InstructPix2Pix (``ip2p``) neither: it
+edits from an instruction derived from the two prompts, at its weights' validated guidance scales (the run's
+--guidance does not apply to it), and its "reconstruction" is the VAE round trip of the source latent it reads.
+Quality is measured on batches of `batch` cases of one kind (one UNet call per step for the batch of [sources,
+targets]); speed on `n_timing` single-image edits, each timed from the uint8 image to the uint8 edit (text encoder,
+VAE and UNet calls included, model loading excluded).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from icd.bench.runtime import case_records, chunked, example_indices, sync, time
 from icd.bench.task import BenchTask, RunContext
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
+from icd.editing.ip2p import METHOD as IP2P
+from icd.editing.ip2p import IP2PControls
 from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.metrics import ms_ssim, psnr, ssim
 from icd.models import lora
@@ -39,9 +43,12 @@ P2P_SETTINGS = {"icd": dict(cross_replace=0.3, self_replace=0.6, reweight_new_wo
                 "nti": dict(cross_replace=0.4, self_replace=0.8, reweight_new_words=3.0)}
 
 
-def controls_for(family: str, cases: Sequence[BenchCase], guidance: float, tau: float | None) -> EditControls:
+def controls_for(family: str, cases: Sequence[BenchCase], guidance: float, tau: float | None
+                 ) -> EditControls | IP2PControls:
     """One batch of cases of one kind: MasaCtrl for non-rigid kinds, else P2P with each case's blend words (local
-    blend only when every case of the batch has them); SDEdit: no attention control."""
+    blend only when every case of the batch has them); SDEdit: no attention control; IP2P: its own defaults."""
+    if family == IP2P:
+        return IP2PControls()
     if family in SDEDIT_METHODS:
         return EditControls(guidance=guidance, tau=tau, p2p=None, masactrl=None)
     if cases[0].kind in NON_RIGID_KINDS:
@@ -190,6 +197,6 @@ def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ct
     return timed_runs(ctx.shards, cases, run)
 
 
-TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti", *SDEDIT_METHODS),
+TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti", *SDEDIT_METHODS, IP2P),
                  default_methods="icd,ddim50,ddim4,npi50,nti50", default_guidance=1.0, measure_quality=measure_quality,
                  measure_speed=measure_speed, optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)

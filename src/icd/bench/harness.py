@@ -52,6 +52,7 @@ class BenchOptions:
     export_checkpoint: Callable[[Path, Path], object] | None = None  # exports a training checkpoint's adapters
     # (`icd.train.icd.export_checkpoint`; the CLI passes it: the bench itself does not depend on training)
     model: str = "embedded"
+    ip2p: str | None = None  # InstructPix2Pix weights of the ip2pK methods (default: <model>/ip2p)
     guidance: float | None = None  # code w = CFG - 1; default 1 (editing, generation), 0 (inversion)
     tau: float | None = None  # dynamic-CFG threshold (None: the adapters' tau for icd, constant otherwise)
     renoise: float | None = None  # generation: icd methods' re-noising strength (None: icd.pipeline.DEFAULT_RENOISE)
@@ -143,7 +144,9 @@ def run_bench(opts: BenchOptions) -> dict:
     shards = Shards(opts.device)
     adapters = {name: _adapters_folder(opts, path, name, shards) for name, path in opts.adapters.items()}
     guidance = opts.guidance if opts.guidance is not None else task.default_guidance
-    pipe = Pipeline.from_pretrained(opts.model, device=shards.device)
+    pipe = Pipeline.from_pretrained(opts.model, device=shards.device, ip2p=opts.ip2p)
+    if any(m.family == "ip2p" for m in methods):
+        pipe.ip2p_model()  # a missing weights folder fails here, before any other method runs
     pipes = {m.name: pipe if m.adapters is None else pipe.with_adapters(adapters[m.adapters]) for m in methods}
     cases, source, kinds, seed = _cases(opts, pipe.model)
     if not cases:

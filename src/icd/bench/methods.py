@@ -1,5 +1,5 @@
 """Method names of the harness: ``icd``, ``icd:NAME`` (extra adapters), ``ddimK``, ``gddimK``, ``npiK``, ``ntiK``,
-``sdeditK@S``, ``sdedit-icd@S``.
+``sdeditK@S``, ``sdedit-icd@S``, ``ip2pK``.
 
 - ``icd``: the model's shipped iCD adapters (forward + reverse, their own step count);
   ``icd:NAME``: adapters given with ``--adapters NAME=DIR`` (ablation rows, other step counts).
@@ -9,6 +9,8 @@
 - ``sdeditK@S`` (editing only): SDEdit at strength S in (0, 1] with the teacher's K DDIM steps (only those below
   t_S run: about K S UNet calls, no inversion); ``sdedit-icd@S`` (``sdedit-icd:NAME@S``): SDEdit through the iCD
   reverse model's remaining jumps. Without ``@S`` the pipeline's default strength (`icd.pipeline.DEFAULT_STRENGTH`).
+- ``ip2pK`` (editing only): InstructPix2Pix (`icd.editing.ip2p`) with K DDIM steps (K UNet calls: the three
+  two-way guidance rows are one batched call; 0 to "invert"); without K, IP2P's usual 100 or each ``--steps-list``.
 - ``vae`` (inversion only): the autoencoder alone, encode then decode (0 UNet calls): the ceiling of every latent
   method's reconstruction.
 A family without K takes 50 steps, or each value of ``--steps-list`` (the step ablation).
@@ -20,10 +22,11 @@ import math
 import re
 from dataclasses import dataclass
 
-FAMILIES = ("icd", "ddim", "gddim", "npi", "nti", "vae", "sdedit", "sdedit-icd")
-_PATTERN = re.compile(r"^(icd)(?::([A-Za-z0-9_.-]+))?$|^(ddim|gddim|npi|nti)(\d+)?$|^(vae)$")
+FAMILIES = ("icd", "ddim", "gddim", "npi", "nti", "vae", "sdedit", "sdedit-icd", "ip2p")
+_PATTERN = re.compile(r"^(icd)(?::([A-Za-z0-9_.-]+))?$|^(ddim|gddim|npi|nti|ip2p)(\d+)?$|^(vae)$")
 _SDEDIT = re.compile(r"^(?:(sdedit)(\d+)?|(sdedit-icd)(?::([A-Za-z0-9_-]+))?)(?:@([^,@]*))?$")
 DEFAULT_STEPS = 50
+FAMILY_STEPS = {"ip2p": 100}  # a family's own default step count (IP2P's usual sampler length)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def parse_methods(text: str, *, steps_list: list[int] | None = None, allowed: tu
         m = _PATTERN.match(item)
         if m is None:
             raise ValueError(f"unknown method {item!r}; write icd, icd:NAME, vae, sdeditK@S, sdedit-icd@S or one of "
-                             f"ddim, gddim, npi, nti with an optional step count (e.g. ddim50)")
+                             f"ddim, gddim, npi, nti, ip2p with an optional step count (e.g. ddim50)")
         family = m.group(1) or m.group(3) or m.group(5)
         if family not in allowed:
             raise ValueError(f"method {item!r} is not measured by this benchmark; choose from {', '.join(allowed)}")
@@ -68,7 +71,7 @@ def parse_methods(text: str, *, steps_list: list[int] | None = None, allowed: tu
         if m.group(4) is not None:
             steps = [int(m.group(4))]
         else:
-            steps = steps_list or [DEFAULT_STEPS]
+            steps = steps_list or [FAMILY_STEPS.get(family, DEFAULT_STEPS)]
         for k in steps:
             if k < 1:
                 raise ValueError(f"method {item!r}: the step count must be >= 1")

@@ -24,8 +24,9 @@ EPILOG = """examples:
   icd bench guidance --n 256 --guidance 2 --out out/bench/guidance-w2        # distilled UNet vs two-pass CFG
   icd bench editing --pie-bench PIE-Bench_v1 --n 20 --methods icd,ddim50 --out out/bench/pie
 methods: icd, icd:NAME (with --adapters NAME=DIR), ddimK (original UNet, two-pass CFG), gddimK (guidance-distilled
-UNet), npiK, ntiK, sdeditK@S / sdedit-icd@S (editing: SDEdit from strength S), vae (inversion: encode + decode
-only); a family without K takes 50 steps or each of
+UNet), npiK, ntiK, sdeditK@S / sdedit-icd@S (editing: SDEdit from strength S), ip2pK (editing: InstructPix2Pix,
+K DDIM steps; --ip2p DIR), vae (inversion: encode + decode only); a family without K takes 50 steps (ip2p: 100) or
+each of
 --steps-list. Multi-process: run the same command under `accelerate launch` or `torchrun`; cases are sharded and
 gathered into one results.json."""
 
@@ -44,7 +45,8 @@ def cmd_bench(args) -> None:
     try:
         opts = BenchOptions(task=args.task, out=args.out, n=args.n, methods=args.methods, seed_start=args.seed_start,
                             kinds=args.kinds, steps_list=args.steps_list, adapters=_adapters_arg(args.adapters),
-                            model=args.model, guidance=args.guidance, tau=args.tau, renoise=args.renoise,
+                            model=args.model, ip2p=args.ip2p, guidance=args.guidance, tau=args.tau,
+                            renoise=args.renoise,
                             batch=args.batch, n_timing=args.n_timing, examples=args.examples,
                             pie_bench=args.pie_bench, lpips=args.lpips, clip=args.clip, dino=args.dino,
                             device=args.device, ddim_rule=args.ddim_rule, force=args.force, progress=not args.quiet,
@@ -75,6 +77,8 @@ def add_parser(sub) -> None:
                    help="step ablation for families without K")
     b.add_argument("--adapters", action="append", metavar="NAME=DIR", help="extra iCD adapters, method icd:NAME")
     b.add_argument("--model", default=opt("model"), help="model folder (default: the embedded model)")
+    b.add_argument("--ip2p", default=opt("ip2p"), metavar="DIR",
+                   help="InstructPix2Pix weights of the ip2pK methods (default: <model>/ip2p; `icd train ip2p`)")
     b.add_argument("--guidance", type=float, default=opt("guidance"),
                    help="code w = CFG - 1 (default 1; inversion: 0)")
     b.add_argument("--tau", type=float, default=opt("tau"),

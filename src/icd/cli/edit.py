@@ -13,6 +13,8 @@ from icd.cli.common import CLIError, add_model_options, default, fit_to_model, l
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
+from icd.editing.ip2p import METHOD as IP2P
+from icd.editing.ip2p import IP2PControls, instruction_of
 from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
@@ -66,6 +68,7 @@ def _check_args(args) -> None:
     if args.masactrl and args.swap:
         raise CLIError("--masactrl and --swap are exclusive")
     _check_sdedit(args)
+    _check_ip2p(args)
 
 
 # attention-control options (dest, default) SDEdit refuses: it decodes the target prompt without attention control
@@ -93,6 +96,21 @@ def _check_sdedit(args) -> None:
         _refuse_controls(args, args.method)
 
 
+def _check_ip2p(args) -> None:
+    """--instruction and --image-guidance only with --method ip2p, which refuses attention control and --tau."""
+    if args.method != IP2P and not args.inversion:
+        given = [o for o, v in (("--instruction", args.instruction), ("--image-guidance", args.image_guidance),
+                                ("--ip2p", args.ip2p)) if v is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)} apply to --method ip2p, not {args.method}")
+    elif args.method == IP2P:
+        _refuse_controls(args, IP2P)
+        if args.tau is not None:
+            raise CLIError("--method ip2p takes no --tau (its two guidance scales are constant)")
+        if args.instruction is not None and not args.instruction.strip():
+            raise CLIError("--instruction is empty")
+
+
 def _refuse_controls(args, method: str) -> None:
     given = [dest for dest, value in _CONTROL_OPTIONS if getattr(args, dest) != value]
     if given:
@@ -112,8 +130,13 @@ def _user_mask(args, size: tuple[int, int], fit: str):
     return mask
 
 
-def _controls(args, mask, method: str) -> EditControls:
-    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap); none for SDEdit."""
+def _controls(args, mask, method: str) -> EditControls | IP2PControls:
+    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap); none for SDEdit; IP2P:
+    its instruction and guidance scales (--guidance is the text code w, s_T = w + 1)."""
+    if method == IP2P:
+        _refuse_controls(args, method)  # a saved IP2P --inversion: its method is known only now
+        return IP2PControls(instruction=args.instruction, image_guidance=args.image_guidance,
+                            text_guidance=None if args.guidance is None else args.guidance + 1.0)
     if method in SDEDIT_METHODS:
         _refuse_controls(args, method)  # a saved SDEdit --inversion: its method is known only now
         return EditControls(guidance=args.guidance, tau=args.tau, p2p=None, masactrl=None)
@@ -153,7 +176,10 @@ def _inversion(editor: Pipeline, args, image: np.ndarray, saved: Inversion | Non
 def cmd_edit(args) -> None:
     _check_args(args)
     image = load_image(args.image)
-    editor = load_pipeline(args)
+    editor = load_pipeline(args, ip2p=args.ip2p)
+    if args.method == IP2P:
+        with library_errors():  # a missing or incomplete weights folder: one line naming `icd train ip2p`
+            editor.ip2p_model()
     model = editor.model
     fitted = fit_to_model(image, model, args.fit)
     image = np.asarray(fitted)[None]
@@ -176,16 +202,25 @@ def cmd_edit(args) -> None:
                                f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
         save_image(grid, args.grid)
     sdedit = inversion.method in SDEDIT_METHODS
-    control = "none" if sdedit else controls.control
+    control = "none" if sdedit or inversion.method == IP2P else controls.control
     report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
               "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
               "seconds": round(t2 - t0, 4), "guidance": editor.guidance_default(inversion.method, "edit")
               if args.guidance is None else args.guidance, "control": control, "output": str(args.output)}
     if sdedit:
         report["strength"] = inversion.settings["strength"]
+    if inversion.method == IP2P:
+        report |= ip2p_report(editor, inversion, args, controls)
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
           f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+
+
+def ip2p_report(editor: Pipeline, inversion: Inversion, args, controls: IP2PControls) -> dict:
+    """What an IP2P edit ran with: the instruction, both guidance scales, the steps (--json)."""
+    s_t, s_i = editor.ip2p_model().guidance(controls)
+    return {"instruction": instruction_of(args.source, args.target, controls.instruction), "text_guidance": s_t,
+            "image_guidance": s_i, "steps": inversion.settings["steps"], "guidance": s_t - 1.0}
 
 
 def add_parser(sub) -> None:
@@ -195,15 +230,23 @@ def add_parser(sub) -> None:
     e.add_argument("image")
     e.add_argument("--source", required=True, help="caption of the image")
     e.add_argument("--target", required=True, help="the edited caption")
-    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti", *SDEDIT_METHODS],
+    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti", *SDEDIT_METHODS, IP2P],
                    help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet; sdedit: "
                    "SDEdit with the teacher's DDIM steps (original UNet); sdedit-icd: SDEdit through the iCD reverse "
-                   "model's jumps (no inversion, no attention control)")
-    e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; others: 50 "
-                   "(sdedit runs the steps below its start)")
+                   "model's jumps (no inversion, no attention control); ip2p: InstructPix2Pix from an instruction "
+                   "(--ip2p DIR, `icd train ip2p`)")
+    e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; ip2p: 100; "
+                   "others: 50 (sdedit runs the steps below its start)")
     e.add_argument("--strength", type=float, default=None,
                    help=f"sdedit / sdedit-icd: noise level S in (0, 1] where the edit starts, t = S T "
                    f"(default {DEFAULT_STRENGTH:g})")
+    e.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="ip2p: the edit in words (default: derived from --source and --target, e.g. 'make the circle "
+                   "blue')")
+    e.add_argument("--image-guidance", type=float, default=None, metavar="S_I",
+                   help="ip2p: image guidance scale s_I (1: unguided; default: the weights' validated choice)")
+    e.add_argument("--ip2p", default=None, metavar="DIR",
+                   help="ip2p: the InstructPix2Pix weights folder (default: <model>/ip2p; `icd train ip2p`)")
     e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise; sdedit: of its noise draw")
     e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
                    help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g} on the embedded "

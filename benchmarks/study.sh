@@ -17,8 +17,8 @@
 #                                            the forward/reverse hybrids (100 images) and editing (100 cases per
 #                                            kind, quality only); two rows measure side by side on two cores
 #   tables OUT [PART ...]                    the tables of docs/RESULTS.md; PART: inversion, editing, speed,
-#                                            generation, components (default: all, in that order). Run alone on the
-#                                            machine: the timings are part of the tables.
+#                                            generation, components, steps (default: all, in that order).
+#                                            Run alone on the machine: the timings are part of the tables.
 #   rows                                     list every trainable row and its file
 # Environment: ICD (default .venv/bin/icd), PY (default .venv/bin/python); DRY=1 prints the commands instead of
 # running them (so does ICD=echo PY=echo, as the older scripts allowed).
@@ -119,6 +119,21 @@ tables_editing() {  # §2: every method, 100 cases per edit kind (about an hour 
   run "$ICD" bench editing --n 100 --methods icd,ddim50,ddim4,npi50,nti50 --n-timing 10 --out "$1/editing" --force
 }
 
+tables_steps() {  # §10: the step ablation, iCD K+K (rows S1, S2, S3, S6 that are trained, and the shipped 4+4)
+  # beside DDIM K+K and 50+50: inversion on 200 images, editing on 100 cases per kind, one table and one plot
+  local rows=() icds="" row
+  for row in S1 S2 S3 S6; do
+    if [ -f "runs/ablation/$row/final/adapters.json" ]; then
+      rows+=(--adapters "$row=runs/ablation/$row/final"); icds="${icds}icd:$row,"
+    fi
+  done
+  run "$ICD" bench inversion --n 200 --methods "${icds}icd,ddim" --steps-list 1,2,3,4,6,50 "${rows[@]}" \
+    --threads 1 --out "$1/steps-inversion" --force
+  run "$ICD" bench editing --n 100 --methods "${icds}icd,ddim" --steps-list 1,2,3,4,6,50 "${rows[@]}" \
+    --threads 1 --n-timing 1 --out "$1/steps-editing" --force
+  run "$PY" benchmarks/step_ablation.py --inversion "$1/steps-inversion" --editing "$1/steps-editing" --out "$1/steps"
+}
+
 tables_speed() {  # §4: the speed bar on 80 cases, twice (the second run checks determinism)
   run "$ICD" bench editing --n 20 --methods icd,ddim50 --out "$1/edit20" --force
   run "$ICD" bench editing --n 20 --methods icd,ddim50 --out "$1/edit20-rerun" --force
@@ -146,11 +161,11 @@ cmd_tables() {
   [ $# -ge 1 ] || usage
   local out=$1 part
   shift
-  [ $# -gt 0 ] || set -- inversion editing speed generation components
+  [ $# -gt 0 ] || set -- inversion editing speed generation components steps
   for part in "$@"; do
     case $part in
-      inversion|editing|speed|generation|components) "tables_$part" "$out" ;;
-      *) die "unknown table $part (inversion, editing, speed, generation, components)" ;;
+      inversion|editing|speed|generation|components|steps) "tables_$part" "$out" ;;
+      *) die "unknown table $part (inversion, editing, speed, generation, components, steps)" ;;
     esac
   done
 }

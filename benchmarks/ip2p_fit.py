@@ -1,0 +1,59 @@
+"""Does a trained IP2P folder fit its own training triples? For N triples spread over the set: PSNR of the model's
+edit against the teacher's target and against the source it reads, at several (s_T, s_I), beside the source-target
+distance itself (docs/experiments/ip2p.md §6).
+
+    python benchmarks/ip2p_fit.py --ip2p runs/ip2p/final --triples runs/ip2p/triples --n 24 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from icd.editing import ip2p
+from icd.editing.instructions import instruction
+from icd.metrics import psnr
+from icd.pipeline import Pipeline
+from icd.samplers import initial_noise
+from icd.train.ip2p_data import TripleSpec, load_triples
+
+SCALES = ((1.5, 2.0), (1.0, 1.0), (1.0, 4.0), (0.0, 1.0))  # (s_T, s_I); (0, 1): the image alone
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ip2p", required=True)
+    ap.add_argument("--triples", required=True)
+    ap.add_argument("--chunks", type=int, default=40, help="chunks of 32 in --triples (configs/embedded.toml)")
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    base = Pipeline.from_pretrained().base()
+    data = load_triples(args.triples, TripleSpec(n_chunks=args.chunks, chunk=32, seed_start=0))
+    model = ip2p.IP2PModel.load(args.ip2p, model=base)
+    idx = list(range(0, len(data), max(1, len(data) // args.n)))[:args.n]
+    src, tgt = data.source[idx], data.target[idx]
+    texts = [instruction(data.source_captions[i], data.target_captions[i], data.kinds[i]) for i in idx]
+
+    def images(z):
+        return ((base.decode_latents(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    source, target = images(src), images(tgt)
+    report = {"n": len(idx), "steps": args.steps, "source_vs_target": float(psnr(source, target).mean()), "rows": []}
+    noise = initial_noise(src.shape[1:], list(range(len(idx))), src.device)
+    for s_t, s_i in SCALES:
+        with torch.no_grad():
+            out = images(model.sample(src, texts, noise, steps=args.steps, text_guidance=s_t, image_guidance=s_i,
+                                      schedule=base.schedule))
+        report["rows"].append({"text_guidance": s_t, "image_guidance": s_i,
+                               "vs_target": float(psnr(out, target).mean()),
+                               "vs_source": float(psnr(out, source).mean())})
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

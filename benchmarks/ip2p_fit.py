@@ -14,6 +14,7 @@ import torch
 
 from icd.editing import ip2p
 from icd.editing.instructions import instruction
+from icd.imageio import to_uint8
 from icd.metrics import psnr
 from icd.pipeline import Pipeline
 from icd.samplers import initial_noise
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = [instruction(data.source_captions[i], data.target_captions[i], data.kinds[i]) for i in idx]
 
     def images(z):
-        return ((base.decode_latents(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return to_uint8(base.decode_latents(z))
 
     source, target = images(src), images(tgt)
     report = {"n": len(idx), "steps": args.steps, "source_vs_target": float(psnr(source, target).mean()), "rows": []}

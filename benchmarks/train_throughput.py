@@ -13,7 +13,7 @@ per-GPU speed (communication not included). The JSON is rewritten after every ro
 
     python benchmarks/train_throughput.py --family sd15 --device cuda --out train_sd15.json      # batch 64 = 512 / 8
     python benchmarks/train_throughput.py --device cpu --scale 20 --image-size 64 --batch 2 --iterations 2 \\
-        --warmup 1 --precision no --threads 1 --out t.json                                                # CPU smoke test
+        --warmup 1 --precision no --threads 1 --out t.json                                       # CPU smoke test
 """
 
 from __future__ import annotations

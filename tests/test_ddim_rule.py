@@ -11,8 +11,8 @@ import torch
 from diffusers import DDIMInverseScheduler
 
 from icd import world
-from icd.models.loading import load_model
 from icd.metrics import psnr
+from icd.models.loading import load_model
 from icd.paths import embedded_model_path
 from icd.pipeline import Pipeline
 from icd.samplers import ddim_invert

@@ -6,7 +6,7 @@ import torch
 from icd.boundaries import Boundaries
 from icd.consistency import consistency_fn
 from icd.distill.icd import forward_preserve, reverse_cd, reverse_preserve, reverse_rollout
-from icd.losses import pseudo_huber
+from icd.losses import min_snr_weight, pseudo_huber
 from icd.models.base import Cond
 from icd.schedule import NoiseSchedule
 
@@ -82,6 +82,15 @@ def test_pseudo_huber_is_near_l1_for_small_c():
     a, b = torch.zeros(100), torch.linspace(-1, 1, 100)
     assert abs(pseudo_huber(a, b, 1e-3).item() - (a - b).abs().mean().item()) < 2e-3
     assert pseudo_huber(a, a).item() == 0.0
+
+
+def test_min_snr_weight_caps_high_snr_steps_and_leaves_low_snr_steps_alone():
+    snr = NoiseSchedule.scaled_linear().snr(torch.tensor([0, 100, 500, 999]))
+    w = min_snr_weight(snr, 5.0)
+    assert torch.all(w <= 1.0) and torch.all(w > 0)
+    assert torch.allclose(w[snr <= 5.0], torch.ones(int((snr <= 5.0).sum())))
+    assert torch.allclose(w[snr > 5.0], 5.0 / snr[snr > 5.0].float())
+    assert torch.equal(min_snr_weight(snr, 0.0), torch.ones(4))
 
 
 def test_guidance_student_starts_equal_to_the_conditional_teacher():

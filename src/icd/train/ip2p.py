@@ -44,7 +44,7 @@ from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.ip2p_data import TripleSpec, generate_triples, load_triples
 from icd.train.runner import TrainingRun, lr_at, set_lr
-from icd.train.teacher import ema_update, teacher_noise
+from icd.train.teacher import diffusion_loss, ema_update, teacher_noise
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +207,17 @@ def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
             ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
             image = torch.where(drop_image[:, None, None, None], torch.zeros_like(data.source[idx]), data.source[idx])
-            x_t = schedule.add_noise(data.target[idx], eps, t)
             lr = set_lr([opt], lr_now(run.step))
-            pred = unet(torch.cat([x_t, image], dim=1), t, encoder_hidden_states=text_encoder(ids)[0]).sample
-            per_row = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-            snr = schedule.snr(t).float()
-            weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma > 0 else torch.ones_like(per_row)
-            loss = (weight * per_row).mean()
+            losses = diffusion_loss(unet, text_encoder, data.target[idx], ids, t=t, eps=eps, schedule=schedule,
+                                    snr_gamma=cfg.snr_gamma, condition=image)
+            loss = losses["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
             opt.step()
             if ema is not None:
                 ema_update(ema, unet, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
-            run.end_step({"loss": loss.item(), "mse": per_row.mean().item(), "lr": lr})
+            run.end_step({"loss": loss.item(), "mse": losses["mse"].item(), "lr": lr})
 
     final_unet = (ema if ema is not None else unet).eval()
     settings = {"format": "icd-ip2p/1", "base_model": str(cfg.model), "vocabulary": vocabulary(),

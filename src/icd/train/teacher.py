@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL
 
 from icd import world
 from icd.io import atomic_directory
+from icd.losses import min_snr_weight
 from icd.models import tiny
 from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
@@ -70,18 +71,19 @@ def teacher_noise(shape: tuple[int, ...], offset: float, generator: torch.Genera
     return eps
 
 
-def diffusion_loss(unet, text_encoder, z0, ids, *, t, eps, schedule: NoiseSchedule, snr_gamma: float
-                   ) -> dict[str, torch.Tensor]:
-    """Epsilon-prediction MSE with optional min-SNR-gamma weighting."""
+def diffusion_loss(unet, text_encoder, z0, ids, *, t, eps, schedule: NoiseSchedule, snr_gamma: float,
+                   condition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Epsilon-prediction loss E[ w(t) * |eps - eps_theta([x_t, condition], t, c)|^2 ] with x_t = sqrt(abar_t) z0 +
+    sqrt(1 - abar_t) eps and w = `min_snr_weight` (ones when snr_gamma <= 0).
+
+    `condition` (optional) is concatenated to x_t along channels: InstructPix2Pix's source latent.
+    Returns the weighted loss and the plain per-element MSE.
+    """
     x_t = schedule.add_noise(z0, eps, t)
-    tokens = text_encoder(ids)[0]
-    pred = unet(x_t, t, encoder_hidden_states=tokens).sample
+    unet_in = x_t if condition is None else torch.cat([x_t, condition], dim=1)
+    pred = unet(unet_in, t, encoder_hidden_states=text_encoder(ids)[0]).sample
     per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma > 0:
-        snr = schedule.snr(t).float()
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-    else:
-        weight = torch.ones_like(per_sample)
+    weight = min_snr_weight(schedule.snr(t), snr_gamma)
     return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean()}
 
 

@@ -9,6 +9,7 @@ from icd.cli.train import TRAINERS
 from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from icd.train.config import ConfigError, load_config
 from icd.train.icd import ICDConfig
+from icd.train.runner import set_lr
 from icd.train.teacher import TeacherConfig
 from icd.train.vae import VAEConfig
 
@@ -93,6 +94,19 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     files = sorted(p.name for p in (tmp_path / "step-000001").iterdir())
     assert files == ["model.m.safetensors", "optim.o.safetensors", "state.json"]
     json.loads((tmp_path / "step-000001" / "state.json").read_text())
+
+
+def test_set_lr_scales_groups_that_ask_and_the_scale_survives_a_checkpoint(tmp_path):
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    groups = [{"params": a.parameters()}, {"params": b.parameters(), "lr_scale": 10.0}]
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr([opt], 1e-4)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, pytest.approx(1e-3)]
+    save_checkpoint(tmp_path, 1, modules={"a": a, "b": b}, optimizers={"o": opt})
+    opt2 = torch.optim.AdamW([{"params": a.parameters()}, {"params": b.parameters(), "lr_scale": 10.0}], lr=1.0)
+    load_checkpoint(latest_checkpoint(tmp_path), modules={"a": a, "b": b}, optimizers={"o": opt2})
+    set_lr([opt2], 2e-4)
+    assert [g["lr"] for g in opt2.param_groups] == [2e-4, pytest.approx(2e-3)]
 
 
 def test_checkpoints_keep_the_newest_and_leave_no_temporaries(tmp_path):

@@ -129,6 +129,8 @@ def test_triples_use_the_benchs_ddim_controls_and_training_seeds_only():
         TripleSpec(n_chunks=2, chunk=32, seed_start=world.EVAL_SEED_START - 40).check()
     with pytest.raises(ConfigError, match="overlap"):
         IP2PConfig(triple_seed_start=899_999_990)
+    with pytest.raises(ConfigError, match="conv_in_lr_scale"):
+        IP2PConfig(conv_in_lr_scale=0.0)
     r = torch.linspace(0, 0.9999, 10_000)
     text, image = dropout_masks(r, IP2PConfig())
     assert [round(float(m.float().mean()), 3) for m in (text & ~image, text & image, image & ~text)] == [0.05] * 3

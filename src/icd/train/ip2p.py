@@ -72,6 +72,7 @@ class IP2PConfig(RunConfig):
     image_dropout: float = 0.05  # rows that drop the source latent only
     paraphrase: bool = True  # a random paraphrase of the instruction per row and step (False: the default one)
     ema_decay: float = 0.0  # EMA of the UNet (0: export the trained weights)
+    conv_in_lr_scale: float = 1.0  # conv_in (whose source-latent channels start at zero) learns at lr x this
     validation_cases: int = 10  # per kind, for the guidance grid (0: keep IP2P's SD defaults, no grid)
     validation_seed_start: int = 900_000_000
     validation_steps: int = 20
@@ -96,6 +97,8 @@ class IP2PConfig(RunConfig):
         if self.validation_seed_start < end and val_end > self.triple_seed_start:
             raise ConfigError(f"{name}: validation seeds {self.validation_seed_start}.. overlap the triple seeds "
                               f"{self.triple_seed_start}..{end - 1}")
+        if not 0 < self.conv_in_lr_scale <= 1000:
+            raise ConfigError(f"{name}.conv_in_lr_scale must lie in (0, 1000], got {self.conv_in_lr_scale}")
         if not self.text_scales or not self.image_scales or not 0 <= self.validation_cases <= 1000:
             raise ConfigError(f"{name}: text_scales and image_scales must be non-empty, validation_cases in 0..1000")
 
@@ -179,7 +182,10 @@ def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
     frozen = torch.ones(rows.shape[0], 1)
     frozen[new_ids] = 0.0
     rows.register_hook(lambda g: g * frozen)  # only the instruction words' rows learn
-    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "weight_decay": cfg.weight_decay},
+    conv_in = list(unet.conv_in.parameters())
+    rest = [p for p in unet.parameters() if all(p is not q for q in conv_in)]
+    opt = torch.optim.AdamW([{"params": rest, "weight_decay": cfg.weight_decay},
+                             {"params": conv_in, "weight_decay": cfg.weight_decay, "lr_scale": cfg.conv_in_lr_scale},
                              {"params": [rows], "weight_decay": 0.0}], lr=cfg.lr)
     modules = {"unet": unet, "text_encoder": text_encoder}
     ema = None

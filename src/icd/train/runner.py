@@ -38,10 +38,11 @@ def lr_at(step: int, cfg) -> float:
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> float:
-    """Give every parameter group of `optimizers` the learning rate `lr` (set each step, so resume is exact)."""
+    """Give every parameter group of `optimizers` the learning rate `lr` times the group's ``lr_scale`` (1 when it
+    has none); set each step, so resume is exact."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -41,7 +41,8 @@ def main() -> None:
 
 def _parts(parts: list[str]):
     for part in parts:
-        path, _, names = part.rpartition(":")
+        path, _, names = part.partition(".json:")
+        path += ".json"  # method names may hold a colon (icd:NAME)
         data = json.loads(Path(path).read_text())
         missing = [n for n in names.split(",") if n not in data["methods"]]
         if missing:

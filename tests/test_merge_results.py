@@ -33,3 +33,10 @@ def test_by_kind_refuses_a_kind_twice(tmp_path):
             {"task": "editing", "model": "embedded", "n": 100, "kinds": ["color"], "methods": {"m": {}}}))
     with pytest.raises(SystemExit, match="a kind is in two files"):
         merge.merge_by_kind([f"{tmp_path / 'a.json'}:m", f"{tmp_path / 'b.json'}:m"])
+
+
+def test_method_names_may_hold_a_colon(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"task": "inversion", "methods": {"icd:S2": {"nfe": 4}, "icd": {"nfe": 8}}}))
+    merged = merge.merge_rows([f"{path}:icd:S2,icd"])
+    assert list(merged["methods"]) == ["icd:S2", "icd"]

@@ -21,6 +21,7 @@ from icd.imageio import to_uint8
 from icd.metrics import psnr
 from icd.pipeline import Pipeline
 from icd.samplers import initial_noise
+from icd.solver import eps_to_x0
 from icd.train.ip2p_data import TripleSpec, load_triples
 
 SCALES = ((1.5, 2.0), (1.0, 1.0), (1.0, 4.0), (0.0, 1.0))  # (s_T, s_I); (0, 1): the image alone
@@ -72,7 +73,7 @@ def x0_probe(model: ip2p.IP2PModel, schedule, src: torch.Tensor, tgt: torch.Tens
         x_t = schedule.add_noise(tgt, eps, tt)
         alpha, sigma = schedule.alpha(t).float(), schedule.sigma(t).float()
         for inputs, image, tokens in (("image+text", src, text), ("image", src, empty), ("none", blank, empty)):
-            x0 = (x_t - sigma * model.eps(x_t, tt, image, tokens)) / alpha
+            x0 = eps_to_x0(x_t, model.eps(x_t, tt, image, tokens), alpha, sigma)
             rows.append({"t": t, "inputs": inputs, "mse_target": float((x0 - tgt).pow(2).mean()),
                          "mse_source": float((x0 - src).pow(2).mean())})
     return rows

@@ -21,7 +21,7 @@ from icd.models.base import PromptError
 from icd.pipeline import Pipeline
 from icd.train.config import ConfigError
 from icd.train.ip2p import IP2PConfig, dropout_masks, train_ip2p
-from icd.train.ip2p_data import TripleSpec, edit_controls
+from icd.train.ip2p_data import TripleSpec, edit_controls, load_triples
 
 # ------------------------------------------------------------------------------------------------ instructions
 
@@ -154,6 +154,11 @@ def test_training_writes_a_loadable_folder_with_its_cost_and_guidance_choice(tra
     data = json.loads((tmp / "triples" / "dataset.json").read_text())
     assert data["generated"] == 8 and 0 < data["kept"] <= 8 and data["generation_seconds"] > 0
     assert settings["dataset"]["kept"] == data["kept"] and settings["training"]["steps"] == 3
+    triples = load_triples(tmp / "triples", _cfg(tmp, "a").spec())  # each pair keeps its seed: its exact renders
+    assert len(triples.seeds) == len(triples) == data["kept"]
+    for i in range(len(triples)):
+        case = world.make_case(triples.kinds[i], triples.seeds[i])
+        assert (case.source_prompt, case.target_prompt) == (triples.source_captions[i], triples.target_captions[i])
     assert len(settings["guidance_grid"]) == 2 and settings["text_guidance"] in (2.0, 3.0)
     assert not list(final.rglob("*.bin")) and not list(final.rglob("*.pt"))  # safetensors only
     model = ip2p.IP2PModel.load(final, model=pipe.base())

@@ -166,6 +166,7 @@ class Triples:
     source_captions: list[str]
     target_captions: list[str]
     kinds: list[str]
+    seeds: list[int]  # the world seed of each pair (its exact renders: `world.make_case(kind, seed)`)
 
     def __len__(self) -> int:
         return self.source.shape[0]
@@ -174,7 +175,7 @@ class Triples:
 def load_triples(folder: str | Path, spec: TripleSpec) -> Triples:
     """Every chunk of `spec` in `folder`; ValueError naming a missing or malformed chunk."""
     folder = Path(folder)
-    src, tgt, s_caps, t_caps, kinds = [], [], [], [], []
+    src, tgt, s_caps, t_caps, kinds, seeds = [], [], [], [], [], []
     for c in range(spec.n_chunks):
         tensor_file, meta_file = chunk_paths(folder, c)
         if not meta_file.is_file() or not tensor_file.is_file():
@@ -187,6 +188,7 @@ def load_triples(folder: str | Path, spec: TripleSpec) -> Triples:
         s_caps += meta["source_captions"]
         t_caps += meta["target_captions"]
         kinds += [meta["kind"]] * meta["kept"]
+        seeds += meta["seeds"]
     if not s_caps:
         raise ValueError(f"no triple in {folder} passed the judge")
-    return Triples(torch.cat(src), torch.cat(tgt), s_caps, t_caps, kinds)
+    return Triples(torch.cat(src), torch.cat(tgt), s_caps, t_caps, kinds, seeds)

@@ -22,8 +22,8 @@ import torch
 
 from icd import world
 from icd.editing import ip2p
-from icd.editing.instructions import instruction
 from icd.imageio import to_uint8
+from icd.io import write_text_atomic
 from icd.judge import JudgeScorer
 from icd.metrics import psnr
 from icd.pipeline import Pipeline
@@ -31,11 +31,6 @@ from icd.samplers import initial_noise
 from icd.train.ip2p_data import Triples, TripleSpec, generate_triples, load_triples
 
 UNSEEN_SEED_START = 2_000_000  # above every configured triple set (configs/embedded.toml: seeds 0 .. 5 119 at most)
-
-
-def pick(data: Triples, n: int) -> list[int]:
-    """`n` indices spread evenly over the set (its chunks alternate kinds, so every kind is drawn)."""
-    return list(range(0, len(data), max(1, len(data) // n)))[:n]
 
 
 def renders(data: Triples, idx: list[int]) -> np.ndarray:
@@ -52,7 +47,7 @@ def renders(data: Triples, idx: list[int]) -> np.ndarray:
 @torch.no_grad()
 def cell(model: ip2p.IP2PModel, base, judge: JudgeScorer, z_src: torch.Tensor, data: Triples, idx: list[int], *,
          steps: int, s_t: float, s_i: float) -> dict:
-    texts = [instruction(data.source_captions[i], data.target_captions[i], data.kinds[i]) for i in idx]
+    texts = [data.instruction(i) for i in idx]
     noise = initial_noise(z_src.shape[1:], list(range(len(idx))), z_src.device)
     edited = to_uint8(base.decode_latents(model.sample(z_src, texts, noise, steps=steps, text_guidance=s_t,
                                                        image_guidance=s_i, schedule=base.schedule)))
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"ip2p": args.ip2p, "steps": args.steps, "text_guidance": s_t, "image_guidance": s_i, "rows": {}}
     for row, data in (("trained", load_triples(args.triples, TripleSpec(n_chunks=args.chunks, chunk=32))),
                       ("unseen", load_triples(args.unseen, unseen_spec))):
-        idx = pick(data, args.n)
+        idx = data.spread(args.n)
         sources = {"generated": data.source[idx].to(base.device),
                    "render": base.encode_images(renders(data, idx)).float()}
         report["rows"][row] = {col: cell(model, base, judge, z, data, idx, steps=args.steps, s_t=s_t, s_i=s_i)
@@ -93,10 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.json, text + "\n")
     return report
 
 

@@ -16,7 +16,6 @@ import json
 import torch
 
 from icd.editing import ip2p
-from icd.editing.instructions import instruction
 from icd.imageio import to_uint8
 from icd.metrics import psnr
 from icd.pipeline import Pipeline
@@ -39,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     base = Pipeline.from_pretrained().base()
     data = load_triples(args.triples, TripleSpec(n_chunks=args.chunks, chunk=32, seed_start=0))
     model = ip2p.IP2PModel.load(args.ip2p, model=base)
-    idx = list(range(0, len(data), max(1, len(data) // args.n)))[:args.n]
+    idx = data.spread(args.n)
     src, tgt = data.source[idx], data.target[idx]
-    texts = [instruction(data.source_captions[i], data.target_captions[i], data.kinds[i]) for i in idx]
+    texts = [data.instruction(i) for i in idx]
 
     def images(z):
         return to_uint8(base.decode_latents(z))

@@ -35,7 +35,7 @@ import torch
 
 from icd import world
 from icd.editing import ip2p
-from icd.editing.instructions import INSTRUCTION_WORDS, instruction, vocabulary
+from icd.editing.instructions import INSTRUCTION_WORDS, vocabulary
 from icd.io import atomic_directory
 from icd.judge import JudgeScorer
 from icd.metrics import psnr
@@ -207,8 +207,7 @@ def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
             eps = teacher_noise((cfg.batch_size, *data.target.shape[1:]), cfg.offset_noise, gen)
             drop_text, drop_image = dropout_masks(torch.rand(cfg.batch_size, generator=gen), cfg)
             words = np.random.default_rng([cfg.seed, run.step])
-            texts = ["" if drop_text[k] else instruction(data.source_captions[i], data.target_captions[i],
-                                                         data.kinds[i], words if cfg.paraphrase else None)
+            texts = ["" if drop_text[k] else data.instruction(i, words if cfg.paraphrase else None)
                      for k, i in enumerate(idx.tolist())]
             ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids

@@ -171,6 +171,14 @@ class Triples:
     def __len__(self) -> int:
         return self.source.shape[0]
 
+    def instruction(self, i: int, rng=None) -> str:
+        """Pair `i`'s instruction (`icd.editing.instructions.instruction`; `rng` picks a paraphrase)."""
+        return instruction(self.source_captions[i], self.target_captions[i], self.kinds[i], rng)
+
+    def spread(self, n: int) -> list[int]:
+        """`n` indices spread evenly over the set (its chunks alternate kinds, so every kind is drawn)."""
+        return list(range(0, len(self), max(1, len(self) // n)))[:n]
+
 
 def load_triples(folder: str | Path, spec: TripleSpec) -> Triples:
     """Every chunk of `spec` in `folder`; ValueError naming a missing or malformed chunk."""

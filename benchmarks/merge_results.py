@@ -41,8 +41,12 @@ def main() -> None:
 
 def _parts(parts: list[str]):
     for part in parts:
-        path, _, names = part.partition(".json:")
+        path, sep, names = part.partition(".json:")
         path += ".json"  # method names may hold a colon (icd:NAME)
+        if not sep or not names:
+            raise SystemExit(f"expected FILE.json:METHOD[,METHOD...], got {part!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: no such results file")
         data = json.loads(Path(path).read_text())
         missing = [n for n in names.split(",") if n not in data["methods"]]
         if missing:

@@ -40,3 +40,13 @@ def test_method_names_may_hold_a_colon(tmp_path):
     path.write_text(json.dumps({"task": "inversion", "methods": {"icd:S2": {"nfe": 4}, "icd": {"nfe": 8}}}))
     merged = merge.merge_rows([f"{path}:icd:S2,icd"])
     assert list(merged["methods"]) == ["icd:S2", "icd"]
+
+
+def test_a_part_without_methods_or_file_is_one_line(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"task": "inversion", "methods": {"icd": {"nfe": 8}}}))
+    for part in (str(path), f"{path}:"):
+        with pytest.raises(SystemExit, match="expected FILE.json:METHOD"):
+            merge.merge_rows([part])
+    with pytest.raises(SystemExit, match="no such results file"):
+        merge.merge_rows([f"{tmp_path / 'gone.json'}:icd"])

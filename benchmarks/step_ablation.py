@@ -5,8 +5,15 @@ methods ``icd:NAME`` or the shipped ``icd``) beside DDIM K+K at the same NFE (``
     python benchmarks/step_ablation.py --inversion out/bench/steps-inversion --editing out/bench/steps-editing \\
         --out out/bench/steps
 
-Writes ``steps.md`` (the table) and ``steps.png`` (inversion PSNR and editing ground-truth PSNR against UNet calls).
-A method missing from one of the runs leaves its cells empty ("–").
+Writes ``steps.md`` (the table), ``steps.png`` (inversion PSNR and editing ground-truth PSNR against UNet calls) and
+``steps.json``, the record of every row's numbers and the run it came from. ``--record steps.json`` starts from such
+a record, so a row measured later joins the rows measured before without re-running them (the runs given replace the
+record's rows of the same name); docs/experiments/step-ablation.json is the committed record behind RESULTS §10:
+
+    python benchmarks/step_ablation.py --record docs/experiments/step-ablation.json \
+        --inversion out/ref/steps-S3-inversion --editing out/ref/steps-S3-editing --out out/ref/steps
+
+A method missing from one of the tasks leaves its cells empty ("–").
 """
 
 from __future__ import annotations
@@ -22,8 +29,30 @@ INVERSION = (("psnr", "PSNR dB", 1.0), ("ssim", "SSIM", 1.0), ("ms_ssim", "MS-SS
 EDITING = (("gt_psnr", "GT PSNR dB", 1.0), ("bg_psnr", "bg PSNR dB", 1.0), ("judge_accuracy", "judge %", 100.0))
 
 
+TASKS = (("inversion", INVERSION), ("editing", EDITING))
+
+
 def load(folder: str | None) -> dict:
-    return json.loads((Path(folder) / "results.json").read_text())["methods"] if folder else {}
+    """The methods of one `icd bench` run folder, each kept to its NFE, the table's columns and its source."""
+    if not folder:
+        return {}
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{folder}: no results.json (not an `icd bench` run folder)")
+    methods = json.loads(path.read_text())["methods"]
+    keys = {"nfe", *(c[0] for _, cols in TASKS for c in cols)}
+    return {name: {**{k: v for k, v in m.items() if k in keys}, "source": str(path)} for name, m in methods.items()}
+
+
+def load_record(path: str | None) -> tuple[dict, dict]:
+    """(inversion, editing) rows of a ``steps.json`` record; empty without one."""
+    if not path:
+        return {}, {}
+    try:
+        record = json.loads(Path(path).read_text())
+        return dict(record["inversion"]), dict(record["editing"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a steps.json record ({err})") from None
 
 
 def family(name: str) -> str:
@@ -93,15 +122,19 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inversion", help="folder of an `icd bench inversion` run")
     ap.add_argument("--editing", help="folder of an `icd bench editing` run")
+    ap.add_argument("--record", help="a steps.json written before: its rows, then the runs' rows over them")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if not (args.inversion or args.editing):
-        ap.error("give --inversion, --editing or both")
-    inv, edit = load(args.inversion), load(args.editing)
+    if not (args.inversion or args.editing or args.record):
+        ap.error("give --inversion, --editing, --record or several")
+    inv, edit = load_record(args.record)
+    inv.update(load(args.inversion))
+    edit.update(load(args.editing))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(inv, edit)
     write_text_atomic(out / "steps.md", text)
+    write_text_atomic(out / "steps.json", json.dumps({"inversion": inv, "editing": edit}, indent=1) + "\n")
     plot(inv, edit, out / "steps.png")
     print(text, end="")
     return text

@@ -1,8 +1,12 @@
 """`benchmarks/step_ablation.py` on two tiny `icd bench` runs: one row per method sorted by NFE, both tasks' columns,
-a method measured by one task only has its other cells empty, and the plot is written."""
+a method measured by one task only has its other cells empty, and the plot is written; the steps.json record it
+writes gives back the same table, under a run's newer rows."""
 
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 from icd.bench import BenchOptions, run_bench
 
@@ -26,3 +30,16 @@ def test_step_table_and_plot(tmp_path):
     assert rows[0][-1].strip(" |") == "–" and rows[1][-1].strip(" |") != "–"  # ddim1: inversion only
     assert (tmp_path / "steps" / "steps.png").stat().st_size > 1000
     assert (tmp_path / "steps" / "steps.md").read_text() == text
+
+    record = tmp_path / "steps" / "steps.json"
+    rows = json.loads(record.read_text())
+    assert set(rows["inversion"]) == {"icd", "ddim1", "ddim2"} and set(rows["editing"]) == {"icd", "ddim2"}
+    assert rows["editing"]["icd"]["source"] == str(tmp_path / "edit" / "results.json")
+    again = module.main(["--record", str(record), "--out", str(tmp_path / "again")])
+    assert again == text  # the record alone: the same table
+    rows["inversion"]["ddim1"]["psnr"] = 99.0  # a stale row: the run given replaces it
+    record.write_text(json.dumps(rows))
+    assert module.main(["--record", str(record), "--inversion", str(tmp_path / "inv"),
+                        "--out", str(tmp_path / "again")]) == text
+    with pytest.raises(SystemExit, match="not a steps.json record"):
+        module.main(["--record", str(tmp_path / "steps" / "steps.md"), "--out", str(tmp_path / "bad")])

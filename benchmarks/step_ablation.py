@@ -10,8 +10,10 @@ Writes ``steps.md`` (the table), ``steps.png`` (inversion PSNR and editing groun
 a record, so a row measured later joins the rows measured before without re-running them (the runs given replace the
 record's rows of the same name); docs/experiments/step-ablation.json is the committed record behind RESULTS §10:
 
-    python benchmarks/step_ablation.py --record docs/experiments/step-ablation.json \
+    python benchmarks/step_ablation.py --record docs/experiments/step-ablation.json \\
         --inversion out/ref/steps-S3-inversion --editing out/ref/steps-S3-editing --out out/ref/steps
+
+``--inversion`` and ``--editing`` may be given several times (a later run's rows replace an earlier one's).
 
 A method missing from one of the tasks leaves its cells empty ("–").
 """
@@ -120,16 +122,20 @@ def plot(inv: dict, edit: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--inversion", help="folder of an `icd bench inversion` run")
-    ap.add_argument("--editing", help="folder of an `icd bench editing` run")
+    ap.add_argument("--inversion", action="append", default=[],
+                    help="folder of an `icd bench inversion` run (repeatable: later runs' rows win)")
+    ap.add_argument("--editing", action="append", default=[],
+                    help="folder of an `icd bench editing` run (repeatable: later runs' rows win)")
     ap.add_argument("--record", help="a steps.json written before: its rows, then the runs' rows over them")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not (args.inversion or args.editing or args.record):
         ap.error("give --inversion, --editing, --record or several")
     inv, edit = load_record(args.record)
-    inv.update(load(args.inversion))
-    edit.update(load(args.editing))
+    for folder in args.inversion:
+        inv.update(load(folder))
+    for folder in args.editing:
+        edit.update(load(folder))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(inv, edit)

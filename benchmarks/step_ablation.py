@@ -25,25 +25,23 @@ import json
 import re
 from pathlib import Path
 
-from icd.io import write_text_atomic
+from icd.bench.results import write_json
+from icd.io import read_json, write_text_atomic
 
 INVERSION = (("psnr", "PSNR dB", 1.0), ("ssim", "SSIM", 1.0), ("ms_ssim", "MS-SSIM", 1.0), ("lpips", "LPIPS", 1.0))
 EDITING = (("gt_psnr", "GT PSNR dB", 1.0), ("bg_psnr", "bg PSNR dB", 1.0), ("judge_accuracy", "judge %", 100.0))
 
 
-TASKS = (("inversion", INVERSION), ("editing", EDITING))
+KEPT = {"nfe", *(key for key, _, _ in (*INVERSION, *EDITING))}  # what a record keeps of a method's row
 
 
-def load(folder: str | None) -> dict:
+def load(folder: str) -> dict:
     """The methods of one `icd bench` run folder, each kept to its NFE, the table's columns and its source."""
-    if not folder:
-        return {}
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise SystemExit(f"{folder}: no results.json (not an `icd bench` run folder)")
     methods = json.loads(path.read_text())["methods"]
-    keys = {"nfe", *(c[0] for _, cols in TASKS for c in cols)}
-    return {name: {**{k: v for k, v in m.items() if k in keys}, "source": str(path)} for name, m in methods.items()}
+    return {name: {**{k: v for k, v in m.items() if k in KEPT}, "source": str(path)} for name, m in methods.items()}
 
 
 def load_record(path: str | None) -> tuple[dict, dict]:
@@ -51,7 +49,7 @@ def load_record(path: str | None) -> tuple[dict, dict]:
     if not path:
         return {}, {}
     try:
-        record = json.loads(Path(path).read_text())
+        record = read_json(path)
         return dict(record["inversion"]), dict(record["editing"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: not a steps.json record ({err})") from None
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = table(inv, edit)
     write_text_atomic(out / "steps.md", text)
-    write_text_atomic(out / "steps.json", json.dumps({"inversion": inv, "editing": edit}, indent=1) + "\n")
+    write_json(out / "steps.json", {"inversion": inv, "editing": edit})
     plot(inv, edit, out / "steps.png")
     print(text, end="")
     return text

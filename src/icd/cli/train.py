@@ -40,5 +40,7 @@ def add_parser(sub) -> None:
     t.add_argument("--section", default=None,
                    help="TOML table to read (default: the component's name), e.g. an ablation row")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in out_dir")
+    t.add_argument("--no-resume", action="store_true",
+                   help="ignore existing checkpoints in out_dir and start afresh (refused where out_dir holds a "
+                   "finished run's final/)")
     t.set_defaults(func=cmd_train)

@@ -26,7 +26,7 @@ from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig
 from icd.train.feed import make_feed, open_data
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 from icd.train.scale import describe_batch, micro_batches, open_run_tracker, precision_mode
 from icd.train.validation import validate_guidance
 
@@ -103,6 +103,7 @@ def guidance_step(student: LatentDiffusion, teacher: LatentDiffusion, cfg: Guida
 def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume)  # before any model loads or any file changes
     source = open_data(cfg)  # the dataset is checked before any model is loaded
     try:
         sync = ProcessGroup(cfg.device)

@@ -42,13 +42,13 @@ from icd.distill.icd import TEACHER_STEPS, forward_cd, forward_preserve, reverse
 from icd.io import atomic_directory
 from icd.models import lora
 from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
-from icd.models.loading import load_model, resolve_model_path
+from icd.models.loading import ModelError, load_model, resolve_model_path
 from icd.models.released import RELEASED_ALPHA, save_released
 from icd.runtime import Precision, ProcessGroup, step_generator
-from icd.train.checkpoint import load_checkpoint
+from icd.train.checkpoint import checkpoint_problem, load_checkpoint
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig, from_dict, to_dict
 from icd.train.feed import make_feed, open_data
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 from icd.train.scale import describe_batch, micro_batches, open_run_tracker, precision_mode
 from icd.train.validation import validate_icd
 
@@ -258,9 +258,15 @@ def _check_init_adapters(cfg: ICDConfig) -> None:
                           f"the config asks for {cfg.rank}/{cfg.alpha}")
 
 
+def run_identity() -> dict:
+    """What shapes the adapters besides the config (run.json, `icd.train.runner.check_run`): the LoRA targets."""
+    return {"lora_targets": list(lora.LORA_TARGETS)}
+
+
 def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume, identity=run_identity())  # before any model loads or file changes
     try:
         sync = ProcessGroup(cfg.device)
     except ValueError as e:  # an unknown device name, or cuda on a machine without one (before any compute)
@@ -299,7 +305,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
     run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules=modules,
                       optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       resume=resume, is_main=sync.is_main, stateful={"precision": precision},
-                      images_per_step=cfg.batch_size, tracker=tracker)
+                      images_per_step=cfg.batch_size, tracker=tracker, identity=run_identity())
     log.info("iCD: %s; boundaries E_R %s, E_F %s", describe_batch(cfg, sync, precision.mode), list(boundaries.reverse),
              list(boundaries.forward))
     wants_validation = sync.is_main and cfg.n_validation > 0 and bool(cfg.validate_every or source)
@@ -404,10 +410,22 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
 
 
 def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
-    """Adapters of an intermediate checkpoint (``<out_dir>/step-NNNNNN``) written like a final save."""
+    """Adapters of an intermediate checkpoint (``<out_dir>/step-NNNNNN``) written like a final save.
+
+    A damaged checkpoint (a truncated or missing file, see `checkpoint_problem`) or one of another trainer is a
+    `ModelError` naming the file, found before the model loads.
+    """
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "state.json").read_text())
-    cfg = from_dict(ICDConfig, state["extra"]["config"])
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ModelError(f"checkpoint {checkpoint}: {problem}")
+    if not (checkpoint / "model.unet.safetensors").is_file():
+        raise ModelError(f"checkpoint {checkpoint}: model.unet.safetensors is missing (not an iCD checkpoint)")
+    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    try:
+        cfg = from_dict(ICDConfig, state["extra"]["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ModelError(f"checkpoint {checkpoint}: state.json holds no iCD config ({e})") from None
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     load_checkpoint(checkpoint, modules={"unet": model.unet})

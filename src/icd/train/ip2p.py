@@ -43,7 +43,7 @@ from icd.models.base import NFECounter
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.ip2p_data import TripleSpec, generate_triples, load_triples
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 from icd.train.teacher import diffusion_loss, ema_update, teacher_noise
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume)  # before any model loads or any file changes
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_pretrained(cfg.model)

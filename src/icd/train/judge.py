@@ -15,7 +15,7 @@ from icd.imageio import to_tensor
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_dataset
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def evaluate(model: J.Judge, n: int, *, degraded: bool, seed: int = 0) -> dict:
 def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume)  # before any model loads or any file changes
     out = Path(cfg.out_dir)
     images, captions = world_dataset(cfg.n_images, seed_start=SEED_START, max_objects=3, cache_dir=out / CACHE)
     attrs = [world.parse_caption(c) for c in captions]

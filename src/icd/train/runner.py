@@ -7,12 +7,18 @@
 
 On resume the log keeps only the rows up to the restored step, so a resumed run's log.csv reads like an
 uninterrupted one; its "seconds" column is training time summed over the resumed sessions.
+
+A run folder records what its weights are (``run.json``: the config, its class, the model's family and any
+trainer-specific identity such as the LoRA target modules). `check_run`, called by every trainer before it loads a
+model, refuses a config that differs from the record in a field outside `MAY_CHANGE`, a fresh run that would
+replace another run's ``final/``, and a folder whose checkpoints are all damaged (docs/training.md §3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import shutil
@@ -24,8 +30,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from icd.io import folder_problem
-from icd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from icd.io import folder_problem, read_json, write_text_atomic
+from icd.models.loading import ModelError, resolve_model_path
+from icd.train.checkpoint import (
+    checkpoint_problem,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from icd.train.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -64,12 +77,132 @@ def run_folder(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+RUN_FILE = "run.json"
+# Config fields a resumed run may change: how long and how the run is carried out, never what its weights are or
+# what they learn (docs/training.md §3). Every other field is the run's identity.
+MAY_CHANGE = frozenset({
+    "out_dir", "steps", "lr_min", "checkpoint_every", "log_every", "threads",  # length, end of the cosine, cadence
+    "device", "mixed_precision", "gradient_checkpointing", "gradient_accumulation",  # same update, other hardware
+    "validate_every", "validation_prompts", "n_validation", "log_to",  # monitoring
+    "tau", "n_eval", "n_scale_images", "validation_cases", "validation_seed_start", "validation_steps",
+    "text_scales", "image_scales",  # read only after training (inference settings, evaluations)
+})
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples become lists), so a record and a config compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _family(config: Any) -> str | None:
+    """The pipeline class of the config's local model folder (None: no model field, a hub id, or unreadable; the
+    loader reports those)."""
+    model = getattr(config, "model", None)
+    if not isinstance(model, str) or not (model == "embedded" or Path(model).is_dir()):
+        return None
+    try:
+        index = read_json(resolve_model_path(model) / "model_index.json")
+    except (ModelError, OSError, ValueError):
+        return None
+    return index.get("_class_name") if isinstance(index, dict) else None
+
+
+def run_record(config: Any, identity: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """What `run.json` holds: the config (and its class) plus derived identity (the model's family, ...)."""
+    derived = {"family": _family(config), **identity}
+    return {"format": 1, "config_class": type(config).__name__, "config": _plain(to_dict(config)),
+            "identity": _plain({k: v for k, v in derived.items() if v is not None})}
+
+
+def _recorded(out: Path) -> dict[str, Any] | None:
+    """The run record of `out`: run.json, else (a run from before run.json) the config of its newest intact
+    checkpoint; None if neither can be read."""
+    try:
+        record = read_json(out / RUN_FILE)
+        if isinstance(record, dict) and isinstance(record.get("config"), dict):
+            return record
+    except (OSError, ValueError):
+        pass
+    steps = sorted(out.glob("step-??????"), reverse=True)
+    for ckpt in steps:
+        if checkpoint_problem(ckpt) is None:
+            config = read_json(ckpt / "state.json").get("extra", {}).get("config")
+            if isinstance(config, dict):
+                return {"config": config}
+    return None
+
+
+def _differences(record: dict[str, Any], config: Any, identity: dict[str, Any]) -> list[str]:
+    """"field=recorded; this config says value" for each identity field that differs from the record."""
+    cls = type(config)
+    if record.get("config_class", cls.__name__) != cls.__name__:
+        return [f"a {record['config_class']} run; this is a {cls.__name__}"]
+    try:
+        defaults = _plain(to_dict(cls()))
+    except (TypeError, ValueError):  # a config class whose defaults alone are not a valid config
+        defaults = {}
+    now, then = _plain(to_dict(config)), record["config"]
+    out = []
+    for name, value in now.items():
+        if name in MAY_CHANGE:
+            continue
+        old = then.get(name, defaults.get(name, value))  # a field newer than the record: the run had its default
+        if old != value:
+            out.append(f"{name}={_shown(old)}; this config says {_shown(value)}")
+    for name, value in identity.items():
+        old = record.get("identity", {}).get(name)
+        if old is not None and old != value:
+            out.append(f"{name}={_shown(old)}; this config gives {_shown(value)}")
+    return out
+
+
+def check_run(config: Any, *, resume: bool = True, identity: Mapping[str, Any] = {}) -> None:
+    """Refuse, in one `ConfigError` line and before any model loads or any file changes, a run whose out_dir holds
+    weights this config would not continue:
+
+    - the recorded run differs in a field outside `MAY_CHANGE` (rank, boundaries, model, data, seed, ...) or in
+      its derived identity (the model's family, the LoRA targets);
+    - ``final/`` exists and this run would not start from the run that wrote it (``resume`` off, or no checkpoint
+      to resume from);
+    - checkpoints exist, ``resume`` is on, and none is intact (`CheckpointError`).
+    """
+    out = Path(config.out_dir)
+    if not out.is_dir():
+        return
+    final = out / "final"
+    if not (final.exists() or (out / "latest").exists() or any(out.glob("step-??????"))):
+        return  # nothing to protect (a stale run.json of a run that failed before its first checkpoint)
+    record = _recorded(out)
+    current = run_record(config, identity)["identity"]
+    if record is not None:
+        diffs = _differences(record, config, current)
+        if diffs:
+            raise ConfigError(f"out_dir {out} holds a run with {diffs[0]}: use a new out_dir or the same value"
+                              + (f" ({len(diffs) - 1} more field(s) differ)" if len(diffs) > 1 else ""))
+    if final.exists():
+        if not resume:
+            raise ConfigError(f"out_dir {out} holds a finished run (final/); a fresh run (--no-resume) would replace "
+                              "it: use a new out_dir, or resume it")
+        if resume_checkpoint(out) is None:
+            raise ConfigError(f"out_dir {out} holds final/ but no checkpoint to resume from; a fresh run would "
+                              "replace it: use a new out_dir")
+    elif resume:
+        resume_checkpoint(out)  # CheckpointError now, before any model loads, if no checkpoint is intact
+
+
 class TrainingRun:
     def __init__(self, out_dir: str | Path, *, desc: str, total_steps: int, columns: Sequence[str],
                  modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
                  config: Any, log_every: int, checkpoint_every: int, resume: bool = True, is_main: bool = True,
-                 stateful: Mapping[str, Any] = {}, images_per_step: int = 0, tracker=None):
+                 stateful: Mapping[str, Any] = {}, images_per_step: int = 0, tracker=None,
+                 identity: Mapping[str, Any] = {}):
         self.out = Path(out_dir)
+        if Path(config.out_dir) == self.out:  # the trainer checked before loading its model; this checks again
+            check_run(config, resume=resume, identity=identity)
         self.out.mkdir(parents=True, exist_ok=True)
         self.desc, self.total_steps, self.columns = desc, total_steps, list(columns)
         self.modules, self.optimizers, self.config = modules, optimizers, config
@@ -81,7 +214,9 @@ class TrainingRun:
         if images_per_step:
             self.columns.append("images_per_s")
         self.step = 0
-        ckpt = latest_checkpoint(self.out) if resume else None
+        ckpt = resume_checkpoint(self.out) if resume else None
+        if is_main:  # the record of what this folder's weights are (check_run)
+            write_text_atomic(self.out / RUN_FILE, json.dumps(run_record(config, identity), indent=1) + "\n")
         if ckpt is not None:
             state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
             self.step = state["step"]

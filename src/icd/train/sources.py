@@ -11,8 +11,13 @@
   member whose extension is the caption column, or that field of a ``.json`` member). Only one sample's bytes are
   read at a time; member offsets come from the tar headers, so a shard is never held in memory.
 
-A wrong caption column, an empty dataset or a missing file is a `DataError` (one line) raised here, before any
-model is loaded. Unreadable images are not: the batch reader (`icd.train.batches`) skips and counts them.
+A wrong caption column, an empty dataset, a row without an image name, a missing file or a dataset without one
+readable image is a `DataError` (one line) raised here, before any model is loaded. Rows that cannot teach anything
+are left out here and counted in one warning: a caption that is null or not text (numbers, lists), and an image of a
+degenerate size (`size_problem`: shorter side below `MIN_SIDE` px, aspect above `MAX_ASPECT`, more than
+`MAX_PIXELS`; a folder's or CSV's image headers are all read here, other formats' sizes when each image is read).
+Unreadable images are counted here for folders and CSV; the batch reader (`icd.train.batches`) skips and counts them
+as it meets them.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +38,13 @@ from icd.imageio import to_rgb
 from icd.io import file_problem
 from icd.train.config import ConfigError
 
+log = logging.getLogger(__name__)
 FORMATS = ("auto", "world", "imagefolder", "csv", "webdataset", "hf")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MIN_SIDE = 8  # px: a shorter side below this holds no picture to crop
+MAX_ASPECT = 8.0  # longer / shorter side: a 20000x1 strip resized to the training size would need gigabytes
+MAX_PIXELS = 1 << 26  # 64 M pixels (PIL refuses "decompression bombs" only from 179 M)
 
 
 class DataError(ConfigError):
@@ -44,10 +55,26 @@ class BadImage(Exception):
     """One example whose image cannot be decoded (skipped and counted, never fatal)."""
 
 
+def size_problem(width: int, height: int) -> str | None:
+    """Why a `width` x `height` image is not trained on (a degenerate size), or None."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_SIDE:
+        return f"{width}x{height} px, shorter side below {MIN_SIDE} px"
+    if long > MAX_ASPECT * short:
+        return f"{width}x{height} px, aspect ratio above {MAX_ASPECT:g}:1"
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} px, more than {MAX_PIXELS >> 20} M pixels"
+    return None
+
+
 def decode_image(data: bytes | Image.Image, what: str) -> Image.Image:
-    """8-bit RGB with EXIF orientation applied, or `BadImage` naming `what`."""
+    """8-bit RGB with EXIF orientation applied, or `BadImage` naming `what` (also for a degenerate size, checked
+    from the header before the pixels are decoded)."""
     try:
         im = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+        problem = size_problem(*im.size)
+        if problem:
+            raise BadImage(f"{what}: {problem}")
         im.load()
         return to_rgb(ImageOps.exif_transpose(im))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -81,6 +108,7 @@ class TableSource:
     captions: list[str]
     files: list[Path] | None = None  # image files (imagefolder, csv)
     dataset: object | None = None  # a `datasets.Dataset` (hf)
+    rows: list[int] | None = None  # the dataset's row of each example (hf; rows with unusable captions left out)
     image_column: str = "image"
     keys: list[str] = field(default_factory=list)  # stable identities (the latent cache's keys)
 
@@ -98,7 +126,7 @@ class TableSource:
             except OSError as e:
                 raise BadImage(f"{path}: {e.strerror or e}") from None
             return decode_image(data, str(path))
-        value = self.dataset[int(i)][self.image_column]
+        value = self.dataset[int(i if self.rows is None else self.rows[i])][self.image_column]
         if isinstance(value, dict):  # an undecoded datasets Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or Path(value.get("path") or "").read_bytes()
         elif isinstance(value, str):
@@ -106,27 +134,108 @@ class TableSource:
         return decode_image(value, f"{self.description} row {i}")
 
 
-def _caption_of(row: dict, column: str, where: str) -> str:
-    if column not in row:
-        raise DataError(f"{where}: no caption column {column!r} (columns: {', '.join(map(str, row)) or 'none'}); "
-                        "set caption_column")
-    value = row[column]
-    return value if isinstance(value, str) else str(value)
+def _caption_problem(value) -> str | None:
+    """Why a caption cell cannot be trained on (None: it is text)."""
+    if value is None:
+        return "caption is null"
+    if not isinstance(value, str):
+        return "caption is not text"
+    return None
 
 
-def _table(rows: list[dict], base: Path, *, caption_column: str, image_column: str, where: str) -> TableSource:
+class _Skips:
+    """Rows left out of a dataset, counted by reason and reported in one warning line."""
+
+    def __init__(self, where: str):
+        self.where, self.reasons, self.first = where, Counter(), ""
+
+    def add(self, reason: str, detail: str) -> None:
+        self.reasons[reason] += 1
+        self.first = self.first or detail
+
+    def report(self, total: int) -> None:
+        n = sum(self.reasons.values())
+        if n:
+            why = ", ".join(f"{c} {r}" if len(self.reasons) > 1 else r for r, c in self.reasons.most_common())
+            log.warning("%s: skipped %d of %d rows: %s (first: %s)", self.where, n, total, why, self.first)
+
+
+def _check_image_file(path: Path) -> tuple[str, str] | None:
+    """Why image file `path` cannot be trained on, from its header only: ("size", why) for a degenerate size,
+    ("unreadable", why) for a missing or undecodable file; None if its header is fine."""
+    problem = file_problem(path)
+    if problem:
+        return "unreadable", problem
+    try:
+        with Image.open(path) as im:
+            problem = size_problem(*im.size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return "unreadable", f"not a readable image ({e})"
+    return None if problem is None else ("size", problem)
+
+
+def _first_readable(source, items, where: str) -> None:
+    """DataError unless some example of `items` decodes (the first good one ends the search)."""
+    first = ""
+    for item in items:
+        try:
+            source.read(*item) if isinstance(item, tuple) else source.image(item)
+            return
+        except BadImage as e:
+            first = first or str(e)
+    raise DataError(f"{where}: no readable image in the data" + (f" (first: {first})" if first else ""))
+
+
+def _table(rows: list[tuple[int, dict]], base: Path, *, caption_column: str, image_column: str,
+           where: str) -> TableSource:
+    """A folder's or CSV's rows (line number, row) as a source: every row names an image (DataError naming the line
+    otherwise); rows with unusable captions or degenerately sized images are left out and counted; the image
+    headers are read, and some image must decode."""
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no rows)")
     image_column = image_column or "file_name"
-    if image_column not in rows[0]:
-        raise DataError(f"{where}: no image column {image_column!r} (columns: {', '.join(rows[0])}); "
+    first_row = rows[0][1]
+    if image_column not in first_row:
+        raise DataError(f"{where}: no image column {image_column!r} (columns: {', '.join(map(str, first_row))}); "
                         "set image_column")
-    captions = [_caption_of(r, caption_column, f"{where} row {i + 1}") for i, r in enumerate(rows)]
-    names = [str(r[image_column]) for r in rows]
-    return TableSource(description=where, captions=captions, files=[base / n for n in names], keys=names)
+    if caption_column not in first_row:
+        raise DataError(f"{where} row 1: no caption column {caption_column!r} (columns: "
+                        f"{', '.join(map(str, first_row)) or 'none'}); set caption_column")
+    skips, unreadable = _Skips(where), []
+    captions, names = [], []
+    for line, row in rows:
+        name = row.get(image_column)
+        if not isinstance(name, str) or not name.strip():
+            what = "no" if name is None or not isinstance(name, str) else "an empty"
+            raise DataError(f"{where} line {line}: {what} {image_column!r} value (the image column; got "
+                            f"{json.dumps(name)})")
+        problem = "no caption" if caption_column not in row else _caption_problem(row[caption_column])
+        if problem:
+            skips.add(problem, f"line {line}")
+            continue
+        issue = _check_image_file(base / name)
+        if issue is not None and issue[0] == "size":  # never decoded: left out of the stream
+            skips.add("image of a degenerate size", f"line {line}: {name}, {issue[1]}")
+            continue
+        if issue is not None:  # unreadable: kept, so the stream skips and counts it as it meets it (log.csv)
+            unreadable.append(f"{name}: {issue[1]}")
+        captions.append(row[caption_column])
+        names.append(name)
+    skips.report(len(rows))
+    if not names:
+        raise DataError(f"{where}: no usable row (of {len(rows)}): {', '.join(skips.reasons)}")
+    source = TableSource(description=where, captions=captions, files=[base / n for n in names], keys=names)
+    if len(unreadable) == len(names):
+        raise DataError(f"{where}: no readable image in the data ({len(names)} rows; first: {unreadable[0]})")
+    if unreadable:
+        log.warning("%s: %d of %d images cannot be read and will be skipped (first: %s)", where, len(unreadable),
+                    len(names), unreadable[0])
+    _first_readable(source, range(len(source)), where)
+    return source
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a .csv or .jsonl file."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -134,7 +243,8 @@ def _read_rows(path: Path) -> list[dict]:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        return [(reader.line_num, row) for row in reader]
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -144,7 +254,7 @@ def _read_rows(path: Path) -> list[dict]:
                 raise DataError(f"{path} line {n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 
@@ -169,9 +279,21 @@ def _hf(data: str, *, caption_column: str, image_column: str) -> TableSource:
     for column, option in ((caption_column, "caption_column"), (image_column, "image_column")):
         if column not in ds.column_names:
             raise DataError(f"{data}: no column {column!r} (columns: {', '.join(ds.column_names)}); set {option}")
-    captions = [c if isinstance(c, str) else str(c) for c in ds[caption_column]]
-    return TableSource(description=data, captions=captions, dataset=ds, image_column=image_column,
-                       keys=[str(i) for i in range(len(ds))])
+    skips, captions, kept = _Skips(data), [], []
+    for i, c in enumerate(ds[caption_column]):
+        problem = _caption_problem(c)
+        if problem:
+            skips.add(problem, f"row {i}")
+        else:
+            captions.append(c)
+            kept.append(i)
+    skips.report(len(ds))
+    if not kept:
+        raise DataError(f"{data}: no usable row (of {len(ds)}): {', '.join(skips.reasons)}")
+    source = TableSource(description=data, captions=captions, dataset=ds, image_column=image_column,
+                         keys=[str(i) for i in kept], rows=kept)
+    _first_readable(source, range(len(source)), data)
+    return source
 
 
 # ------------------------------------------------------------------------------------------- webdataset shards
@@ -217,7 +339,10 @@ class ShardSource:
             if "json" in members:
                 meta = json.loads(own.extractfile(members["json"]).read())
                 if isinstance(meta, dict) and column in meta:
-                    return str(meta[column])
+                    problem = _caption_problem(meta[column])
+                    if problem:  # skipped and counted like an unreadable image
+                        raise BadImage(f"{shard}:{key}.json: {problem}")
+                    return meta[column]
             found = ", ".join(sorted(members))
             raise DataError(f"{shard} sample {key}: no caption {column!r} (members: {found}); set caption_column")
         finally:
@@ -246,7 +371,11 @@ def _shards(data: str, caption_column: str) -> ShardSource:
     first = next((p for p in paths if source.samples(p)), None)
     if first is None:
         raise DataError(f"{data}: the shards hold no image samples")
-    source.caption(first, source.samples(first)[0])  # a wrong caption column stops here
+    try:
+        source.caption(first, source.samples(first)[0])  # a wrong caption column stops here
+    except BadImage:
+        pass  # this sample's caption is null: it is skipped; the column exists
+    _first_readable(source, ((s, k) for s in paths for k in source.samples(s)), data)
     return source
 
 

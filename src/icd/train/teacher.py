@@ -32,7 +32,7 @@ from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_latents
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume)  # before any model loads or any file changes
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)

@@ -21,7 +21,7 @@ from icd.models import tiny
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_dataset
-from icd.train.runner import TrainingRun, lr_at, set_lr
+from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def measure_scaling_factor(vae, n: int, batch: int = 200) -> float:
 def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run(cfg, resume=resume)  # before any model loads or any file changes
     out = Path(cfg.out_dir)
     images, _ = world_dataset(cfg.n_images, cache_dir=out / CACHE)
     torch.manual_seed(cfg.seed)

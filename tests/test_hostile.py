@@ -389,6 +389,17 @@ CASES: list[tuple[str, list[str], str]] = [
         "model-missing": (["--model", "{ws}/nomodel", "--port", "7862"], "model folder not found")}.items()],
     ("no-command", [], "COMMAND"),
     ("unknown-command", ["frobnicate"], "frobnicate"),
+    # issue 34: output paths too long or onto non-files (checked before the compute), huge reweight factors
+    *[(f"{c}-output-{k}", {"edit": _edit, "invert": _invert, "generate": _generate}[c]("-o", p, "--force"), n)
+      for c in ("edit", "invert", "generate") for k, (p, n) in {
+          "300-char-name": ("{out}/" + "n" * 296 + ".png", "300 bytes long"),
+          "over-path-max": ("{out}/" + "d/" * 2100 + "x.png", "a path takes at most"),
+          "fifo-with-force": ("{ws}/fifo.png", "not a regular file")}.items()],
+    ("edit-grid-300-char-name", _edit("--grid", "{out}/" + "g" * 296 + ".png"), "300 bytes long"),
+    ("edit-save-inversion-300-char-name", _edit("--save-inversion", "{out}/" + "i" * 300), "--save-inversion"),
+    ("edit-save-inversion-onto-a-fifo", _edit("--save-inversion", "{ws}/inv_fifo", "--force"), "not a regular file"),
+    *[(f"edit-reweight-{k}", _edit("--reweight", v), "--reweight") for k, v in
+      {"1e30": "blue=1e30", "101": "blue=101", "minus-1e6": "blue=-1e6"}.items()],
 ]
 
 

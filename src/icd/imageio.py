@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from icd.io import file_problem, folder_problem
+from icd.io import file_problem, folder_problem, name_problem, output_problem, shown
 
 Fit = Literal["resize", "center-crop", "pad", "aspect"]
 FITS: tuple[str, ...] = ("resize", "center-crop", "pad", "aspect")
@@ -112,10 +112,14 @@ def fit_image(im: Image.Image, size: int, fit: Fit = "resize", *, multiple: int 
 
 
 def check_output(path: str | Path, *, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Validate an output path before any work: never an input, never an existing file without `force`."""
+    """Validate an output path before any work: never an input, never an existing file without `force`, never a
+    name too long for its filesystem, never an existing device node, FIFO or socket (not even with `force`)."""
     if not str(path).strip():
         raise ImageError("the output path is empty")
     path = Path(path)
+    problem = name_problem(path)  # first: stat() of an over-long name raises instead of answering
+    if problem:
+        raise ImageError(f"cannot write {shown(path)}: {problem}")
     if file_problem(path) == "a symbolic link loop":
         raise ImageError(f"output path is a symbolic link loop: {path}")
     for inp in inputs:
@@ -123,6 +127,9 @@ def check_output(path: str | Path, *, force: bool = False, inputs: tuple[str | P
             raise ImageError(f"refusing to overwrite the input file {inp}")
     if path.is_dir():
         raise ImageError(f"output path is a directory: {path}")
+    problem = output_problem(path)
+    if problem:
+        raise ImageError(f"output {path} is {problem}")
     if os.path.lexists(path) and not force:  # a dangling link too: writing would replace it
         raise ImageError(f"output exists: {path} (use --force to overwrite)")
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
@@ -134,8 +141,12 @@ def check_output(path: str | Path, *, force: bool = False, inputs: tuple[str | P
 
 
 def save_image(image: Image.Image | np.ndarray, path: str | Path) -> Path:
-    """Write atomically (temporary file in the same folder, then rename); creates parent folders."""
+    """Write atomically (temporary file in the same folder, then rename); creates parent folders. An existing
+    directory, device node, FIFO or socket at `path` is refused (`icd.io.output_problem`), never replaced."""
     path = Path(path)
+    problem = output_problem(path)
+    if problem:
+        raise ImageError(f"cannot write {shown(path)}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)

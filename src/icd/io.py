@@ -105,6 +105,88 @@ def folder_problem(folder: str | Path) -> str | None:
     return None
 
 
+# A temporary sibling's name adds at most this many bytes to the final name (".tmp", "-<pid>", a leading dot), so a
+# name is checked with this room left: a run must not end in "File name too long" after its compute.
+TMP_NAME_ROOM = 16
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, used where os.pathconf cannot tell
+
+
+def _limit(folder: Path, name: str, fallback: int) -> int:
+    """os.pathconf(`folder`'s nearest existing ancestor, `name`), else `fallback`."""
+    for q in (folder, *folder.parents):
+        try:
+            return os.pathconf(q, name)
+        except (OSError, ValueError):
+            continue
+    return fallback
+
+
+def name_problem(path: str | Path) -> str | None:
+    """Why `path` is too long to be written on its filesystem, without touching it: a component longer than the
+    folder's NAME_MAX bytes (less `TMP_NAME_ROOM` for the temporary sibling of the last one), or the whole path
+    (made absolute) longer than PATH_MAX bytes. None when it fits."""
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    name_max = _limit(absolute.parent, "PC_NAME_MAX", NAME_MAX)
+    for i, part in enumerate(absolute.parts[1:]):
+        room = TMP_NAME_ROOM if i == len(absolute.parts) - 2 else 0
+        size = len(os.fsencode(part))
+        if size + room > name_max:
+            name = shown(part, 40)
+            if room:
+                return (f"the name {name!r} is {size} bytes long; a file name takes at most {name_max - room} here "
+                        f"({name_max} bytes less {room} for the temporary file)")
+            return f"the folder name {name!r} is {size} bytes long, over the {name_max} bytes a name may have"
+    path_max = _limit(absolute.parent, "PC_PATH_MAX", PATH_MAX)
+    size = len(os.fsencode(str(absolute))) + TMP_NAME_ROOM
+    if size > path_max:
+        return f"the path is {size - TMP_NAME_ROOM} bytes long; a path takes at most {path_max - TMP_NAME_ROOM} here"
+    return None
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (over)written as a regular file, even with --force: too long (`name_problem`), or an
+    existing directory, device node, FIFO or socket, which a write by rename would replace (and a device node must
+    never be). A symbolic link is judged by what it points at. None when it can."""
+    problem = name_problem(path)
+    if problem:
+        return problem
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # missing (or a dangling link / loop: the callers' own checks name those)
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("character device" if stat.S_ISCHR(st.st_mode) else "block device" if stat.S_ISBLK(st.st_mode)
+                else "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
+        return f"an existing {kind}, not a regular file: never replaced, even with --force"
+    return None
+
+
+def shown(path: str | Path, limit: int = 120) -> str:
+    """`path` for a one-line message: one over `limit` characters shortened in the middle."""
+    text = str(path)
+    return text if len(text) <= limit else text[: limit // 2] + "…" + text[-(limit // 3):]
+
+
+PAIR_SUFFIXES = (".json", ".safetensors")
+
+
+def pair_paths(path: str | Path) -> tuple[Path, Path]:
+    """The (JSON, safetensors) files of a record saved as a pair under the name `path` (a saved inversion): a
+    trailing ``.json`` or ``.safetensors`` (lower case) is dropped and the two suffixes are appended to the rest,
+    which is kept whole, dots included: ``run.v1`` -> ``run.v1.json`` + ``run.v1.safetensors``, ``inv.json`` ->
+    ``inv.json`` + ``inv.safetensors``."""
+    path = Path(path)
+    name = path.name
+    for suffix in PAIR_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.with_name(name + ".json"), path.with_name(name + ".safetensors")
+
+
 def read_json(path: str | Path):
     """The JSON value of a UTF-8 file; ValueError with a short reason ("not UTF-8 text (byte N)", "not JSON (...)")
     that callers prefix with the file and raise as their own error class. OSError passes through."""

@@ -59,6 +59,31 @@ def library_errors():
         raise CLIError(str(e)) from e
 
 
+@contextlib.contextmanager
+def numerics_named(model):
+    """A NaN / Inf in the latents (`NumericsError`, raised by the sampling loop after the options passed their range
+    checks) re-raised with its cause: weights that hold NaN / Inf (named), else fp16's range overflowed."""
+    try:
+        yield
+    except NumericsError as e:
+        raise NumericsError(f"{e}: {_numerics_cause(model)}") from None
+
+
+def _numerics_cause(model) -> str:
+    import torch  # heavy: only once a model is loaded
+
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(model, part, None)
+        bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()] if module is not None else []
+        if bad:
+            return (f"the {part}'s weights hold NaN/Inf ({len(bad)} tensor{'s' * (len(bad) > 1)}, e.g. {bad[0]}): "
+                    "check the --model / --unet / --adapters / --lora-* files")
+    if model.dtype == torch.float16:
+        return "fp16 activations overflowed (beyond 65504): re-run with --dtype fp32 (or bf16)"
+    return (f"the weights are finite and every option lies in its checked range; the {model.dtype} activations "
+            "overflowed (re-run with -v for the traceback)")
+
+
 MAX_THREADS = 1024
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from icd.cli.common import CLIError, add_model_options, default, fit_to_model, library_errors, load_pipeline, seed
+from icd.cli.common import (
+    CLIError,
+    add_model_options,
+    default,
+    fit_to_model,
+    library_errors,
+    load_pipeline,
+    numerics_named,
+    seed,
+)
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
@@ -18,7 +28,7 @@ from icd.editing.ip2p import IP2PControls, instruction_of
 from icd.editing.sdedit import METHODS as SDEDIT_METHODS
 from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
-from icd.io import folder_problem
+from icd.io import folder_problem, output_problem, pair_paths, shown
 from icd.pipeline import DEFAULT_DDIM_RULE, DEFAULT_GUIDANCE, DEFAULT_STRENGTH, Pipeline
 from icd.plotting import captioned_grid
 from icd.samplers import check_strength
@@ -55,20 +65,36 @@ def _check_args(args) -> None:
     if args.grid and Path(args.grid).resolve() == Path(args.output).resolve():
         raise CLIError("-o and --grid name the same file")
     if args.save_inversion:
-        saved = [Path(args.save_inversion).with_suffix(s) for s in (".json", ".safetensors")]
-        problem = folder_problem(saved[0].parent)
-        if problem:
-            raise CLIError(f"--save-inversion {args.save_inversion}: {problem}")
-        if any(p.exists() for p in saved) and not args.force:
-            raise CLIError(f"{saved[0]} already exists (use --force to overwrite the saved inversion)")
-        if args.inversion and Path(args.inversion).with_suffix(".json").resolve() == saved[0].resolve():
-            raise CLIError("--save-inversion would overwrite the --inversion it reads")
+        _check_save_inversion(args)
     if not args.source.strip() or not args.target.strip():
         raise CLIError("the source or target prompt is empty")
     if args.masactrl and args.swap:
         raise CLIError("--masactrl and --swap are exclusive")
     _check_sdedit(args)
     _check_ip2p(args)
+    with library_errors():  # the controls' ranges (P2PControls / MasaCtrlControls) before the model loads
+        P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
+                    reweight=_parse_reweight(args.reweight), blend_threshold=args.blend_threshold)
+        if args.masactrl:
+            MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer)
+
+
+def _check_save_inversion(args) -> None:
+    """--save-inversion's two files (`pair_paths`): writable, regular files or new, not the --inversion read."""
+    if not args.save_inversion.strip():
+        raise CLIError("--save-inversion is empty")
+    saved = pair_paths(args.save_inversion)
+    for path in saved:
+        problem = output_problem(path)  # too long, a directory, a device node: refused even with --force
+        if problem:
+            raise CLIError(f"--save-inversion {shown(path)}: {problem}")
+    problem = folder_problem(saved[0].parent)
+    if problem:
+        raise CLIError(f"--save-inversion {args.save_inversion}: {problem}")
+    if any(os.path.lexists(p) for p in saved) and not args.force:
+        raise CLIError(f"{saved[0]} already exists (use --force to overwrite the saved inversion)")
+    if args.inversion and any(p.resolve() == q.resolve() for p in saved for q in pair_paths(args.inversion)):
+        raise CLIError("--save-inversion would overwrite the --inversion it reads")
 
 
 # attention-control options (dest, default) SDEdit refuses: it decodes the target prompt without attention control
@@ -189,12 +215,13 @@ def cmd_edit(args) -> None:
         t0 = time.perf_counter()
         saved = _saved_inversion(args)
         controls = _controls(args, mask, args.method if saved is None else saved.method)
-        inversion = _inversion(editor, args, image, saved)
-        t1 = time.perf_counter()
-        result = editor.edit(inversion, [args.target], controls)
+        with numerics_named(model):
+            inversion = _inversion(editor, args, image, saved)
+            t1 = time.perf_counter()
+            result = editor.edit(inversion, [args.target], controls)
     t2 = time.perf_counter()
     if args.save_inversion:
-        inversion.save(args.save_inversion)
+        inversion.save(pair_paths(args.save_inversion)[0])
     save_image(result.images[0], args.output)
     if args.grid:
         grid = captioned_grid([image[0], result.reconstructions[0], result.images[0]],
@@ -207,6 +234,8 @@ def cmd_edit(args) -> None:
               "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
               "seconds": round(t2 - t0, 4), "guidance": editor.guidance_default(inversion.method, "edit")
               if args.guidance is None else args.guidance, "control": control, "output": str(args.output)}
+    if args.save_inversion:
+        report["inversion"] = str(pair_paths(args.save_inversion)[0])
     if sdedit:
         report["strength"] = inversion.settings["strength"]
     if inversion.method == IP2P:
@@ -271,8 +300,13 @@ def add_parser(sub) -> None:
     e.add_argument("--fit", default=None, choices=FITS,
                    help="policy for photos of other sizes (default: resize to the embedded model's square; "
                    "aspect for Stable Diffusion)")
-    e.add_argument("--save-inversion", default=None, metavar="PATH", help="save the inversion for reuse")
-    e.add_argument("--inversion", default=None, metavar="PATH", help="reuse a saved inversion (4 NFE per edit)")
+    e.add_argument("--save-inversion", default=None, metavar="PATH",
+                   help="save the inversion for reuse as two files, PATH.json and PATH.safetensors: the name is kept "
+                   "whole, dots included (run.v1 -> run.v1.json + run.v1.safetensors); only a trailing .json or "
+                   ".safetensors is dropped first")
+    e.add_argument("--inversion", default=None, metavar="PATH",
+                   help="reuse a saved inversion (4 NFE per edit): PATH as given to --save-inversion, or either of "
+                   "its two files")
     e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")
     e.add_argument("-o", "--output", required=True)
     add_model_options(e)

@@ -7,7 +7,16 @@ import time
 
 import numpy as np
 
-from icd.cli.common import MAX_SEED, CLIError, add_model_options, fit_to_model, library_errors, load_pipeline, seed
+from icd.cli.common import (
+    MAX_SEED,
+    CLIError,
+    add_model_options,
+    fit_to_model,
+    library_errors,
+    load_pipeline,
+    numerics_named,
+    seed,
+)
 from icd.imageio import FITS, check_output, load_image, save_image, to_uint8
 from icd.metrics import psnr
 from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE
@@ -30,8 +39,9 @@ def cmd_generate(args) -> None:
     model.check_prompts([args.prompt])
     t0 = time.perf_counter()
     model.counter.reset()
-    images = to_uint8(pipe.generate([args.prompt] * args.n, method=args.method, steps=st.steps, guidance=st.guidance,
-                                    tau=st.tau, renoise=st.renoise, seed=args.seed))
+    with numerics_named(model):
+        images = to_uint8(pipe.generate([args.prompt] * args.n, method=args.method, steps=st.steps,
+                                        guidance=st.guidance, tau=st.tau, renoise=st.renoise, seed=args.seed))
     seconds = time.perf_counter() - t0
     save_image(hstack(list(images)), args.output)
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": st.steps, "guidance": st.guidance,
@@ -53,8 +63,9 @@ def cmd_invert(args) -> None:
     model.check_prompts([args.prompt])
     source = np.asarray(fit_to_model(image, model, args.fit))[None]
     model.counter.reset()
-    r = pipe.reconstruct(source, [args.prompt], method=args.method, steps=args.steps, guidance=args.guidance,
-                         tau=args.tau, seed=args.seed, ddim_rule=args.ddim_rule)
+    with numerics_named(model):
+        r = pipe.reconstruct(source, [args.prompt], method=args.method, steps=args.steps, guidance=args.guidance,
+                             tau=args.tau, seed=args.seed, ddim_rule=args.ddim_rule)
     save_image(r.images[0], args.output)
     seconds = r.seconds_invert + r.seconds_decode
     report = {"method": args.method, "steps": r.settings.steps, "guidance": r.settings.guidance,

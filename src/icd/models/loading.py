@@ -111,6 +111,10 @@ def family_of(model: LatentDiffusion):
 
 
 # ---------------------------------------------------------------------------------------------- UNets
+# diffusers' message for a weight whose shape differs from the one its config builds
+_SHAPE_MISMATCH = re.compile(r"(\S+) expected shape torch\.Size\(\[([^\]]*)\]\), but got torch\.Size\(\[([^\]]*)\]\)")
+
+
 def unet_folder(path: Path, *, dtype: torch.dtype) -> UNet2DConditionModel:
     """A diffusers UNet folder (``diffusion_pytorch_model.safetensors``, or only its ``.fp16`` variant)."""
     only_fp16 = (path / "diffusion_pytorch_model.fp16.safetensors").is_file() and not (
@@ -119,6 +123,12 @@ def unet_folder(path: Path, *, dtype: torch.dtype) -> UNet2DConditionModel:
         unet = UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True,
                                                     variant="fp16" if only_fp16 else None)
     except (OSError, ValueError, RuntimeError) as e:
+        mismatch = _SHAPE_MISMATCH.search(str(e))
+        if mismatch:  # diffusers' own advice (low_cpu_mem_usage=False, a URL) is not for a user of this folder
+            name, want, got = mismatch.groups()
+            raise ModelError(f"{path}: its config.json and its weights disagree (the config makes {name} "
+                             f"[{want}], the weights hold [{got}]): use the config.json saved with these weights"
+                             ) from None
         raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
     empty = [n for n, p in unet.named_parameters() if p.is_meta]
     if empty:  # diffusers leaves weights the file lacks uninitialised, on the meta device
@@ -238,6 +248,22 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
         raise ModelError(f"model folder {path} has no guidance-distilled UNet ({GUIDANCE_UNET}/): pass --unet "
                          "(e.g. the released sd15-cfg-distill-unet) or run `icd train guidance`")
     model = _build(path, distilled, dtype=dtype, device=device, name=str(name_or_path))
+    return attach_icd(model, path, adapters=adapters, lora_forward=lora_forward, lora_reverse=lora_reverse,
+                      boundaries=boundaries, device=device, dtype=dtype, fuse=fuse,
+                      require_adapters=require_adapters)
+
+
+def attach_icd(model: LatentDiffusion, path: Path | None, *, adapters: str | Path | None = None,
+               lora_forward: str | Path | None = None, lora_reverse: str | Path | None = None,
+               boundaries: Boundaries | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, fuse: bool = True, require_adapters: bool = True
+               ) -> LatentDiffusion:
+    """`model` (around a guidance-distilled UNet) with both iCD adapters attached: the released LoRA files, else
+    `adapters` (default ``<path>/icd``; `path` None: no default), as `load_icd_model` describes."""
+    if (lora_forward is None) != (lora_reverse is None):
+        raise ModelError("pass both --lora-forward and --lora-reverse (the two directions of one iCD model)")
+    if lora_forward is not None and adapters is not None:
+        raise ModelError("pass either --adapters or --lora-forward / --lora-reverse, not both")
     family = family_of(model)
     if lora_forward is not None:
         try:
@@ -248,8 +274,8 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
         model.icd = ICDSpec(path=Path(lora_reverse).parent, boundaries=b, tau=BOUNDARY_TAU.get(preset, family.TAU),
                             w_set=())
     else:
-        folder = Path(adapters) if adapters is not None else path / ADAPTERS_SUBFOLDER
-        if not (folder / "adapters.json").is_file():
+        folder = Path(adapters) if adapters is not None else None if path is None else path / ADAPTERS_SUBFOLDER
+        if folder is None or not (folder / "adapters.json").is_file():
             if require_adapters or adapters is not None:
                 raise ModelError(f"no iCD adapters at {folder} (adapters.json missing); train them with `icd train "
                                  "icd`, pass --adapters DIR, or --lora-forward / --lora-reverse")

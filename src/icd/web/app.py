@@ -1,30 +1,49 @@
 """The routes of the page (FastAPI) and `serve` (uvicorn). fastapi / uvicorn are the optional `web` extra, imported
 when the app is built so that `icd --help` and the rest of the package never need them."""
 
+import asyncio
 import logging
+import math
+import threading
 from importlib import resources
 
-from icd.models.base import PromptError
-from icd.web.engine import WEB_METHODS, EditRequest, Engine, parse_reweight
+from icd.samplers import Cancelled
+from icd.solver import NumericsError
+from icd.web.engine import WEB_METHODS, EditRequest, Engine, FieldError, parse_reweight, public_message
 from icd.web.examples import examples
 from icd.web.uploads import Limits, UploadError, check_size, decode_upload
 
 log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.05  # how often a running edit looks whether its client has left
+CLIENT_CLOSED = 499  # the status of a request whose client left before the answer (nginx's convention)
+FLAGS = {"": False, "off": False, "false": False, "0": False, "on": True, "true": True, "1": True}
 
 
 def page_html() -> str:
     return resources.files("icd.web").joinpath("page.html").read_text(encoding="utf-8")
 
 
+def _text(form, name: str) -> str:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise FieldError(name, f"{name} expects text, got a file")
+    return value or ""
+
+
 def _number(form, name: str, kind=float, default=None):
-    text = str(form.get(name) or "").strip()
+    """The field `name` as an int or a finite float, `default` when empty; FieldError naming it otherwise."""
+    text = _text(form, name).strip()
     if not text:
         return default
+    what = "an integer" if kind is int else "a number"
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise ValueError(f"{name.replace('_', ' ')} expects {'an integer' if kind is int else 'a number'}, got "
-                         f"{text!r}") from None
+        raise FieldError(name, f"{name} expects {what}, got {text[:40]!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise FieldError(name, f"{name} expects a finite number, got {text[:40]!r}")
+    return value
 
 
 async def _image(form, limits: Limits):
@@ -35,31 +54,57 @@ async def _image(form, limits: Limits):
         if upload.size is not None:
             check_size(upload.size, limits)
         return decode_upload(await upload.read(limits.max_bytes + 1), limits, name=name)
-    example = str(form.get("example") or "")
+    example = _text(form, "example")
     if example:
         if example not in examples():
-            raise UploadError(f"unknown example {example!r}")
+            raise FieldError("example", f"unknown example {example[:40]!r}")
         return decode_upload(examples()[example].png, limits, name=example)
     raise UploadError("choose an image: upload one or pick an example")
 
 
 def parse_form(form, image) -> EditRequest:
-    """The form's fields as an EditRequest; ValueError naming a field that does not parse."""
-    return EditRequest(image=image, source=str(form.get("source") or ""), target=str(form.get("target") or ""),
-                       method=str(form.get("method") or "icd"), steps=_number(form, "steps", int),
+    """The form's fields as an EditRequest; FieldError naming a field that does not parse."""
+    masactrl = _text(form, "masactrl").strip().lower()
+    if masactrl not in FLAGS:
+        raise FieldError("masactrl", f"masactrl expects on or off, got {masactrl[:40]!r}")
+    try:
+        reweight = parse_reweight(_text(form, "reweight"))
+    except ValueError as e:
+        raise FieldError("reweight", str(e)) from None
+    return EditRequest(image=image, source=_text(form, "source"), target=_text(form, "target"),
+                       method=_text(form, "method") or "icd", steps=_number(form, "steps", int),
                        seed=_number(form, "seed", int, 0), guidance=_number(form, "guidance"),
                        tau=_number(form, "tau"), cross_replace=_number(form, "cross_replace", default=0.3),
                        self_replace=_number(form, "self_replace", default=0.6),
-                       blend=tuple(str(form.get("blend") or "").replace(",", " ").split()),
-                       reweight=parse_reweight(str(form.get("reweight") or "")),
-                       masactrl=str(form.get("masactrl") or "") in ("on", "true", "1"),
-                       fit=str(form.get("fit") or "resize"))
+                       blend=tuple(_text(form, "blend").replace(",", " ").split()), reweight=reweight,
+                       masactrl=FLAGS[masactrl], fit=_text(form, "fit") or "resize")
+
+
+async def run_until_disconnected(request, engine: Engine, req: EditRequest) -> dict:
+    """`engine.run(req)` in a worker thread while this task looks every DISCONNECT_POLL_S whether the client has
+    left; then the engine's `should_stop` turns true and the run stops at its next step (or, queued, never starts),
+    raising `Cancelled`."""
+    from fastapi.concurrency import run_in_threadpool  # the optional `web` extra
+
+    left = threading.Event()
+
+    async def watch():
+        while not left.is_set():
+            if await request.is_disconnected():
+                left.set()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await run_in_threadpool(engine.run, req, should_stop=left.is_set)
+    finally:
+        watcher.cancel()
 
 
 def create_app(engine: Engine, limits: Limits = Limits()):
     """The FastAPI app: the page, the examples, POST /api/edit, GET /api/progress."""
     from fastapi import FastAPI, Request  # the optional `web` extra
-    from fastapi.concurrency import run_in_threadpool  # the optional `web` extra
     from fastapi.responses import HTMLResponse, JSONResponse, Response  # the optional `web` extra
     from starlette.exceptions import HTTPException  # fastapi's own dependency (the `web` extra)
 
@@ -95,22 +140,33 @@ def create_app(engine: Engine, limits: Limits = Limits()):
     @app.post("/api/edit")
     async def edit(request: Request):
         try:
-            if int(request.headers.get("content-length") or 0) > limits.max_bytes + 1_000_000:
+            declared = request.headers.get("content-length") or "0"
+            if declared.isdigit() and int(declared) > limits.max_bytes + 1_000_000:
                 raise UploadError(f"the upload is over the size limit of {limits.max_mb:g} MB", status=413)
             form = await request.form()
-            req = parse_form(form, await _image(form, limits))
-            return await run_in_threadpool(engine.run, req)
+            try:
+                image = await _image(form, limits)
+            except UploadError as e:  # the message names the file the user chose, never a server path
+                raise UploadError(f"image: {e}", e.status) from None
+            req = parse_form(form, image)
+            return await run_until_disconnected(request, engine, req)
+        except FieldError as e:
+            return error(str(e), 400, field=e.field)
         except UploadError as e:
-            return error(str(e), e.status)
+            return error(public_message(str(e)), e.status, field="image")
         except HTTPException as e:  # a malformed multipart body
-            return error(f"malformed upload: {e.detail}", e.status_code)
-        except PromptError as e:
-            return error(str(e), 400, kind="prompt")
-        except ValueError as e:  # the library's range checks name the option
-            return error(str(e), 400)
-        except Exception as e:  # a bug must not take the server down: report it and keep serving
+            return error(f"malformed upload: {public_message(str(e.detail))}", e.status_code)
+        except Cancelled:
+            log.info("edit cancelled: the client left")
+            return error("cancelled: the client left", CLIENT_CLOSED)
+        except ValueError as e:  # a library check this layer does not map to a field: its message, paths removed
+            return error(public_message(str(e)), 400)
+        except NumericsError:
+            log.exception("edit gave NaN/Inf")
+            return error("the model gave NaN/Inf values for this edit (details in the server log)", 500)
+        except Exception:  # a bug must not take the server down: report it and keep serving
             log.exception("edit failed")
-            return error(f"internal error: {type(e).__name__}: {e}", 500)
+            return error("internal error (details in the server log)", 500)
 
     return app
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import numpy as np
 from PIL import Image
@@ -21,12 +24,46 @@ from PIL import Image
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.tokens import is_word_swap
+from icd.editing.tokens import words as prompt_words
 from icd.imageio import FITS, fit_image
-from icd.models.base import PromptError
 from icd.pipeline import Pipeline
+from icd.samplers import Cancelled, StopFn
 
 WEB_METHODS = ("icd", "ddim", "npi", "nti")
 CACHE_SIZE = 8
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+LOCK_POLL_S = 0.05  # a queued request looks this often whether its client has left
+
+
+class FieldError(ValueError):
+    """A form field the page must refuse: 400 with `field` named in the message, which holds no server path."""
+
+    def __init__(self, field: str, message: str):
+        message = public_message(message)
+        if field.replace("_", " ") not in message and field not in message:
+            message = f"{field}: {message}"
+        super().__init__(message)
+        self.field = field
+
+
+_PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?(?:/[^\s/:'\"(),]+)+/?")  # an absolute (or ~, ./) path
+
+
+def public_message(text: str) -> str:
+    """`text`'s first line as the page may show it: no filesystem path (the server's install or model folders)."""
+    line = text.strip().splitlines()[0] if text.strip() else "invalid value"
+    return _PATH.sub("(a server path)", line)
+
+
+@contextmanager
+def field(name: str):
+    """Report a ValueError raised inside as a `FieldError` of `name`."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except ValueError as e:
+        raise FieldError(name, str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -44,7 +81,7 @@ class EditRequest:
     cross_replace: float = 0.3
     self_replace: float = 0.6
     blend: tuple[str, ...] = ()
-    reweight: dict[str, float] = field(default_factory=dict)
+    reweight: dict[str, float] = dataclass_field(default_factory=dict)
     masactrl: bool = False
     fit: str = "resize"
 
@@ -67,6 +104,13 @@ def parse_reweight(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"reweight expects WORD=FACTOR items, got {item!r}") from None
     return out
+
+
+def _named(message: str, fields: tuple[str, ...]) -> str:
+    """The first of `fields` that `message` names (its first one if none)."""
+    found = [(min(i for i in (message.find(f), message.find(f.replace("_", " "))) if i >= 0), f)
+             for f in fields if f in message or f.replace("_", " ") in message]
+    return min(found)[1] if found else fields[0]
 
 
 def blend_words(words: tuple[str, ...], source: str, target: str):
@@ -118,18 +162,31 @@ class Engine:
         return EditControls(guidance=req.guidance, tau=req.tau, p2p=p2p)
 
     def _check(self, req: EditRequest) -> EditControls:
-        """Every mistake the user can fix, before any model call: ValueError / PromptError."""
-        if not req.source.strip() or not req.target.strip():
-            raise PromptError("the source or the target prompt is empty")
+        """Every mistake the user can fix, before any model call: a `FieldError` naming the form field."""
+        for name in ("source", "target"):
+            if not getattr(req, name).strip():
+                raise FieldError(name, f"the {name} prompt is empty")
+            with field(name):  # unknown words, with the closest known ones
+                self.pipe.model.check_prompts([getattr(req, name)])
         if req.method not in WEB_METHODS:
-            raise ValueError(f"unknown method {req.method!r}; choose from {', '.join(WEB_METHODS)}")
+            raise FieldError("method", f"unknown method {req.method[:40]!r}; choose from {', '.join(WEB_METHODS)}")
         if req.fit not in self.fits:
-            raise ValueError(f"unknown fit {req.fit!r}; choose from {', '.join(self.fits)}")
-        self.pipe.model.check_prompts([req.source, req.target])  # unknown words, with the closest known ones
-        self.pipe.settings(req.method, "edit", guidance=req.guidance, tau=req.tau, steps=req.steps)
-        return self._controls(req)
+            raise FieldError("fit", f"unknown fit {req.fit[:40]!r}; choose from {', '.join(self.fits)}")
+        if not 0 <= req.seed <= MAX_SEED:
+            raise FieldError("seed", f"seed must be an integer in 0..2^64-1, got {req.seed}")
+        try:
+            self.pipe.settings(req.method, "edit", guidance=req.guidance, tau=req.tau, steps=req.steps)
+        except ValueError as e:  # the message names the setting it refuses
+            raise FieldError(_named(str(e), ("steps", "guidance", "tau")), str(e)) from None
+        unknown = [w for w in req.reweight if w not in prompt_words(req.target)]
+        if unknown and not req.masactrl:
+            raise FieldError("reweight", f"reweight word(s) {', '.join(unknown)} are not in the target prompt")
+        try:
+            return self._controls(req)
+        except ValueError as e:
+            raise FieldError(_named(str(e), ("cross_replace", "self_replace", "reweight", "blend")), str(e)) from None
 
-    def _inversion(self, image: np.ndarray, req: EditRequest):
+    def _inversion(self, image: np.ndarray, req: EditRequest, should_stop: StopFn | None = None):
         key = (hashlib.sha256(image.tobytes()).hexdigest(), image.shape, req.source, req.method, req.steps,
                req.seed if req.method == "icd" else None, req.guidance if req.method == "nti" else None)
         if key in self.cache:
@@ -137,32 +194,45 @@ class Engine:
             return self.cache[key], True
         self._state["stage"] = "inverting"
         inv = self.pipe.invert(image[None], [req.source], method=req.method, steps=req.steps, seed=req.seed,
-                               guidance=req.guidance)
+                               guidance=req.guidance, should_stop=should_stop)
         self.cache[key] = inv
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         return inv, False
 
-    def run(self, req: EditRequest) -> dict:
-        controls = self._check(req)
-        model = self.pipe.model
-        image = np.asarray(fit_image(req.image, self.image_size, req.fit, multiple=model.size_multiple or 8))
+    def _acquire(self, should_stop: StopFn | None) -> None:
+        """Take the lock, queued behind the running edit; `Cancelled` (lock not held) once `should_stop()` says the
+        client has left, so an abandoned request never runs."""
         with self._count_lock:
             self._waiting += 1
         try:
-            self.lock.acquire()
+            while not self.lock.acquire(timeout=LOCK_POLL_S if should_stop else -1):
+                if should_stop():
+                    raise Cancelled("cancelled while queued: the client left")
         finally:
             with self._count_lock:
                 self._waiting -= 1
+        if should_stop is not None and should_stop():
+            self.lock.release()
+            raise Cancelled("cancelled while queued: the client left")
+
+    def run(self, req: EditRequest, *, should_stop: StopFn | None = None) -> dict:
+        """Check `req`, wait for the model, invert (or take the cached inversion) and edit. `should_stop`: asked
+        while queued and at every sampling step; True raises `icd.samplers.Cancelled` and nothing is cached."""
+        controls = self._check(req)
+        model = self.pipe.model
+        with field("image"):
+            image = np.asarray(fit_image(req.image, self.image_size, req.fit, multiple=model.size_multiple or 8))
+        self._acquire(should_stop)
         try:
             counter = self.pipe.model.counter
             self._state = {"busy": True, "stage": "inverting", "method": req.method, "t0": time.perf_counter(),
                            "calls0": counter.calls}
             c0, t0 = counter.calls, time.perf_counter()
-            inversion, cached = self._inversion(image, req)
+            inversion, cached = self._inversion(image, req, should_stop)
             c1, t1 = counter.calls, time.perf_counter()
             self._state["stage"] = "editing"
-            result = self.pipe.edit(inversion, [req.target], controls)
+            result = self.pipe.edit(inversion, [req.target], controls, should_stop=should_stop)
             t2 = time.perf_counter()
         finally:
             self._state = {"busy": False}

@@ -6,14 +6,12 @@
     result = pipe.edit(inversion, targets, EditControls(...))  # 4 reverse calls for [sources, targets]
     images = pipe.generate(["a small blue star on a white background"])
 
-Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4): ``icd`` (the forward adapter encodes, the reverse
-adapter decodes: guidance-distilled UNet, dynamic CFG); ``gddim`` (DDIM on the guidance-distilled UNet, adapters off);
-``ddim`` (DDIM on the original UNet, two-pass CFG); ``npi`` (negative-prompt inversion: DDIM inversion, then CFG
-against the source prompt); ``nti`` (null-text inversion: per-step optimised unconditional embeddings); ``sdedit`` /
-``sdedit-icd`` (SDEdit: no inversion, noise to the strength's time and denoise under the target prompt with the
-teacher's DDIM steps or the iCD reverse jumps, `icd.editing.sdedit`); ``ip2p`` (InstructPix2Pix trained on our
-teacher's P2P triples: an instruction and the source latent, two-way CFG, `icd.editing.ip2p`; weights in
-``<model>/ip2p`` or ``ip2p=DIR``).
+Methods (`METHODS`; docs/method.md §8, docs/baselines.md §1-4): ``icd`` (forward adapter encodes, reverse adapter
+decodes: guidance-distilled UNet, dynamic CFG); ``gddim`` (DDIM on the guidance-distilled UNet); ``ddim`` (DDIM on
+the original UNet, two-pass CFG); ``npi`` / ``nti`` (negative-prompt / null-text inversion); ``sdedit`` /
+``sdedit-icd`` (noise to the strength's time, denoise with DDIM or iCD jumps, `icd.editing.sdedit`); ``ip2p``
+(InstructPix2Pix on our teacher's P2P triples, `icd.editing.ip2p`; weights in ``<model>/ip2p`` or ``ip2p=DIR``).
+The arguments of the public entries are checked by `icd.inputs` (TypeError / ValueError naming the argument).
 
 `Pipeline.settings` resolves guidance, tau, steps and re-noising for a (method, task) in one place; the CLI, the
 bench and the Python API call it, and everything they run goes through the samplers of `icd.samplers`.
@@ -32,12 +30,14 @@ from tqdm.auto import tqdm
 
 from icd.boundaries import Boundaries
 from icd.editing import ip2p, sdedit
+from icd.editing.arguments import check_edit_arguments, check_fits, check_inversion_type, generation_shape
 from icd.editing.attention import AttentionLayers
 from icd.editing.checks import MAX_GUIDANCE, check_prompts, check_ranges  # noqa: F401 (re-exported)
 from icd.editing.edit import EditControls, baseline_uncond, edit_latents, flatten_targets, make_controller
-from icd.editing.inversion import Inversion
+from icd.editing.inversion import Inversion, model_record
 from icd.editing.nulltext import null_text_optimize
 from icd.imageio import to_uint8
+from icd.inputs import as_images, as_int, as_seed, as_texts
 from icd.models import lora
 from icd.models.base import EpsFn, LatentDiffusion
 from icd.models.loading import (
@@ -53,6 +53,7 @@ from icd.models.loading import (
 from icd.runtime import resolve_dtype, synchronize
 from icd.samplers import (
     SeededNoise,
+    StopFn,
     ddim_decode,
     ddim_invert,
     ddim_loop,
@@ -60,6 +61,7 @@ from icd.samplers import (
     icd_decode,
     icd_invert,
     initial_noise,
+    stoppable,
 )
 
 TASKS = ("invert", "edit", "generate")
@@ -148,6 +150,7 @@ class Pipeline:
         self._ip2p_path = ip2p_path or (base_path / ip2p.SUBFOLDER if base_path is not None else None)
         self._ip2p: ip2p.IP2PModel | None = None  # loaded on first use of method ip2p
         self._layers: dict[int, AttentionLayers] = {}  # id(unet) -> its attention layers (found once)
+        self._records: dict[tuple[int, bool], dict] = {}  # (id(model), adapters) -> its model record (once)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "embedded", *, unet: str | Path | None = None,
@@ -269,45 +272,53 @@ class Pipeline:
         return self.model_for(method).eps_fn(adapter=adapter, guidance=guidance, tau=tau)
 
     # ------------------------------------------------------------------ inversion
-    def invert(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+    def invert(self, images, prompts: str | Sequence[str], *, method: str = "icd", steps: int | None = None,
                seed: int = 0, guidance: float | None = None, progress: bool = False,
-               ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None) -> Inversion:
-        """Invert uint8 images [N, H, W, 3] (or PIL images) with their captions. Deterministic: iCD's encoding
-        noise and SDEdit's noise draw come from `seed`. `guidance` is NTI's CFG code (default: the edit default).
-        `ddim_rule`: the DDIM baselines' inversion rule (`icd.samplers.DDIM_RULES`). `strength`: SDEdit's start
-        noise level (sdedit methods; no UNet call: the record holds z0 noised to the start time)."""
-        prompts = list(prompts)
+               ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None,
+               value_range: tuple[float, float] | None = None, should_stop: StopFn | None = None) -> Inversion:
+        """Invert `images` (uint8 [H, W, 3] / [N, H, W, 3] arrays, PIL images, lists of them, torch tensors; floats
+        only with `value_range` (0, 1) or (-1, 1): `icd.inputs.as_images`) with their captions `prompts` (one per
+        image; a bare string is one). Deterministic: iCD's encoding noise and SDEdit's draw come from `seed` (an int
+        in 0..2**64 - 1). `guidance`: NTI's CFG code (default: the edit's). `ddim_rule`: `icd.samplers.DDIM_RULES`.
+        `strength`: SDEdit's start noise level (no UNet call). `should_stop`: asked once per step, True raises
+        `icd.samplers.Cancelled`. Bad arguments: TypeError / ValueError naming them. The result records this model."""
+        images = as_images(images, value_range=value_range)
+        prompts, seed = as_texts(prompts, name="prompts"), as_seed(seed)
         model = self.model_for(method)
         check_prompts(model, prompts)
         st = self.settings(method, "invert", steps=steps, strength=strength)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         z0 = model.encode_images(images)
-        if len(prompts) != z0.shape[0]:
-            raise ValueError(f"{z0.shape[0]} images but {len(prompts)} prompts")
-        if METHODS[method].inversion == "sdedit":  # no UNet call: z0 noised to the strength's start time
-            return sdedit.encode(model, z0, prompts, method=method, steps=st.steps, strength=st.strength, seed=seed)
-        if METHODS[method].inversion == "ip2p":  # no UNet call: the source latent and the sampler's seeded noise
-            return ip2p.encode(model, z0, prompts, steps=st.steps, seed=seed)
+        kind = METHODS[method].inversion
+        record = model_record(model, adapters=METHODS[method].unet == "icd", cache=self._records)
+        if kind in ("sdedit", "ip2p"):  # no UNet call: z0 noised to the strength's start time / z0 and IP2P's noise
+            inv = (sdedit.encode(model, z0, prompts, method=method, steps=st.steps, strength=st.strength, seed=seed)
+                   if kind == "sdedit" else ip2p.encode(model, z0, prompts, steps=st.steps, seed=seed))
+            inv.model_record = record
+            return inv
         cond = model.encode_prompt(prompts)
         if method == "icd":
             noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
-            timesteps, latents = icd_invert(model.eps_fn(adapter=lora.FORWARD), z0, cond, model.icd.boundaries,
-                                            schedule=model.schedule, noise=noise)
+            timesteps, latents = icd_invert(stoppable(model.eps_fn(adapter=lora.FORWARD), should_stop), z0, cond,
+                                            model.icd.boundaries, schedule=model.schedule, noise=noise)
             settings = {"seed": seed}
         else:
-            timesteps, latents = ddim_invert(model.eps_fn(), z0, cond, steps=st.steps, schedule=model.schedule,
-                                             rule=ddim_rule)
+            timesteps, latents = ddim_invert(stoppable(model.eps_fn(), should_stop), z0, cond, steps=st.steps,
+                                             schedule=model.schedule, rule=ddim_rule)
             settings = {"ddim_rule": ddim_rule}
         inv = Inversion(latents=latents, timesteps=timesteps, prompts=prompts, method=method, settings=settings)
         if method == "nti":
             w = self.guidance_default(method, "edit") if guidance is None else guidance
-            inv.null_embeddings = null_text_optimize(model, inv, cond, guidance=w, progress=progress)
+            inv.null_embeddings = null_text_optimize(model, inv, cond, guidance=w, progress=progress,
+                                                     should_stop=should_stop)
             inv.settings["guidance"] = w
-        inv.settings["model"] = model.name
+        inv.settings["model"], inv.model_record = model.name, record
         return inv
 
     @torch.no_grad()
-    def decode(self, inversion: Inversion, *, guidance: float | None = None, tau: float | None = None
-               ) -> torch.Tensor:
+    def decode(self, inversion: Inversion, *, guidance: float | None = None, tau: float | None = None,
+               should_stop: StopFn | None = None) -> torch.Tensor:
         """Clean latents decoded from `inversion` with its own prompts (a reconstruction)."""
         method = inversion.method
         if method_spec(method).inversion == "ip2p":  # IP2P conditions on the source latent: it is its own record
@@ -316,7 +327,7 @@ class Pipeline:
                            strength=inversion.settings.get("strength"))
         model = self.model_for(method)
         cond = model.encode_prompt(inversion.prompts)
-        eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
+        eps = stoppable(self.decoder_eps(method, guidance=st.guidance, tau=st.tau), should_stop)
         if method_spec(method).inversion == "sdedit":
             return ddim_loop(eps, inversion.noise, cond, sdedit.decode_timesteps(model, inversion),
                              schedule=model.schedule)[0]
@@ -324,21 +335,24 @@ class Pipeline:
             return icd_decode(eps, inversion.noise, cond, model.icd.boundaries, schedule=model.schedule)
         return ddim_decode(eps, inversion.noise, cond, inversion.timesteps, schedule=model.schedule)
 
-    def reconstruct(self, images, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+    def reconstruct(self, images, prompts: str | Sequence[str], *, method: str = "icd", steps: int | None = None,
                     guidance: float | None = None, tau: float | None = None, seed: int = 0,
-                    ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None) -> Reconstruction:
+                    ddim_rule: str = DEFAULT_DDIM_RULE, strength: float | None = None,
+                    value_range: tuple[float, float] | None = None, should_stop: StopFn | None = None
+                    ) -> Reconstruction:
         """Invert, then decode with the same prompts: uint8 reconstructions with the NFE and seconds of each half
-        (timed from the uint8 input to the uint8 output)."""
+        (timed from the input to the uint8 output). Takes what `invert` takes."""
         model = self.model_for(method)
         st = self.settings(method, "invert", guidance=guidance, tau=tau, steps=steps, strength=strength)
         calls0 = model.counter.calls
         synchronize(model.device)
         t0 = time.perf_counter()
         inv = self.invert(images, prompts, method=method, steps=steps, seed=seed, ddim_rule=ddim_rule,
-                          strength=strength)
+                          strength=strength, value_range=value_range, should_stop=should_stop)
         synchronize(model.device)
         t1, calls1 = time.perf_counter(), model.counter.calls
-        recon = to_uint8(model.decode_latents(self.decode(inv, guidance=st.guidance, tau=st.tau)))
+        recon = to_uint8(model.decode_latents(self.decode(inv, guidance=st.guidance, tau=st.tau,
+                                                          should_stop=should_stop)))
         synchronize(model.device)
         t2 = time.perf_counter()
         return Reconstruction(images=recon, inversion=inv, settings=st, nfe_invert=calls1 - calls0,
@@ -347,14 +361,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ editing
     def edit(self, inversion: Inversion, target_prompts: Sequence[str] | Sequence[Sequence[str]],
-             controls: EditControls | ip2p.IP2PControls | None = None) -> EditResult:
-        """Decode [sources, targets] from `inversion` (SDEdit: no attention control; IP2P: `ip2p.IP2PControls`, its
-        sources are the VAE round trip); one target or list per image."""
-        method = inversion.method
+             controls: EditControls | ip2p.IP2PControls | None = None, *,
+             should_stop: StopFn | None = None) -> EditResult:
+        """Decode [sources, targets] from `inversion` (an `Inversion`; `check_inversion`): one target string or
+        non-empty list per image (a bare string: one image's target); controls `EditControls` (SDEdit: no attention
+        control), `ip2p.IP2PControls` (IP2P: sources are the VAE round trip) or None; `should_stop` as `invert`.
+        Bad arguments: TypeError / ValueError naming them (`icd.editing.arguments.check_edit_arguments`)."""
+        target_prompts, method = check_edit_arguments(inversion, target_prompts, controls), inversion.method
         if method_spec(method, "edit").inversion == "ip2p":  # the instruction-conditioned sampler, no controller
             self.check_inversion(inversion)
             t0, calls0 = time.perf_counter(), self.base().counter.calls
-            images, recon = ip2p.edit(self.ip2p_model(), self.base(), inversion, target_prompts, controls=controls)
+            images, recon = ip2p.edit(self.ip2p_model(), self.base(), inversion, target_prompts, controls=controls,
+                                      should_stop=should_stop)
             return EditResult(images, recon, self.base().counter.calls - calls0, time.perf_counter() - t0)
         is_sdedit = method_spec(method, "edit").inversion == "sdedit"
         controls = sdedit.sdedit_controls(controls) if is_sdedit else controls or EditControls()
@@ -382,33 +400,19 @@ class Pipeline:
             eps = model.eps_fn(guidance=torch.cat([first, w]), tau=st.tau,
                                uncond=baseline_uncond(model, method, inversion, cond_src, source_of=source_of))
         swap_tau = st.tau if controls.control == "swap" and not is_sdedit else None
-        z0 = edit_latents(eps, inversion.noise, cond_src, cond_tgt, model=model, layers=layers,
-                          controller=controller, timesteps=timesteps, swap_tau=swap_tau)
+        z0 = edit_latents(stoppable(eps, should_stop), inversion.noise, cond_src, cond_tgt, model=model,
+                          layers=layers, controller=controller, timesteps=timesteps, swap_tau=swap_tau)
         images = to_uint8(model.decode_latents(z0))  # the loop raises NumericsError naming the step of a NaN/Inf
         return EditResult(images=images[s:], reconstructions=images[:s], nfe=model.counter.calls - calls0,
                           seconds=time.perf_counter() - t0)
 
     def check_inversion(self, inversion: Inversion) -> None:
-        """ValueError unless `inversion` fits this pipeline: a known method, this model's latent shape and, for iCD,
-        these adapters' encoding times (a saved inversion from another model or adapters would decode to garbage)."""
-        spec = method_spec(inversion.method, "edit")
+        """ValueError unless `inversion` fits this pipeline: a known method, and `icd.editing.arguments.check_fits`
+        (the model that made it, its latent shape, the adapters' times); an old inversion has no model record."""
+        spec = method_spec(check_inversion_type(inversion).method, "edit")
         model = self.model_for(inversion.method)
-        latent = model.latent_shape()
-        shape = tuple(inversion.noise.shape[1:])
-        if model.size_multiple is not None and len(shape) == 3 and shape[0] == latent[0]:
-            latent = model.latent_shape(shape[1] * model.vae_factor, shape[2] * model.vae_factor)  # any photo size
-        if shape != latent:
-            raise ValueError(f"this inversion's latents are {tuple(inversion.noise.shape[1:])}, the model's "
-                             f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
-        if spec.inversion == "sdedit":
-            sdedit.decode_timesteps(model, inversion)
-        elif spec.inversion == "ip2p":
-            ip2p.check_record(inversion, model)
-        elif spec.inversion == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
-            raise ValueError(f"this inversion's times {list(inversion.timesteps)} are not these adapters' "
-                             f"{model.icd.boundaries.forward_schedule()}: invert again with them")
-        if len(inversion.latents) != len(inversion.timesteps):
-            raise ValueError("this inversion is malformed: one latent per timestep expected")
+        check_fits(inversion, model, kind=spec.inversion,
+                   record=model_record(model, adapters=spec.unet == "icd", cache=self._records))
 
     def _attention(self, model: LatentDiffusion) -> AttentionLayers:
         """The attention layers of `model`'s UNet, found on first use."""
@@ -418,23 +422,20 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, method: str = "icd", steps: int | None = None,
+    def generate(self, prompts: str | Sequence[str], *, method: str = "icd", steps: int | None = None,
                  guidance: float | None = None, tau: float | None = None, renoise: float | None = None,
                  seed: int = 0, batch_size: int = 64, progress: bool = False, height: int | None = None,
-                 width: int | None = None) -> torch.Tensor:
-        """Text-to-image: images float [N,3,H,W] in [-1, 1] (default: the native square). Sample i starts from noise
-        seeded with ``seed + i``, and its fresh noise (iCD's re-noised jumps, `renoise` = gamma) comes from the
-        same generator."""
+                 width: int | None = None, should_stop: StopFn | None = None) -> torch.Tensor:
+        """Text-to-image: images float [N,3,H,W] in [-1, 1] (default: the native square), one per prompt (a bare
+        string is one). Sample i starts from noise seeded with ``seed + i`` (in 0..2**64 - 1), and its fresh noise
+        (iCD's re-noised jumps, `renoise` = gamma) comes from the same generator. `should_stop` as `invert`."""
+        prompts = as_texts(prompts, name="prompts")
+        seed, batch_size = as_seed(seed, count=len(prompts)), as_int(batch_size, name="batch_size", low=1)
         st = self.settings(method, "generate", guidance=guidance, tau=tau, steps=steps, renoise=renoise)
         model = self.model_for(method)
         check_prompts(model, prompts)
-        eps = self.decoder_eps(method, guidance=st.guidance, tau=st.tau)
-        if (height or width) and (model.size_multiple is None or (height or 0) % model.size_multiple
-                                  or (width or 0) % model.size_multiple):
-            raise ValueError(f"height and width must be multiples of {model.size_multiple} (this model: "
-                             f"{model.image_size} x {model.image_size} only)" if model.size_multiple else
-                             f"this model generates {model.image_size} x {model.image_size} images only")
-        shape = model.latent_shape(height, width)
+        eps = stoppable(self.decoder_eps(method, guidance=st.guidance, tau=st.tau), should_stop)
+        shape = generation_shape(model, height, width)
         out = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
             chunk = list(prompts[start : start + batch_size])

@@ -18,6 +18,8 @@ Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decide
   with the forward process, then decode down the rest of a sampling schedule (the teacher's DDIM grid or the iCD
   reverse model's jumps) with `ddim_loop`.
 - `SeededNoise`: per-row seeded N(0, I) draws, so a row never depends on the batch it runs in.
+- `stoppable` / `Cancelled`: a caller's ``should_stop()`` asked before each network call of a loop (a web request
+  whose client has gone); True raises `Cancelled` before that step runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ from icd.schedule import NoiseSchedule, ddim_grid
 from icd.solver import NumericsError, ddim_jump, renoised_jump
 
 Callback = Callable[[int, int, int, torch.Tensor], "torch.Tensor | None"]  # (i, t_from, t_to, x_to) -> x or None
+
+
+StopFn = Callable[[], bool]  # asked once per sampling step; True cancels the run
+
+
+class Cancelled(Exception):  # noqa: N818 (the name says what happened, as asyncio's CancelledError)
+    """A run stopped because its ``should_stop()`` returned True (raised before the step it would have run)."""
+
+
+def stoppable(eps: EpsFn, should_stop: StopFn | None) -> EpsFn:
+    """`eps` asking `should_stop()` before each call (one call per sampling step: a plain Python call, no device
+    sync) and raising `Cancelled` when it returns True; `eps` itself when `should_stop` is None. The values it
+    returns are `eps`'s own, so a run that is not stopped computes exactly what it would without the hook."""
+    if should_stop is None:
+        return eps
+
+    def checked(x: torch.Tensor, t, cond: Cond) -> torch.Tensor:
+        if should_stop():
+            raise Cancelled("cancelled: should_stop() returned True")
+        return eps(x, t, cond)
+
+    return checked
 
 
 DDIM_RULES = ("start", "reference")  # DDIM inversion: the noise labelled with the step's start or its destination

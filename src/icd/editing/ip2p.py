@@ -38,7 +38,7 @@ from icd.imageio import to_uint8
 from icd.io import read_json, write_text_atomic
 from icd.models.base import Cond, LatentDiffusion, NFECounter, PromptError, unknown_words_message
 from icd.models.tiny import build_tokenizer
-from icd.samplers import ddim_loop, generation_timesteps, initial_noise
+from icd.samplers import StopFn, ddim_loop, generation_timesteps, initial_noise, stoppable
 
 METHOD = "ip2p"
 SUBFOLDER = "ip2p"  # default place of the weights: <model>/ip2p
@@ -198,7 +198,8 @@ class IP2PModel:
 
     @torch.no_grad()
     def sample(self, z_src: torch.Tensor, instructions: Sequence[str], noise: torch.Tensor, *, steps: int,
-               text_guidance: float, image_guidance: float, schedule) -> torch.Tensor:
+               text_guidance: float, image_guidance: float, schedule, should_stop: StopFn | None = None
+               ) -> torch.Tensor:
         """Clean latents edited from source latents `z_src` [B, 4, h, w]: DDIM over `generation_timesteps(steps)`
         from `noise` at t = 999, two-way CFG with rows [(c_I, c_T); (c_I, 0); (0, 0)] in one UNet call per step."""
         n = z_src.shape[0]
@@ -211,7 +212,8 @@ class IP2PModel:
             full, image_only, uncond = self.eps(torch.cat([x, x, x]), t, image, tokens).chunk(3)
             return two_way_cfg(uncond, image_only, full, image_scale=image_guidance, text_scale=text_guidance)
 
-        return ddim_loop(eps, noise, Cond(tokens=text), generation_timesteps(steps), schedule=schedule)[0]
+        return ddim_loop(stoppable(eps, should_stop), noise, Cond(tokens=text), generation_timesteps(steps),
+                         schedule=schedule)[0]
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -249,7 +251,7 @@ def instruction_of(source: str, target: str, given: str | None = None) -> str:
 
 
 def edit(ip2p: IP2PModel, model: LatentDiffusion, inversion: Inversion, target_prompts, *,
-         controls: IP2PControls | None = None) -> tuple[np.ndarray, np.ndarray]:
+         controls: IP2PControls | None = None, should_stop: StopFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (edited images [T, H, W, 3], sources [S, H, W, 3]: the VAE round trip of the latents IP2P reads) of an
     IP2P edit of `inversion` (`encode`) to `target_prompts` (one or a list per source)."""
     controls = controls or IP2PControls()
@@ -266,5 +268,5 @@ def edit(ip2p: IP2PModel, model: LatentDiffusion, inversion: Inversion, target_p
     s_t, s_i = ip2p.guidance(controls)
     z_src, noise = inversion.latents[0], inversion.latents[1]
     z0 = ip2p.sample(z_src[source_of], texts, noise[source_of], steps=steps, text_guidance=s_t,
-                     image_guidance=s_i, schedule=model.schedule)
+                     image_guidance=s_i, schedule=model.schedule, should_stop=should_stop)
     return to_uint8(model.decode_latents(z0)), to_uint8(model.decode_latents(z_src))

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from icd.editing.inversion import Inversion
 from icd.models.base import Cond, LatentDiffusion
+from icd.samplers import Cancelled, StopFn
 from icd.solver import cfg_combine, ddim_jump
 
 
@@ -24,7 +25,8 @@ def nti_threshold(i: int) -> float:
 
 
 def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond, *, guidance: float,
-                       inner_steps: int = 10, progress: bool = False) -> list[torch.Tensor]:
+                       inner_steps: int = 10, progress: bool = False,
+                       should_stop: StopFn | None = None) -> list[torch.Tensor]:
     """One unconditional token embedding [S, L, D] per reverse step of `inversion` (a DDIM inversion).
 
     Step i goes from the pivot at timesteps[-1 - i] to timesteps[-2 - i]: starting from the previous step's
@@ -32,7 +34,7 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
     `inner_steps` iterations; as in the NTI reference code each iteration takes its Adam step and then stops that
     image if the loss it stepped on was below `nti_threshold(i)` (so every image takes at least one step per
     timestep); then x advances with the optimised embedding. A batch gives the same embeddings as inverting its
-    images one by one.
+    images one by one. `should_stop()` is asked before each Adam iteration; True raises `icd.samplers.Cancelled`.
     """
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
@@ -51,6 +53,8 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
         opt = torch.optim.Adam([emb], lr=nti_learning_rate(i))
         active = torch.ones(len(cond), dtype=torch.bool, device=x.device)  # on the losses' device (&= with a CUDA mask)
         for _ in range(inner_steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled("cancelled: should_stop() returned True")
             with torch.enable_grad():
                 eps_u = eps(x, t, replace(empty, tokens=emb.to(model.dtype)))
                 x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)

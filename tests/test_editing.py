@@ -32,6 +32,26 @@ def test_controlled_processors_without_control_match_diffusers(editor):
     assert not any(type(p).__name__ == "ControlledAttnProcessor" for p in model.unet.attn_processors.values())
 
 
+def test_a_cross_attention_mask_is_sized_by_the_key_length_as_diffusers_does(editor):
+    """A text mask [B, 77] (keys) on a 64-token (8 x 8) layer: the controlled processors apply it as diffusers' own
+    (sizing it by the query length padded it to 77 + 64 columns and failed)."""
+    model = editor.model
+    x = torch.randn(2, 4, 16, 16)
+    cond = model.encode_prompt(["a small red star on a black background"] * 2)
+    mask = torch.ones(2, cond.tokens.shape[1])
+    mask[:, 9:] = 0  # the padding after the prompt's tokens
+    t = torch.tensor([500, 500])
+
+    def call():
+        return model.unet(x, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=mask).sample
+
+    ref = call()
+    with controlled(model.unet, Controller([0], 4)):
+        got = call()
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert (ref - model.unet(x, t, encoder_hidden_states=cond.tokens).sample).abs().max() > 1e-4  # the mask acts
+
+
 def test_layer_infos_count_blocks_in_unet_order(editor):
     infos = layer_infos(editor.model.unet)
     places = [i.place for i in sorted(infos.values(), key=lambda i: i.index)]

@@ -9,6 +9,20 @@ import math
 
 import torch
 
+MAX_GUIDANCE = 100.0  # codes above this are a typo, not a setting (CFG 8 is w = 7)
+
+
+def check_guidance(w: float) -> None:
+    """ValueError unless `w` is a guidance code a run can use: finite, in [0, MAX_GUIDANCE]."""
+    if not (math.isfinite(w) and 0.0 <= w <= MAX_GUIDANCE):
+        raise ValueError(f"guidance (--guidance) must be a code w = CFG - 1 in [0, {MAX_GUIDANCE:g}], got {w}")
+
+
+def check_tau(tau: float) -> None:
+    """ValueError unless `tau`, the dynamic-CFG threshold (no guidance while t / 1000 > tau), lies in [0, 1]."""
+    if not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
+        raise ValueError(f"tau (--tau) must lie in [0, 1], got {tau}")
+
 
 def cfg_to_code(scale: float) -> float:
     """Classical CFG scale -> guidance code w = scale - 1."""

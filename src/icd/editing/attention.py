@@ -63,8 +63,9 @@ class ControlledAttnProcessor:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch, tokens, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+        if attention_mask is not None:  # sized by the key length, as diffusers does (the text's for cross-attention)
+            keys = tokens if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)

@@ -123,7 +123,7 @@ class PromptError(ValueError):
 
 
 class LatentDiffusion:
-    """A latent diffusion model behind the `EpsModel` convention (epsilon prediction only)."""
+    """A latent diffusion model behind the `EpsFn` convention (epsilon prediction only)."""
 
     family = "sd15"  # the model family (icd.models.sd15 / icd.models.sdxl); subclasses override
 
@@ -308,6 +308,14 @@ class LatentDiffusion:
         self.counter.record(x_t.shape[0])
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).sample
         return out.to(x_t.dtype)
+
+
+def check_prompts(model: LatentDiffusion, prompts: Sequence[str]) -> None:
+    """PromptError for an empty prompt or one `model` cannot read (`LatentDiffusion.check_prompts`)."""
+    for p in prompts:
+        if not p.strip():
+            raise PromptError("a prompt is empty")
+    model.check_prompts(prompts)
 
 
 def unknown_words_message(unknown: Sequence[str], vocabulary: Sequence[str]) -> str:

@@ -106,20 +106,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ScaleConfig:
-    """Devices, precision, memory and monitoring of a training run (docs/training.md §3)."""
+class ProcessConfig:
+    """Devices, precision, memory and trackers of a training run (docs/training.md §3); `icd.train.scaffold` reads
+    them for every trainer whose config has them."""
 
     device: str = "auto"  # "auto": this process's accelerator under `accelerate launch`, else cuda if present, else cpu
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; fp32 weights, losses and DDIM jumps)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30 % slower)
     gradient_accumulation: int = 1  # micro-batches per process and step; global batch = batch_size
-    validate_every: int = 0  # steps between validations (0: only at the end of a real-data run; world: never)
-    validation_prompts: tuple[str, ...] = ()  # prompts of the sample grid ("" = the validation images' captions)
-    n_validation: int = 4  # fixed validation images: the first N examples of the dataset (0: no validation)
     log_to: str = "none"  # "none" | "tensorboard" | "wandb" (when installed) besides log.csv
 
     def __post_init__(self):
-        _parent_post_init(self, ScaleConfig)
+        _parent_post_init(self, ProcessConfig)
         name = type(self).__name__
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"{name}.mixed_precision must be one of {', '.join(PRECISIONS)}, "
@@ -128,6 +126,19 @@ class ScaleConfig:
             raise ConfigError(f"{name}.log_to must be one of {', '.join(LOGGERS)}, got {self.log_to!r}")
         if self.gradient_accumulation < 1:
             raise ConfigError(f"{name}.gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
+
+
+@dataclass(frozen=True)
+class ScaleConfig(ProcessConfig):
+    """`ProcessConfig` plus validation on a fixed set of images (the guidance and iCD stages)."""
+
+    validate_every: int = 0  # steps between validations (0: only at the end of a real-data run; world: never)
+    validation_prompts: tuple[str, ...] = ()  # prompts of the sample grid ("" = the validation images' captions)
+    n_validation: int = 4  # fixed validation images: the first N examples of the dataset (0: no validation)
+
+    def __post_init__(self):
+        _parent_post_init(self, ScaleConfig)
+        name = type(self).__name__
         if self.n_validation < 0:
             raise ConfigError(f"{name}.n_validation must be >= 0 (0: no validation), got {self.n_validation}")
         if self.validate_every < 0:

@@ -25,9 +25,7 @@ from icd.models.base import Cond, LatentDiffusion
 from icd.models.loading import load_model, resolve_model_path
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig
-from icd.train.feed import make_feed, open_data
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
-from icd.train.scale import describe_batch, micro_batches, open_run_tracker, precision_mode
+from icd.train.scaffold import FeedTrainer, Parts, Update, accumulate, optimizer_step, run_training
 from icd.train.validation import validate_guidance
 
 log = logging.getLogger(__name__)
@@ -82,94 +80,73 @@ class Batch:
     uncond: Cond
     draws: dict
 
+    def index(self, rows: torch.Tensor) -> Batch:
+        return Batch(self.z0[rows], self.cond.index(rows), self.uncond.index(rows),
+                     {k: v[rows] for k, v in self.draws.items()})
+
 
 def guidance_step(student: LatentDiffusion, teacher: LatentDiffusion, cfg: GuidanceConfig, batch: Batch, *,
                   opt: torch.optim.Optimizer, params: list, sync: ProcessGroup, precision: Precision) -> float:
     """One optimizer step of L_G: loss and backward per micro-batch (weighted by its share of the rows), then one
     averaged, clipped step. Returns the loss on this process's rows."""
-    d, total = batch.draws, 0.0
-    for part, weight in micro_batches(len(batch.z0), cfg.gradient_accumulation):
-        with precision.autocast():
-            losses = guidance_loss(lambda codes: student.eps_fn(guidance=codes), teacher.eps_fn(), batch.z0[part],
-                                   batch.cond.index(part), uncond=batch.uncond.index(part), eps=d["eps"][part],
-                                   t=d["t"][part], w=d["w"][part], schedule=teacher.schedule)
-        precision.backward(weight * losses["guidance"])
-        total += weight * float(losses["guidance"].detach())
-    precision.step(params, opt, sync)
+    total = accumulate(lambda b: _loss(student, teacher, b), batch, rows=len(batch.z0),
+                       accumulation=cfg.gradient_accumulation, precision=precision, objective="guidance")
+    optimizer_step(Update("student", opt, params), precision, sync)
     precision.update()
-    return total
+    return total["guidance"]
+
+
+def _loss(student: LatentDiffusion, teacher: LatentDiffusion, batch: Batch) -> dict[str, torch.Tensor]:
+    d = batch.draws
+    return guidance_loss(lambda codes: student.eps_fn(guidance=codes), teacher.eps_fn(), batch.z0, batch.cond,
+                         uncond=batch.uncond, eps=d["eps"], t=d["t"], w=d["w"], schedule=teacher.schedule)
+
+
+class GuidanceTrainer(FeedTrainer):
+    name, columns, throughput = "guidance", ("guidance", "lr"), True
+
+    def load(self) -> None:
+        self.teacher = load_model(self.cfg.model, device=self.sync.device)
+        self.teacher.unet.requires_grad_(False)
+        self.make_feed(self.teacher)
+        if self.source is None:
+            self.uncond_tokens = self.teacher.encode_prompt([""]).tokens
+
+    def build(self) -> Parts:
+        teacher, cfg = self.teacher, self.cfg
+        student = init_student_from_teacher(teacher.unet).to(self.sync.device)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        # both networks through the one convention: the student is the teacher's bundle with the distilled UNet
+        self.student = teacher.with_unet(student)
+        self.student.name = f"{teacher.name}/student"
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        student.train().requires_grad_(True)
+        self.unet = student
+        return Parts({"student": student}, [Update("student", opt, list(student.parameters()))])
+
+    def batch(self, step: int, rows: torch.Tensor) -> Batch:
+        draws = guidance_draws(self.cfg, step, n_data=self.feed.n_data, shape=self.feed.latent_shape,
+                               num_timesteps=self.teacher.schedule.num_timesteps)
+        d, z0, cond = self.local(step, draws, rows)
+        uncond = (Cond(tokens=self.uncond_tokens.expand(len(rows), -1, -1)) if self.source is None
+                  else self.teacher.empty_cond(len(rows)))
+        return Batch(z0, cond, uncond, d)
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return _loss(self.student, self.teacher, batch)
+
+    def validate(self, images, captions, step: int) -> dict:
+        return validate_guidance(self.student, self.teacher, images=images, captions=captions,
+                                 prompts=self.cfg.validation_prompts, w_set=self.cfg.w_set, step=step, out=self.out)
+
+    def export(self) -> Path:
+        with atomic_directory(self.out / "final") as tmp:
+            shutil.copytree(resolve_model_path(self.cfg.model), tmp, dirs_exist_ok=True, copy_function=link_or_copy,
+                            ignore=shutil.ignore_patterns(GUIDANCE_SUBFOLDER, "icd"))
+            self.unet.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
+        return self.out / "final"
 
 
 def train_guidance(cfg: GuidanceConfig, *, resume: bool = True) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume)  # before any model loads or any file changes
-    source = open_data(cfg)  # the dataset is checked before any model is loaded
-    try:
-        sync = ProcessGroup(cfg.device)
-    except ValueError as e:  # an unknown device name, or cuda on a machine without one (before any compute)
-        raise ConfigError(f"GuidanceConfig.device: {e}") from None
-    precision = Precision(precision_mode(cfg, sync), sync.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = load_model(cfg.model, device=sync.device)
-    teacher.unet.requires_grad_(False)
-    feed = make_feed(source, teacher, cfg, out=out, rank=sync.rank, world=sync.world)
-    tracker = open_run_tracker(cfg, out, sync)
-    if source is None:
-        uncond_tokens = teacher.encode_prompt([""]).tokens
-    torch.manual_seed(cfg.seed)
-    student = init_student_from_teacher(teacher.unet).to(sync.device)
-    student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    run = TrainingRun(out, desc="train guidance", total_steps=cfg.steps,
-                      columns=["guidance", "lr"] + ([] if source is None else ["skipped"]),
-                      modules={"student": student}, optimizers={"student": opt}, config=cfg,
-                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, resume=resume,
-                      is_main=sync.is_main, stateful={"precision": precision}, images_per_step=cfg.batch_size,
-                      tracker=tracker)
-    # both networks through the one convention: the student is the teacher's bundle with the distilled UNet
-    student_model: LatentDiffusion = teacher.with_unet(student)
-    student_model.name = f"{teacher.name}/student"
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.train().requires_grad_(True)
-    params = list(student.parameters())
-    log.info("guidance distillation: %s", describe_batch(cfg, sync, precision.mode))
-    wants_validation = sync.is_main and cfg.n_validation > 0 and bool(cfg.validate_every or source)
-    validation = feed.validation(cfg.n_validation) if wants_validation else None
-
-    with run:
-        while not run.done:
-            # 1. global draws (a pure function of seed and step), then this process's rows
-            d = guidance_draws(cfg, run.step, n_data=feed.n_data, shape=feed.latent_shape,
-                               num_timesteps=teacher.schedule.num_timesteps)
-            rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
-            d = {k: v[rows].to(sync.device) for k, v in d.items()}
-            z0, cond = feed.rows(run.step, d["idx"], sync.device)
-            uncond = (Cond(tokens=uncond_tokens.expand(len(rows), -1, -1)) if source is None
-                      else teacher.empty_cond(len(rows)))
-            # 2. loss and backward per micro-batch, then one averaged, clipped step
-            lr = set_lr([opt], lr_at(run.step, cfg))
-            total = guidance_step(student_model, teacher, cfg, Batch(z0, cond, uncond, d), opt=opt, params=params,
-                                  sync=sync, precision=precision)
-            values = {"guidance": total, "lr": lr}
-            if source is not None:
-                values["skipped"] = feed.skipped_total
-            run.end_step(values)
-            if validation is not None and cfg.validate_every and run.step % cfg.validate_every == 0:
-                log.info("validation at step %d: %s", run.step, validate_guidance(
-                    student_model, teacher, images=validation[0], captions=validation[1],
-                    prompts=cfg.validation_prompts, w_set=cfg.w_set, step=run.step, out=out))
-            sync.barrier()  # no process reads a checkpoint before the main process has written it
-    if validation is not None and (not cfg.validate_every or cfg.steps % cfg.validate_every):
-        log.info("validation at step %d: %s", run.step, validate_guidance(
-            student_model, teacher, images=validation[0], captions=validation[1], prompts=cfg.validation_prompts,
-            w_set=cfg.w_set, step=run.step, out=out))
-    if sync.is_main:
-        with atomic_directory(out / "final") as tmp:
-            shutil.copytree(resolve_model_path(cfg.model), tmp, dirs_exist_ok=True, copy_function=link_or_copy,
-                            ignore=shutil.ignore_patterns(GUIDANCE_SUBFOLDER, "icd"))
-            student.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
-    sync.barrier()
-    return out / "final"
+    return run_training(GuidanceTrainer(cfg), resume=resume)

@@ -47,9 +47,9 @@ from icd.models.released import RELEASED_ALPHA, save_released
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import checkpoint_problem, load_checkpoint
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig, from_dict, to_dict
-from icd.train.feed import make_feed, open_data
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
-from icd.train.scale import describe_batch, micro_batches, open_run_tracker, precision_mode
+from icd.train.runner import lr_at
+from icd.train.scaffold import EMA, FeedTrainer, Parts, Update, run_training
+from icd.train.scale import micro_batches
 from icd.train.validation import validate_icd
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class ICDConfig(ScaleConfig, DataConfig, RunConfig):
     steps: int = 6000
     update: str = "joint"  # "joint" (eq. 5 exactly) or "sequential" (reference compatibility)
     max_objects: int = 2
-    ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (warm-up as in the teacher) and save it as final
+    ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (`icd.train.scaffold.EMA`) and save it as final
     init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
 
     def __post_init__(self):
@@ -263,96 +263,74 @@ def run_identity() -> dict:
     return {"lora_targets": list(lora.LORA_TARGETS)}
 
 
+class ICDTrainer(FeedTrainer):
+    name, throughput = "icd", True
+    columns = ("loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse")
+
+    def identity(self) -> dict:
+        return run_identity()
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.init_adapters:
+            _check_init_adapters(cfg)
+        super().check()  # the dataset
+        if not (resolve_model_path(cfg.model) / cfg.unet_subfolder).is_dir():
+            raise ConfigError(f"{cfg.model} has no {cfg.unet_subfolder}/ (a guidance-distilled UNet); run "
+                              "`icd train guidance` first, or set unet_subfolder")
+
+    def load(self) -> None:
+        cfg = self.cfg
+        self.boundaries = cfg.resolved_boundaries()
+        self.model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=self.sync.device)
+        if not self.model.guidance_distilled:
+            raise ConfigError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
+        self.make_feed(self.model)
+
+    def build(self) -> Parts:
+        cfg, unet = self.cfg, self.model.unet
+        lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+        if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
+            try:
+                lora.load_adapters(unet, cfg.init_adapters)
+            except ValueError as e:  # files of another model, or damaged
+                raise ConfigError(f"init_adapters: {e}") from None
+        unet.to(self.sync.device)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
+        self.params, self.opts = adapter_optimizers(self.model, cfg)
+        log.info("iCD boundaries E_R %s, E_F %s", list(self.boundaries.reverse), list(self.boundaries.forward))
+        return Parts({"unet": unet}, [Update(name, opt, self.params[name]) for name, opt in self.opts.items()],
+                     EMA(cfg.ema_decay, {"ema": self.params}) if cfg.ema_decay else None)
+
+    def lr(self, step: int) -> float:
+        return learning_rate(self.cfg, step)
+
+    def batch(self, step: int, rows: torch.Tensor) -> Batch:
+        draws = batch_draws(self.cfg, step, n_data=self.feed.n_data, shape=self.feed.latent_shape,
+                            num_segments=self.boundaries.num_segments)
+        d, z0, cond = self.local(step, draws, rows)
+        return Batch(z0, cond, d, self.boundaries)
+
+    def train_step(self, batch: Batch, rows: int) -> dict[str, float]:
+        losses = training_step(self.model, self.cfg, batch, params=self.params, opts=self.opts, sync=self.sync,
+                               precision=self.precision)
+        losses = {k: v.detach() for k, v in losses.items()}
+        values = {k: float(losses[k]) if k in losses else float("nan") for k in self.columns[1:5]}
+        return values | {"loss": float(sum(v for v in adapter_objectives(losses, self.cfg).values()))}
+
+    def validate(self, images, captions: list[str], step: int) -> dict:
+        return validate_icd(self.model, self.boundaries, images=images, captions=captions,
+                            prompts=self.cfg.validation_prompts, w=max(self.cfg.w_set), tau=self.cfg.tau, step=step,
+                            out=self.out)
+
+    def export(self) -> Path:
+        return save_icd_adapters(self.model, self.cfg, self.boundaries, self.out / "final")
+
+
 def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume, identity=run_identity())  # before any model loads or file changes
-    try:
-        sync = ProcessGroup(cfg.device)
-    except ValueError as e:  # an unknown device name, or cuda on a machine without one (before any compute)
-        raise ConfigError(f"ICDConfig.device: {e}") from None
-    precision = Precision(precision_mode(cfg, sync), sync.device)
-    if cfg.init_adapters:  # checked before any compute
-        _check_init_adapters(cfg)
-    source = open_data(cfg)  # the dataset is checked before any model is loaded
-    out = Path(cfg.out_dir)
-    boundaries = cfg.resolved_boundaries()
-    if not (resolve_model_path(cfg.model) / cfg.unet_subfolder).is_dir():
-        raise ConfigError(f"{cfg.model} has no {cfg.unet_subfolder}/ (a guidance-distilled UNet); run "
-                          "`icd train guidance` first, or set unet_subfolder")
-    model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=sync.device)
-    if not model.guidance_distilled:
-        raise ConfigError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
-    feed = make_feed(source, model, cfg, out=out, rank=sync.rank, world=sync.world)
-    tracker = open_run_tracker(cfg, out, sync)
-    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
-    if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
-        try:
-            lora.load_adapters(model.unet, cfg.init_adapters)
-        except ValueError as e:  # files of another model, or damaged
-            raise ConfigError(f"init_adapters: {e}") from None
-    model.unet.to(sync.device)
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        model.unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
-    params, opts = adapter_optimizers(model, cfg)
-    columns = ["loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse"]
-    columns += [] if source is None else ["skipped"]
-    modules: dict[str, torch.nn.Module] = {"unet": model.unet}
-    if cfg.ema_decay:
-        modules["ema"] = torch.nn.ModuleDict({name: torch.nn.ParameterList(
-            [torch.nn.Parameter(q.detach().clone(), requires_grad=False) for q in params[name]]) for name in params})
-    run = TrainingRun(out, desc="train icd", total_steps=cfg.steps, columns=columns, modules=modules,
-                      optimizers=opts, config=cfg, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      resume=resume, is_main=sync.is_main, stateful={"precision": precision},
-                      images_per_step=cfg.batch_size, tracker=tracker, identity=run_identity())
-    log.info("iCD: %s; boundaries E_R %s, E_F %s", describe_batch(cfg, sync, precision.mode), list(boundaries.reverse),
-             list(boundaries.forward))
-    wants_validation = sync.is_main and cfg.n_validation > 0 and bool(cfg.validate_every or source)
-    validation = feed.validation(cfg.n_validation) if wants_validation else None
-
-    def validate() -> None:
-        row = validate_icd(model, boundaries, images=validation[0], captions=validation[1],
-                           prompts=cfg.validation_prompts, w=max(cfg.w_set), tau=cfg.tau, step=run.step, out=out)
-        log.info("validation at step %d: %s", run.step, row)
-
-    with run:
-        while not run.done:
-            # 1. global draws, then this process's rows
-            d = batch_draws(cfg, run.step, n_data=feed.n_data, shape=feed.latent_shape,
-                            num_segments=boundaries.num_segments)
-            rows = torch.arange(sync.rank, cfg.batch_size, sync.world)
-            d = {k: v[rows].to(sync.device) for k, v in d.items()}
-            z0, cond = feed.rows(run.step, d["idx"], sync.device)
-            # 2. losses and updates (the learning rate is a pure function of the step, so resume is exact)
-            set_lr(opts.values(), learning_rate(cfg, run.step))
-            losses = training_step(model, cfg, Batch(z0, cond, d, boundaries), params=params, opts=opts, sync=sync,
-                                   precision=precision)
-            if cfg.ema_decay:  # 3. EMA of the adapters (decay warms up from 0.1)
-                decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
-                for name in params:
-                    for pe, q in zip(modules["ema"][name], params[name]):
-                        pe.data.lerp_(q.detach(), 1.0 - decay)
-            losses = {k: v.detach() for k, v in losses.items()}
-            values = {k: float(losses[k]) if k in losses else float("nan") for k in columns[1:]}
-            values["loss"] = float(sum(v for v in adapter_objectives(losses, cfg).values()))
-            if source is not None:
-                values["skipped"] = feed.skipped_total
-            run.end_step(values)
-            if validation is not None and cfg.validate_every and run.step % cfg.validate_every == 0:
-                validate()
-            sync.barrier()  # no process reads a checkpoint before the main process has written it
-    if cfg.ema_decay:  # the EMA weights are the result
-        with torch.no_grad():
-            for name in params:
-                for pe, q in zip(modules["ema"][name], params[name]):
-                    q.copy_(pe)
-    if validation is not None and (not cfg.validate_every or cfg.steps % cfg.validate_every or cfg.ema_decay):
-        validate()
-    if sync.rank == 0:
-        save_icd_adapters(model, cfg, boundaries, out / "final")
-    sync.barrier()
-    return out / "final"
+    return run_training(ICDTrainer(cfg), resume=resume)
 
 
 def adapter_optimizers(model: LatentDiffusion, cfg: ICDConfig):

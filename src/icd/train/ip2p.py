@@ -18,14 +18,15 @@
    the held-out bench range) at ``validation_steps``; the best ground-truth PSNR is the folder's default.
 
 Writes ``<out_dir>/final`` (`icd.editing.ip2p.save_folder`), whose ip2p.json records the dataset, the training
-cost and the guidance grid. Checkpoints, resume, log.csv and the progress bar are `TrainingRun`'s.
+cost and the guidance grid. Processes, precision, checkpoints, resume, log.csv and the EMA are `icd.train.scaffold`'s:
+several processes split each global batch row-wise, the main process alone generates the triples.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +42,17 @@ from icd.judge import JudgeScorer
 from icd.metrics import psnr
 from icd.models.base import NFECounter
 from icd.runtime import step_generator
-from icd.train.config import ConfigError, RunConfig
+from icd.train.config import ConfigError, ProcessConfig, RunConfig
 from icd.train.ip2p_data import TripleSpec, generate_triples, load_triples
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
-from icd.train.teacher import diffusion_loss, ema_update, teacher_noise
+from icd.train.runner import warmup_lr
+from icd.train.scaffold import EMA, Parts, Trainer, Update, run_training
+from icd.train.teacher import diffusion_loss, teacher_noise
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class IP2PConfig(RunConfig):
+class IP2PConfig(ProcessConfig, RunConfig):
     out_dir: str = "runs/ip2p"  # triples/, checkpoints, log.csv and final/ (the IP2P folder)
     model: str = "embedded"  # the teacher: a pipeline folder whose original UNet makes the triples and starts IP2P
     triples_dir: str = ""  # "" = <out_dir>/triples
@@ -99,6 +101,8 @@ class IP2PConfig(RunConfig):
                               f"{self.triple_seed_start}..{end - 1}")
         if not 0 < self.conv_in_lr_scale <= 1000:
             raise ConfigError(f"{name}.conv_in_lr_scale must lie in (0, 1000], got {self.conv_in_lr_scale}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{name}.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not self.text_scales or not self.image_scales or not 0 <= self.validation_cases <= 1000:
             raise ConfigError(f"{name}: text_scales and image_scales must be non-empty, validation_cases in 0..1000")
 
@@ -157,91 +161,100 @@ def _training_seconds(out: Path) -> float:
     return float(rows[-1][-1]) if rows else 0.0
 
 
+class IP2PTrainer(Trainer):
+    name, columns, throughput = "ip2p", ("loss", "mse", "lr"), True
+
+    def load(self) -> None:
+        # a heavy import kept inside: the pipeline (every method) is needed only to generate the triples
+        from icd.pipeline import Pipeline
+
+        cfg = self.cfg
+        pipe = Pipeline.from_pretrained(cfg.model, device=self.sync.device)
+        self.teacher = pipe.base()
+        triples_dir = Path(cfg.triples_dir) if cfg.triples_dir else self.out / "triples"
+        if self.sync.is_main:  # one process generates (resumable chunks); the others wait, then read
+            self.dataset = generate_triples(pipe, triples_dir, cfg.spec())
+        self.sync.barrier()
+        self.data = load_triples(triples_dir, cfg.spec())
+        if self.sync.is_main:
+            log.info("IP2P triples: %d kept of %d generated", len(self.data), self.dataset["generated"])
+
+    def build(self) -> Parts:
+        cfg, device = self.cfg, self.sync.device
+        unet = self.unet = ip2p.widen_unet(self.teacher.unet).to(device).train().requires_grad_(True)
+        with tempfile.TemporaryDirectory() as scratch:  # the main process alone writes <out_dir>/tokenizer
+            self.tokenizer, text_encoder, new_ids = ip2p.extend_text_encoder(
+                self.teacher.tokenizer, self.teacher.text_encoder, vocabulary(),
+                self.out / "tokenizer" if self.sync.is_main else scratch)
+        text_encoder = self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        rows = text_encoder.get_input_embeddings().weight
+        rows.requires_grad_(True)
+        frozen = torch.ones(rows.shape[0], 1, device=rows.device)
+        frozen[new_ids] = 0.0
+        rows.register_hook(lambda g: g * frozen)  # only the instruction words' rows learn
+        conv_in = list(unet.conv_in.parameters())
+        rest = [p for p in unet.parameters() if all(p is not q for q in conv_in)]
+        opt = torch.optim.AdamW([{"params": rest, "weight_decay": cfg.weight_decay},
+                                 {"params": conv_in, "weight_decay": cfg.weight_decay,
+                                  "lr_scale": cfg.conv_in_lr_scale},
+                                 {"params": [rows], "weight_decay": 0.0}], lr=cfg.lr)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        ema = EMA(cfg.ema_decay, {"ema_unet": unet}) if cfg.ema_decay > 0 else None
+        clipped = list(unet.parameters())  # the UNet's gradient is clipped; the embedding rows' is not
+        return Parts({"unet": unet, "text_encoder": text_encoder},
+                     [Update("ip2p", opt, [*clipped, rows], clip=clipped)], ema)
+
+    def lr(self, step: int) -> float:
+        return warmup_lr(step, self.cfg)
+
+    def batch(self, step: int, rows: torch.Tensor) -> dict:
+        cfg, data, b = self.cfg, self.data, self.cfg.batch_size
+        gen = step_generator(cfg.seed, step)
+        idx = torch.randint(len(data), (b,), generator=gen)
+        t = torch.randint(0, self.teacher.schedule.num_timesteps, (b,), generator=gen)
+        eps = teacher_noise((b, *data.target.shape[1:]), cfg.offset_noise, gen)
+        drop_text, drop_image = dropout_masks(torch.rand(b, generator=gen), cfg)
+        words = np.random.default_rng([cfg.seed, step])
+        texts = ["" if drop_text[k] else data.instruction(i, words if cfg.paraphrase else None)
+                 for k, i in enumerate(idx.tolist())]
+        idx, t, eps, drop_image = idx[rows], t[rows], eps[rows], drop_image[rows]  # this process's rows
+        ids = self.tokenizer([texts[k] for k in rows.tolist()], padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        image = torch.where(drop_image[:, None, None, None], torch.zeros_like(data.source[idx]), data.source[idx])
+        device = self.sync.device
+        return {"z0": data.target[idx].to(device), "ids": ids.to(device), "t": t.to(device), "eps": eps.to(device),
+                "image": image.to(device)}
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        return diffusion_loss(self.unet, self.text_encoder, batch["z0"], batch["ids"], t=batch["t"], eps=batch["eps"],
+                              schedule=self.teacher.schedule, snr_gamma=self.cfg.snr_gamma, condition=batch["image"])
+
+    def export(self) -> Path:  # the EMA weights when ema_decay > 0 (the scaffold copied them into the UNet)
+        cfg, out = self.cfg, self.out
+        unet, tokenizer, text_encoder = self.unet.eval(), self.tokenizer, self.text_encoder
+        settings = {"format": "icd-ip2p/1", "base_model": str(cfg.model), "vocabulary": vocabulary(),
+                    "added_words": list(INSTRUCTION_WORDS), "text_guidance": ip2p.DEFAULT_TEXT_GUIDANCE,
+                    "image_guidance": ip2p.DEFAULT_IMAGE_GUIDANCE, "guidance_choice": "IP2P's SD defaults (no grid)",
+                    "dataset": self.dataset,
+                    "training": {"steps": cfg.steps, "batch_size": cfg.batch_size, "triples": len(self.data),
+                                 "seconds": _training_seconds(out), "threads": torch.get_num_threads(),
+                                 "processes": self.sync.world, "device": self.sync.device.type}}
+        if cfg.validation_cases:
+            t0 = time.perf_counter()
+            model = ip2p.IP2PModel(unet=unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings,
+                                   counter=NFECounter())
+            grid = guidance_grid(model, self.teacher, validation_cases(cfg), cfg, judge=JudgeScorer.load(None))
+            best = max(grid, key=lambda r: (r["gt_psnr"], r["judge_accuracy"]))
+            n_cases = len(world.EDIT_KINDS) * cfg.validation_cases
+            settings |= {"text_guidance": best["text_guidance"], "image_guidance": best["image_guidance"],
+                         "guidance_choice": f"best GT PSNR of the grid on {n_cases} validation cases (seeds from "
+                         f"{cfg.validation_seed_start}) at {cfg.validation_steps} steps",
+                         "guidance_grid": grid, "grid_seconds": round(time.perf_counter() - t0, 1)}
+        with atomic_directory(out / "final") as tmp:
+            ip2p.save_folder(tmp, unet=unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings)
+        return out / "final"
+
+
 def train_ip2p(cfg: IP2PConfig, *, resume: bool = True) -> Path:
-    # a heavy import kept inside: the pipeline (every method) is needed only to generate the triples
-    from icd.pipeline import Pipeline
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume)  # before any model loads or any file changes
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.from_pretrained(cfg.model)
-    teacher = pipe.base()
-    triples_dir = Path(cfg.triples_dir) if cfg.triples_dir else out / "triples"
-    dataset = generate_triples(pipe, triples_dir, cfg.spec())
-    data = load_triples(triples_dir, cfg.spec())
-    log.info("IP2P triples: %d kept of %d generated", len(data), dataset["generated"])
-
-    torch.manual_seed(cfg.seed)
-    unet = ip2p.widen_unet(teacher.unet).train().requires_grad_(True)
-    tokenizer, text_encoder, new_ids = ip2p.extend_text_encoder(teacher.tokenizer, teacher.text_encoder,
-                                                                vocabulary(), out / "tokenizer")
-    text_encoder.eval().requires_grad_(False)
-    rows = text_encoder.get_input_embeddings().weight
-    rows.requires_grad_(True)
-    frozen = torch.ones(rows.shape[0], 1)
-    frozen[new_ids] = 0.0
-    rows.register_hook(lambda g: g * frozen)  # only the instruction words' rows learn
-    conv_in = list(unet.conv_in.parameters())
-    rest = [p for p in unet.parameters() if all(p is not q for q in conv_in)]
-    opt = torch.optim.AdamW([{"params": rest, "weight_decay": cfg.weight_decay},
-                             {"params": conv_in, "weight_decay": cfg.weight_decay, "lr_scale": cfg.conv_in_lr_scale},
-                             {"params": [rows], "weight_decay": 0.0}], lr=cfg.lr)
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    ema = None
-    if cfg.ema_decay > 0:
-        ema = modules["ema_unet"] = copy.deepcopy(unet).requires_grad_(False)
-    run = TrainingRun(out, desc="train ip2p", total_steps=cfg.steps, columns=["loss", "mse", "lr"], modules=modules,
-                      optimizers={"ip2p": opt}, config=cfg, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=resume, images_per_step=cfg.batch_size)
-    schedule = teacher.schedule
-
-    def lr_now(s: int) -> float:
-        return cfg.lr * (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else lr_at(s, cfg)
-
-    with run:
-        while not run.done:
-            gen = step_generator(cfg.seed, run.step)
-            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-            t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=gen)
-            eps = teacher_noise((cfg.batch_size, *data.target.shape[1:]), cfg.offset_noise, gen)
-            drop_text, drop_image = dropout_masks(torch.rand(cfg.batch_size, generator=gen), cfg)
-            words = np.random.default_rng([cfg.seed, run.step])
-            texts = ["" if drop_text[k] else data.instruction(i, words if cfg.paraphrase else None)
-                     for k, i in enumerate(idx.tolist())]
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            image = torch.where(drop_image[:, None, None, None], torch.zeros_like(data.source[idx]), data.source[idx])
-            lr = set_lr([opt], lr_now(run.step))
-            losses = diffusion_loss(unet, text_encoder, data.target[idx], ids, t=t, eps=eps, schedule=schedule,
-                                    snr_gamma=cfg.snr_gamma, condition=image)
-            loss = losses["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
-            opt.step()
-            if ema is not None:
-                ema_update(ema, unet, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
-            run.end_step({"loss": loss.item(), "mse": losses["mse"].item(), "lr": lr})
-
-    final_unet = (ema if ema is not None else unet).eval()
-    settings = {"format": "icd-ip2p/1", "base_model": str(cfg.model), "vocabulary": vocabulary(),
-                "added_words": list(INSTRUCTION_WORDS), "text_guidance": ip2p.DEFAULT_TEXT_GUIDANCE,
-                "image_guidance": ip2p.DEFAULT_IMAGE_GUIDANCE, "guidance_choice": "IP2P's SD defaults (no grid)",
-                "dataset": dataset,
-                "training": {"steps": cfg.steps, "batch_size": cfg.batch_size, "triples": len(data),
-                             "seconds": _training_seconds(out), "threads": torch.get_num_threads()}}
-    if cfg.validation_cases:
-        t0 = time.perf_counter()
-        model = ip2p.IP2PModel(unet=final_unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings,
-                               counter=NFECounter())
-        grid = guidance_grid(model, teacher, validation_cases(cfg), cfg, judge=JudgeScorer.load(None))
-        best = max(grid, key=lambda r: (r["gt_psnr"], r["judge_accuracy"]))
-        settings |= {"text_guidance": best["text_guidance"], "image_guidance": best["image_guidance"],
-                     "guidance_choice": f"best GT PSNR of the grid on {len(world.EDIT_KINDS) * cfg.validation_cases} "
-                     f"validation cases (seeds from {cfg.validation_seed_start}) at {cfg.validation_steps} steps",
-                     "guidance_grid": grid, "grid_seconds": round(time.perf_counter() - t0, 1)}
-    with atomic_directory(out / "final") as tmp:
-        ip2p.save_folder(tmp, unet=final_unet, tokenizer=tokenizer, text_encoder=text_encoder, settings=settings)
-    return out / "final"
+    return run_training(IP2PTrainer(cfg), resume=resume)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -15,7 +14,7 @@ from icd.imageio import to_tensor
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_dataset
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
+from icd.train.scaffold import Parts, Trainer, Update, run_training
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +52,42 @@ def evaluate(model: J.Judge, n: int, *, degraded: bool, seed: int = 0) -> dict:
     return J.attribute_accuracy(scorer.read(x), [world.parse_caption(c) for c in captions])
 
 
+class JudgeTrainer(Trainer):
+    name, columns = "judge", ("loss", "objects", "background", "count", "lr")
+
+    def load(self) -> None:
+        self.images, captions = world_dataset(self.cfg.n_images, seed_start=SEED_START, max_objects=3,
+                                              cache_dir=self.out / CACHE)
+        self.attrs = [world.parse_caption(c) for c in captions]
+
+    def build(self) -> Parts:
+        self.model = J.Judge().train()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return Parts({"judge": self.model}, [Update("judge", opt, list(self.model.parameters()), max_norm=None)])
+
+    def batch(self, step: int, rows: torch.Tensor) -> dict:  # one process: every row
+        cfg = self.cfg
+        gen = step_generator(cfg.seed, step)
+        idx = torch.randint(len(self.images), (cfg.batch_size,), generator=gen)
+        x = to_tensor(self.images[idx.numpy()])
+        n_clean = int(round(cfg.clean_fraction * cfg.batch_size))
+        strength = torch.rand(1, generator=gen).item() * 0.5 + 0.75
+        x[n_clean:] = J.degrade(x[n_clean:], gen, strength)
+        return {"x": x, "targets": J.targets([self.attrs[i] for i in idx.tolist()])}
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        return J.judge_loss(self.model(batch["x"]), batch["targets"])
+
+    def export(self) -> dict:
+        self.model.eval()
+        report = {"clean": evaluate(self.model, self.cfg.n_eval, degraded=False),
+                  "degraded": evaluate(self.model, self.cfg.n_eval, degraded=True)}
+        tmp = self.out / "judge.safetensors.tmp"
+        save_file({k: v.half().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
+        tmp.replace(self.out / "judge.safetensors")
+        log.info("judge accuracy: %s", report)
+        return report
+
+
 def train_judge(cfg: JudgeConfig, *, resume: bool = True) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume)  # before any model loads or any file changes
-    out = Path(cfg.out_dir)
-    images, captions = world_dataset(cfg.n_images, seed_start=SEED_START, max_objects=3, cache_dir=out / CACHE)
-    attrs = [world.parse_caption(c) for c in captions]
-    torch.manual_seed(cfg.seed)
-    model = J.Judge()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = TrainingRun(out, desc="train judge", total_steps=cfg.steps,
-                      columns=["loss", "objects", "background", "count", "lr"], modules={"judge": model},
-                      optimizers={"judge": opt}, config=cfg, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=resume)
-    with run:
-        while not run.done:
-            model.train()
-            gen = step_generator(cfg.seed, run.step)
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-            x = to_tensor(images[idx.numpy()])
-            n_clean = int(round(cfg.clean_fraction * cfg.batch_size))
-            strength = torch.rand(1, generator=gen).item() * 0.5 + 0.75
-            x[n_clean:] = J.degrade(x[n_clean:], gen, strength)
-            tgt = J.targets([attrs[i] for i in idx.tolist()])
-            lr = set_lr([opt], lr_at(run.step, cfg))
-            losses = J.judge_loss(model(x), tgt)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            run.end_step({**{k: v.item() for k, v in losses.items()}, "lr": lr})
-    model.eval()
-    report = {"clean": evaluate(model, cfg.n_eval, degraded=False),
-              "degraded": evaluate(model, cfg.n_eval, degraded=True)}
-    tmp = out / "judge.safetensors.tmp"
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out / "judge.safetensors")
-    log.info("judge accuracy: %s", report)
-    return report
+    return run_training(JudgeTrainer(cfg), resume=resume)

@@ -50,6 +50,11 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
 
+def warmup_lr(step: int, cfg) -> float:
+    """A linear warm-up over cfg.warmup_steps (cfg.lr / warmup_steps at step 0), then `lr_at`'s cosine."""
+    return cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else lr_at(step, cfg)
+
+
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> float:
     """Give every parameter group of `optimizers` the learning rate `lr` times the group's ``lr_scale`` (1 when it
     has none); set each step, so resume is exact."""

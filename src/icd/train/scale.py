@@ -1,16 +1,14 @@
-"""Scale-out bookkeeping shared by the trainers: the global batch's decomposition, micro-batches for gradient
-accumulation, and the optional tracker (main process only)."""
+"""Scale-out bookkeeping of `icd.train.scaffold`: the global batch's decomposition, micro-batches for gradient
+accumulation and the precision a run uses."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from icd.runtime import ProcessGroup
-from icd.train.config import ConfigError, to_dict
-from icd.train.trackers import NoTracker, check_tracker, open_tracker
+from icd.train.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +46,3 @@ def describe_batch(cfg, sync: ProcessGroup, precision: str) -> str:
             f"{sync.world} process(es) on {sync.device}, {precision} precision, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}")
 
-
-def open_run_tracker(cfg, out: Path, sync: ProcessGroup) -> NoTracker | None:
-    """The config's tracker on the main process (None elsewhere); checked on every process before training."""
-    check_tracker(cfg.log_to)
-    micro_batches(local_rows(cfg, sync), cfg.gradient_accumulation)  # ConfigError before training if it cannot split
-    return open_tracker(cfg.log_to, out, to_dict(cfg)) if sync.is_main and cfg.log_to != "none" else None

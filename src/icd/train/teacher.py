@@ -10,12 +10,11 @@ Objective (epsilon prediction, SD's scaled_linear schedule, uniform t in 0..999)
   background from it instead of from the prompt. The per-channel offset makes the noise mean uninformative.
 - *Min-SNR-gamma* weighting (Hang et al. 2023, gamma = 5) speeds up convergence.
 - *Caption dropout* (10 %): the caption is replaced by the empty prompt, so classifier-free guidance works.
-- EMA weights of UNet and text encoder are exported.
+- EMA weights of UNet and text encoder are exported (`icd.train.scaffold.EMA`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,15 @@ from icd.runtime import step_generator
 from icd.schedule import NoiseSchedule
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_latents
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
+from icd.train.runner import warmup_lr
+from icd.train.scaffold import (
+    EMA,
+    Parts,
+    Trainer,
+    Update,
+    ema_update,  # noqa: F401  (icd.train.flow_teacher imports it from here)
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class TeacherConfig(RunConfig):
             raise ConfigError(f"TeacherConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.offset_noise < 0:
             raise ConfigError(f"TeacherConfig.offset_noise must be >= 0, got {self.offset_noise}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"TeacherConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 def teacher_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -87,65 +96,53 @@ def diffusion_loss(unet, text_encoder, z0, ids, *, t, eps, schedule: NoiseSchedu
     return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean()}
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1.0 - decay)
+class TeacherTrainer(Trainer):
+    name, columns = "teacher", ("loss", "mse", "lr")
+
+    def load(self) -> None:
+        cfg = self.cfg
+        self.vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
+        self.z_all, captions = world_latents(self.vae, cfg.vae_path, cfg.n_images, max_objects=cfg.max_objects,
+                                             cache_dir=self.out / CACHE)
+        self.tokenizer = tiny.build_tokenizer(self.out / "tokenizer", world.vocabulary())
+        self.ids_all = self.tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
+                                      return_tensors="pt").input_ids
+        self.empty_ids = self.tokenizer([""], padding="max_length", max_length=tiny.MAX_LENGTH,
+                                        return_tensors="pt").input_ids
+        self.schedule = NoiseSchedule.scaled_linear()
+
+    def build(self) -> Parts:
+        self.text_encoder, self.unet = tiny.build_text_encoder(self.tokenizer), tiny.build_unet()
+        ema = EMA(self.cfg.ema_decay, {"ema_unet": self.unet, "ema_text_encoder": self.text_encoder})
+        params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.unet.train()
+        self.text_encoder.train()
+        return Parts({"unet": self.unet, "text_encoder": self.text_encoder}, [Update("teacher", opt, params)], ema)
+
+    def lr(self, step: int) -> float:
+        return warmup_lr(step, self.cfg)
+
+    def batch(self, step: int, rows: torch.Tensor) -> dict:  # one process: every row
+        cfg, b = self.cfg, self.cfg.batch_size
+        gen = step_generator(cfg.seed, step)
+        idx = torch.randint(len(self.z_all), (b,), generator=gen)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen)
+        eps = teacher_noise(tuple(self.z_all[idx].shape), cfg.offset_noise, gen)
+        drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], self.empty_ids.expand(b, -1), self.ids_all[idx])
+        return {"z0": self.z_all[idx], "ids": ids, "t": t, "eps": eps}
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        return diffusion_loss(self.unet, self.text_encoder, batch["z0"], batch["ids"], t=batch["t"], eps=batch["eps"],
+                              schedule=self.schedule, snr_gamma=self.cfg.snr_gamma)
+
+    def export(self) -> Path:  # the EMA weights (the scaffold copied them into the modules)
+        with atomic_directory(self.out / "final") as tmp:
+            tiny.save_pipeline(tmp, tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                               unet=self.unet, vocabulary=world.vocabulary())
+        return self.out / "final"
 
 
 def train_teacher(cfg: TeacherConfig, *, resume: bool = True) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume)  # before any model loads or any file changes
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(cfg.vae_path).eval().requires_grad_(False)
-    z_all, captions = world_latents(vae, cfg.vae_path, cfg.n_images, max_objects=cfg.max_objects,
-                                    cache_dir=out / CACHE)
-    tokenizer = tiny.build_tokenizer(out / "tokenizer", world.vocabulary())
-    ids_all = tokenizer(captions, padding="max_length", max_length=tiny.MAX_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tiny.MAX_LENGTH, return_tensors="pt").input_ids
-    schedule = NoiseSchedule.scaled_linear()
-
-    torch.manual_seed(cfg.seed)
-    text_encoder, unet = tiny.build_text_encoder(tokenizer), tiny.build_unet()
-    ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
-    run = TrainingRun(out, desc="train teacher", total_steps=cfg.steps, columns=["loss", "mse", "lr"],
-                      modules=modules, optimizers={"teacher": opt}, config=cfg, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=resume)
-
-    def lr_now(s: int) -> float:
-        return cfg.lr * (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else lr_at(s, cfg)
-
-    unet.train()
-    text_encoder.train()
-    with run:
-        while not run.done:
-            # 1. Per-step draws, a pure function of (seed, step)
-            gen = step_generator(cfg.seed, run.step)
-            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
-            t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=gen)
-            eps = teacher_noise(tuple(z_all[idx].shape), cfg.offset_noise, gen)
-            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], empty_ids.expand(cfg.batch_size, -1), ids_all[idx])
-            # 2. Loss, backward, clip, step
-            lr = set_lr([opt], lr_now(run.step))
-            losses = diffusion_loss(unet, text_encoder, z_all[idx], ids, t=t, eps=eps, schedule=schedule,
-                                    snr_gamma=cfg.snr_gamma)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            # 3. EMA (warm-up: decay grows from 0.1 to ema_decay)
-            decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
-            ema_update(ema_unet, unet, decay)
-            ema_update(ema_text, text_encoder, decay)
-            run.end_step({"loss": losses["loss"].item(), "mse": losses["mse"].item(), "lr": lr})
-    with atomic_directory(out / "final") as tmp:
-        tiny.save_pipeline(tmp, tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet,
-                           vocabulary=world.vocabulary())
-    return out / "final"
+    return run_training(TeacherTrainer(cfg), resume=resume)

@@ -21,7 +21,7 @@ from icd.models import tiny
 from icd.runtime import step_generator
 from icd.train.config import ConfigError, RunConfig
 from icd.train.data import CACHE, world_dataset
-from icd.train.runner import TrainingRun, check_run, lr_at, set_lr
+from icd.train.scaffold import Parts, Trainer, Update, run_training
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +61,37 @@ def measure_scaling_factor(vae, n: int, batch: int = 200) -> float:
     return float(1.0 / torch.cat(means).std())
 
 
+class VAETrainer(Trainer):
+    name, columns = "vae", ("loss", "mse", "l1", "kl", "psnr", "lr")
+
+    def load(self) -> None:
+        self.images, _ = world_dataset(self.cfg.n_images, cache_dir=self.out / CACHE)
+
+    def build(self) -> Parts:
+        self.vae = tiny.build_vae()
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        return Parts({"vae": self.vae}, [Update("vae", opt, list(self.vae.parameters()))])
+
+    def batch(self, step: int, rows: torch.Tensor) -> dict:  # one process: every row
+        gen = step_generator(self.cfg.seed, step)
+        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=gen).numpy()
+        return {"x": to_tensor(self.images[idx]), "gen": gen}  # the loss draws its posterior sample from gen
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        return vae_loss(self.vae, batch["x"], self.cfg, batch["gen"])
+
+    def log_values(self, values: dict[str, float]) -> dict[str, float]:
+        return values | {"psnr": 10 * math.log10(4.0 / values["mse"])}  # [-1, 1] has peak-to-peak 2
+
+    def export(self) -> Path:
+        self.vae.eval()
+        scale = measure_scaling_factor(self.vae, self.cfg.n_scale_images)
+        self.vae.register_to_config(scaling_factor=scale)
+        with atomic_directory(self.out / "final") as tmp:
+            self.vae.save_pretrained(tmp)
+        log.info("latent scaling factor %.5f; VAE saved to %s", scale, self.out / "final")
+        return self.out / "final"
+
+
 def train_vae(cfg: VAEConfig, *, resume: bool = True) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    check_run(cfg, resume=resume)  # before any model loads or any file changes
-    out = Path(cfg.out_dir)
-    images, _ = world_dataset(cfg.n_images, cache_dir=out / CACHE)
-    torch.manual_seed(cfg.seed)
-    vae = tiny.build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    run = TrainingRun(out, desc="train vae", total_steps=cfg.steps, columns=["loss", "mse", "l1", "kl", "psnr", "lr"],
-                      modules={"vae": vae}, optimizers={"vae": opt}, config=cfg, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=resume)
-    with run:
-        while not run.done:
-            gen = step_generator(cfg.seed, run.step)
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).numpy()
-            x = to_tensor(images[idx])
-            lr = set_lr([opt], lr_at(run.step, cfg))
-            losses = vae_loss(vae, x, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            values = {k: v.item() for k, v in losses.items()}
-            values.update(psnr=10 * math.log10(4.0 / values["mse"]), lr=lr)  # [-1, 1] has peak-to-peak 2
-            run.end_step(values)
-    vae.eval()
-    scale = measure_scaling_factor(vae, cfg.n_scale_images)
-    vae.register_to_config(scaling_factor=scale)
-    with atomic_directory(out / "final") as tmp:
-        vae.save_pretrained(tmp)
-    log.info("latent scaling factor %.5f; VAE saved to %s", scale, out / "final")
-    return out / "final"
+    return run_training(VAETrainer(cfg), resume=resume)

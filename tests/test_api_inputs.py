@@ -189,7 +189,7 @@ def test_a_bare_string_is_one_prompt(pipe, case, reference):
 
     assert torch.equal(pipe.invert(case.source[None], case.source_prompt).noise, reference.noise)
     out = pipe.generate("a small blue star on a white background")
-    assert out.shape[0] == 1
+    assert out.images.shape[0] == 1
 
 
 @pytest.mark.parametrize("prompts, exc, words", [

@@ -55,7 +55,7 @@ def test_icd_generation_uses_the_reverse_adapter_in_one_call_per_segment(tmp_pat
     model, b = _model_with_adapters(tmp_path, random_distilled_dir)
     pipe = Pipeline(model)
     model.counter.reset()
-    images = pipe.generate(["a small red star on a black background"] * 2, method="icd", guidance=1.0, tau=0.8)
+    images = pipe.generate(["a small red star on a black background"] * 2, method="icd", guidance=1.0, tau=0.8).images
     assert images.shape == (2, 3, 64, 64) and model.counter.calls == 4
     model.counter.reset()
     pipe.generate(["a small red star on a black background"], method="gddim", steps=3)
@@ -66,7 +66,9 @@ def test_icd_generation_uses_the_reverse_adapter_in_one_call_per_segment(tmp_pat
 
 def test_renoised_generation_is_seeded_per_sample_and_keeps_four_calls(tmp_path, random_distilled_dir):
     model, _ = _model_with_adapters(tmp_path, random_distilled_dir)
-    generate = Pipeline(model).generate
+    def generate(*args, **kwargs):
+        return Pipeline(model).generate(*args, **kwargs).images
+
     prompts = ["a small red star on a black background", "a large blue circle on a white background"]
     model.counter.reset()
     both = generate(prompts, method="icd", guidance=1.0, renoise=1.0, seed=7)

@@ -223,7 +223,7 @@ def test_cli_bad_ip2p_input_is_one_line_exit_2(trained, case_files, capsys, extr
 
 def test_bench_parses_ip2p_names():
     methods = parse_methods("ip2p8,ip2p100,icd")
-    assert [(m.name, m.family, m.steps) for m in methods[:2]] == [("ip2p8", "ip2p", 8), ("ip2p100", "ip2p", 100)]
+    assert [(m.name, m.method, m.steps) for m in methods[:2]] == [("ip2p8", "ip2p", 8), ("ip2p100", "ip2p", 100)]
     assert [m.name for m in parse_methods("ip2p")] == ["ip2p100"]
     assert [m.name for m in parse_methods("ip2p", steps_list=[2, 8])] == ["ip2p2", "ip2p8"]
     with pytest.raises(ValueError, match="not measured"):

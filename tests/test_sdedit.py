@@ -15,10 +15,11 @@ from icd.boundaries import Boundaries
 from icd.cli import main
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
-from icd.imageio import save_image, to_uint8
+from icd.imageio import save_image
+from icd.methods.sdedit import sdedit_noised, sdedit_timesteps
 from icd.metrics import psnr
 from icd.pipeline import Pipeline
-from icd.samplers import generation_timesteps, initial_noise, sdedit_noised, sdedit_timesteps
+from icd.samplers import generation_timesteps, initial_noise
 from icd.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.scaled_linear()
@@ -82,7 +83,7 @@ def test_strength_one_from_pure_noise_equals_generation(pipe, case):
     pure = Inversion(latents=[made.latents[0], noise], timesteps=[0, 999], prompts=[prompt], method="sdedit",
                      settings=dict(made.settings))
     edited = pipe.edit(pure, [prompt]).images[0].astype(int)
-    generated = to_uint8(pipe.generate([prompt], method="ddim", steps=steps, seed=seed))[0].astype(int)
+    generated = pipe.generate([prompt], method="ddim", steps=steps, seed=seed).uint8()[0].astype(int)
     assert np.abs(edited - generated).max() <= 1
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from icd import world
 from icd.metrics import psnr
-from icd.web.engine import blend_words, parse_reweight
+from icd.requests import blend_words, parse_reweight
 from icd.web.uploads import Limits, UploadError, decode_upload
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

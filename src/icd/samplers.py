@@ -6,6 +6,7 @@ the step's starting latent (labelled with its time, except in DDIM inversion's r
 Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decided by the `EpsFn` it is handed
 (`LatentDiffusion.eps_fn`), never by the loop.
 
+- `ddim_loop` -> `DDIMRun` (the final latent and every visited one).
 - `ddim_invert` / `ddim_decode`: DDIM inversion up the DDIM grid from z0 at t = 0, and decoding back down it.
   Inversion takes one of two rules for the timestep label of the noise prediction on the step t -> t':
   ``reference`` (the default) labels it t' (the destination), as the Prompt-to-Prompt / null-text inversion
@@ -14,9 +15,6 @@ Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decide
 - `icd_invert` (docs/method.md §8.1): noise z0 to the first forward boundary with explicit noise, then one forward
   jump per segment up to T - 1. `icd_decode`: one reverse jump per segment down to 0, optionally re-noised
   (`renoise` = gamma, generation only; `icd.solver.renoised_jump`).
-- `sdedit_timesteps` / `sdedit_encode` (SDEdit, Meng et al. 2022): noise clean latents to the strength's start time
-  with the forward process, then decode down the rest of a sampling schedule (the teacher's DDIM grid or the iCD
-  reverse model's jumps) with `ddim_loop`.
 - `SeededNoise`: per-row seeded N(0, I) draws, so a row never depends on the batch it runs in.
 - `stoppable` / `Cancelled`: a caller's ``should_stop()`` asked before each network call of a loop (a web request
   whose client has gone); True raises `Cancelled` before that step runs.
@@ -24,8 +22,8 @@ Which network, adapter, guidance and dynamic-CFG threshold a loop runs is decide
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -59,16 +57,24 @@ def stoppable(eps: EpsFn, should_stop: StopFn | None) -> EpsFn:
     return checked
 
 
+class DDIMRun(NamedTuple):
+    """What `ddim_loop` returns: the final latent and every latent it visited (the start included)."""
+
+    final: torch.Tensor
+    visited: list[torch.Tensor]
+
+
 DDIM_RULES = ("start", "reference")  # DDIM inversion: the noise labelled with the step's start or its destination
 
 
 def ddim_loop(eps: EpsFn, x: torch.Tensor, cond: Cond, timesteps: Sequence[int], *, schedule: NoiseSchedule,
-              callback: Callback | None = None, label: str = "start") -> tuple[torch.Tensor, list[torch.Tensor]]:
+              callback: Callback | None = None, label: str = "start") -> DDIMRun:
     """DDIM jumps timesteps[0] -> timesteps[1] -> ..., eps evaluated at each starting latent, with the timestep
     label of the start (``label="start"``) or of the destination (``"reference"``: DDIM inversion's reference rule).
 
-    `callback(i, t_from, t_to, x_to)` may return a replacement latent (editors' local blend). Returns the final
-    latent and every visited latent (the start included). Raises `NumericsError` naming the step of a NaN / Inf.
+    `callback(i, t_from, t_to, x_to)` may return a replacement latent (editors' local blend). Returns a `DDIMRun`:
+    the final latent and every visited latent (the start included). Raises `NumericsError` naming the step of a
+    NaN / Inf.
     """
     if label not in DDIM_RULES:
         raise ValueError(f"unknown DDIM rule {label!r}; choose from {', '.join(DDIM_RULES)}")
@@ -83,7 +89,7 @@ def ddim_loop(eps: EpsFn, x: torch.Tensor, cond: Cond, timesteps: Sequence[int],
             replaced = callback(i, int(t_from), int(t_to), x)
             x = x if replaced is None else replaced
         visited.append(x)
-    return x, visited
+    return DDIMRun(x, visited)
 
 
 def inversion_timesteps(steps: int) -> list[int]:
@@ -102,14 +108,14 @@ def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedul
     """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents). `rule`: the
     noise's timestep label on each step (`DDIM_RULES`; module docstring)."""
     timesteps = inversion_timesteps(steps)
-    return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule, label=rule)[1]
+    return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule, label=rule).visited
 
 
 @torch.no_grad()
 def ddim_decode(eps: EpsFn, noise: torch.Tensor, cond: Cond, timesteps: Sequence[int], *,
                 schedule: NoiseSchedule) -> torch.Tensor:
     """DDIM from an inversion's noise back down its own (ascending) grid to t = 0: clean latents."""
-    return ddim_loop(eps, noise, cond, list(reversed(timesteps)), schedule=schedule)[0]
+    return ddim_loop(eps, noise, cond, list(reversed(timesteps)), schedule=schedule).final
 
 
 @torch.no_grad()
@@ -119,7 +125,7 @@ def icd_invert(eps_forward: EpsFn, z0: torch.Tensor, cond: Cond, boundaries: Bou
     then one forward jump per segment. Run `eps_forward` unguided. Returns (timesteps, visited latents)."""
     timesteps = boundaries.forward_schedule()
     x_start = schedule.add_noise(z0, noise.to(z0.dtype), timesteps[0])
-    return timesteps, ddim_loop(eps_forward, x_start, cond, timesteps, schedule=schedule)[1]
+    return timesteps, ddim_loop(eps_forward, x_start, cond, timesteps, schedule=schedule).visited
 
 
 @torch.no_grad()
@@ -133,7 +139,7 @@ def icd_decode(eps_reverse: EpsFn, noise: torch.Tensor, cond: Cond, boundaries: 
     """
     timesteps = boundaries.reverse_schedule()
     if not renoise:
-        return ddim_loop(eps_reverse, noise, cond, timesteps, schedule=schedule)[0]
+        return ddim_loop(eps_reverse, noise, cond, timesteps, schedule=schedule).final
     if fresh_noise is None:
         raise ValueError("icd_decode: renoise > 0 needs fresh_noise")
     x = noise
@@ -141,50 +147,6 @@ def icd_decode(eps_reverse: EpsFn, noise: torch.Tensor, cond: Cond, boundaries: 
         z = fresh_noise() if s > 0 else torch.zeros_like(x)
         x = renoised_jump(x, eps_reverse(x, t, cond), t, s, schedule=schedule, gamma=renoise, z=z)
     return x
-
-
-def check_strength(strength: float) -> None:
-    """ValueError unless `strength` lies in (0, 1] (SDEdit's start noise level as a fraction of T)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-            math.isfinite(strength) and 0.0 < strength <= 1.0):
-        raise ValueError(f"strength (--strength) must lie in (0, 1], got {strength}")
-
-
-def sdedit_timesteps(strength: float, schedule: Sequence[int], *, num_timesteps: int = 1000) -> list[int]:
-    """SDEdit's denoising times (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
-    Differential Equations", ICLR; Algorithm 1 starts the reverse process at t0 = S T): the tail of a descending
-    sampling `schedule` (ending at 0) that starts at its start point nearest to
-
-        t_S = S T - 1        (S = `strength` in (0, 1], T = `num_timesteps`; ties: the lower start),
-
-    so S = 1 runs the whole schedule (plain generation's) and a small S at least its last step. The DDIM-50 grid
-    999 -> 979 -> ... -> 19 -> 0 at S = 0.5 starts at 499 (25 UNet calls, 50 S); the 4step-1 reverse schedule
-    999 -> 779 -> 519 -> 259 -> 0 at S = 0.5 starts at 519 (2 jumps)."""
-    check_strength(strength)
-    steps = [int(t) for t in schedule]
-    if len(steps) < 2 or steps[-1] != 0 or any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"sdedit_timesteps needs a descending schedule ending at 0, got {steps}")
-    target = strength * num_timesteps - 1
-    k = min(range(len(steps) - 1), key=lambda i: (abs(steps[i] - target), steps[i]))
-    return steps[k:]
-
-
-def sdedit_noised(z0: torch.Tensor, noise: torch.Tensor, t: int, *, schedule: NoiseSchedule) -> torch.Tensor:
-    """SDEdit's start (Meng et al. 2022, Algorithm 1, VP form): one draw of the forward process
-
-        q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I):   x_t = alpha_t z0 + sigma_t eps,
-
-    alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), eps = `noise` (seeded N(0, I), `SeededNoise`)."""
-    return schedule.add_noise(z0, noise.to(z0.dtype), int(t))
-
-
-@torch.no_grad()
-def sdedit_encode(z0: torch.Tensor, timesteps: Sequence[int], *, schedule: NoiseSchedule,
-                  noise: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
-    """SDEdit's 'inversion' (no UNet call): noise z0 to the first of its denoising `timesteps`
-    (`sdedit_timesteps`). Returns ([0, t_start], [z0, x_t_start]); decoding runs `ddim_loop` down `timesteps`."""
-    t_start = int(timesteps[0])
-    return [0, t_start], [z0, sdedit_noised(z0, noise, t_start, schedule=schedule)]
 
 
 class SeededNoise:

@@ -90,9 +90,119 @@ def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim else coef
 
 
+def check_steps(steps: int, max_steps: int = NUM_TIMESTEPS) -> None:
+    """ValueError unless `steps` is a step count a sampler can take on a schedule of `max_steps` timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps:
+        raise ValueError(f"steps (--steps) must be an integer in 1..{max_steps}, got {steps}")
+
+
 def ddim_grid(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> list[int]:
     """Ascending DDIM grid ending at T-1 with stride T // n: n = 50 gives 19, 39, ..., 999 (docs/method.md §1)."""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in 1..{num_timesteps}, got {num_steps}")
     stride = num_timesteps // num_steps
     return [num_timesteps - 1 - (num_steps - 1 - k) * stride for k in range(num_steps)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rectified flow (docs/flow.md §1). The same two coefficients, (alpha, sigma) = (1 - s, s) for a noise level
+# s in [0, 1], so `icd.solver.ddim_jump` serves both families: x_s = alpha_s x0 + sigma_s eps.
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The rectified-flow path of Liu et al. 2022 ("Flow Straight and Fast", eq. 1) as SD3 / FLUX use it:
+
+        x_s = (1 - s) x0 + s eps,   s in [0, 1] (s = 1 pure noise, s = 0 clean data).
+
+    Times are continuous float noise levels s (diffusers' FlowMatchEulerDiscreteScheduler "sigmas"; its timesteps
+    are 1000 s). `alpha_sigma` has `NoiseSchedule.alpha_sigma`'s signature, so `ddim_jump(..., schedule=FlowSchedule())`
+    is the DDIM jump of the flow path; s = 0 is exactly clean data, so `hard_zero` changes nothing.
+    """
+
+    def alpha_sigma(self, s: torch.Tensor | float, *, hard_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_s, sigma_s) = (1 - s, s) as float64 (`hard_zero` is accepted for `NoiseSchedule` parity)."""
+        s = _flow_sigma(s)
+        return 1.0 - s, s
+
+    def snr(self, s: torch.Tensor | float) -> torch.Tensor:
+        """Signal-to-noise ratio ((1 - s) / s)^2 (infinite at s = 0, zero at s = 1)."""
+        s = _flow_sigma(s)
+        return ((1.0 - s) / s) ** 2
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+        """x_s = (1 - s) x0 + s eps, per sample (s: float or [B]); diffusers' ``scale_noise``."""
+        alpha, sigma = self.alpha_sigma(s)
+        return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+
+
+def _flow_sigma(s: torch.Tensor | float) -> torch.Tensor:
+    s = torch.as_tensor(s, dtype=torch.float64).cpu()
+    if s.numel() and (not torch.isfinite(s).all() or (s < 0).any() or (s > 1).any()):
+        raise ValueError(f"flow noise level s must lie in [0, 1], got {s.tolist()}")
+    return s
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The conditional flow-matching target v* = d x_s / d s = eps - x0 (Liu et al. 2022 eq. 1; Lipman et al. 2023;
+    Esser et al. 2024 §2: the SD3 / FLUX training scripts regress onto ``noise - model_input``)."""
+    return eps - x0
+
+
+def velocity_to_x0(x_s: torch.Tensor, v: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """x0_hat = x_s - s v (the path solved for x0 with eps = x0 + v); exact at every s, including s = 1."""
+    return x_s - _bcast(_flow_sigma(s), x_s) * v
+
+
+def velocity_to_eps(x_s: torch.Tensor, v: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """eps_hat = x_s + (1 - s) v; exact at every s, including s = 0."""
+    return x_s + _bcast(1.0 - _flow_sigma(s), x_s) * v
+
+
+def x0_eps_to_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = eps - x0 (the inverse of `velocity_to_x0` / `velocity_to_eps` at a fixed (x_s, s))."""
+    return eps - x0
+
+
+def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift (Esser et al. 2024 §5.3.2, eq. 23): s' = shift s / (1 + (shift - 1) s).
+
+    shift > 1 spends more of a grid at high noise. FLUX's exponential dynamic shift is this map with shift = e^mu
+    (diffusers' ``time_shift`` with ``time_shift_type="exponential"``); s = 0 and s = 1 are fixed points.
+    """
+    if not (shift > 0 and torch.isfinite(torch.tensor(float(shift)))):
+        raise ValueError(f"shift must be a positive number, got {shift}")
+    s = torch.as_tensor(s, dtype=torch.float64)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def flux_mu(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift exponent (diffusers ``calculate_shift``; BFL ``get_lin_function``):
+    mu = base_shift + (max_shift - base_shift) (L - base_seq_len) / (max_seq_len - base_seq_len), a line through
+    (256, 0.5) and (4096, 1.15) in the number L of packed image tokens. The grid is then shifted by e^mu."""
+    if image_seq_len <= 0:
+        raise ValueError(f"image_seq_len must be positive, got {image_seq_len}")
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flow_grid(num_steps: int, *, shift: float = 1.0) -> list[float]:
+    """Descending sampling grid of `num_steps` Euler steps: [s_0 = 1, ..., s_{N-1}, 0], the N + 1 values of
+    ``FluxPipeline`` (``sigmas = linspace(1, 1/N, N)`` shifted by `shift`, then 0 appended by
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps``). Pass ``shift = e^mu`` (`flux_mu`) for FLUX's dynamic shift."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    base = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    return [*shift_sigmas(base, shift).tolist(), 0.0]
+
+
+def logit_normal_sigmas(n: int, *, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training noise levels s = shift_sigmas(sigmoid(u), shift), u ~ N(mean, std^2): the logit-normal density
+    pi_ln(s; m, s) = 1 / (std sqrt(2 pi)) 1 / (s (1 - s)) exp(-(logit s - m)^2 / (2 std^2)) of Esser et al. 2024
+    (§3.1, eq. 19; their recommended rf/lognorm(0.00, 1.00)), optionally shifted like the sampling grid. float32 [n]."""
+    if not std > 0:
+        raise ValueError(f"std must be positive, got {std}")
+    u = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
+    return shift_sigmas(torch.sigmoid(u), shift).float()

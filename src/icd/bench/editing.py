@@ -22,42 +22,35 @@ from tqdm.auto import tqdm
 
 from icd import world
 from icd.bench.cases import BenchCase
-from icd.bench.methods import Method
+from icd.bench.methods import BenchMethod
 from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
 from icd.bench.task import BenchTask, RunContext
 from icd.editing.controllers import MasaCtrlControls, P2PControls
-from icd.editing.edit import EditControls
-from icd.editing.ip2p import METHOD as IP2P
-from icd.editing.ip2p import IP2PControls
-from icd.editing.sdedit import METHODS as SDEDIT_METHODS
+from icd.methods import REGISTRY
 from icd.metrics import ms_ssim, psnr, ssim
 from icd.models import lora
 from icd.pipeline import Pipeline
 
 NON_RIGID_KINDS = frozenset({"size", "change_pose"})
-# Prompt-to-Prompt settings per family: iCD as the official iCD launch (docs/method.md §8.2); DDIM and NPI as NPI's
-# paper; NTI as the NTI paper (docs/baselines.md §3-4)
-P2P_SETTINGS = {"icd": dict(cross_replace=0.3, self_replace=0.6, reweight_new_words=4.0),
-                "ddim": dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0),
-                "npi": dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0),
-                "nti": dict(cross_replace=0.4, self_replace=0.8, reweight_new_words=3.0)}
 
 
-def controls_for(family: str, cases: Sequence[BenchCase], guidance: float, tau: float | None
-                 ) -> EditControls | IP2PControls:
-    """One batch of cases of one kind: MasaCtrl for non-rigid kinds, else P2P with each case's blend words (local
-    blend only when every case of the batch has them); SDEdit: no attention control; IP2P: its own defaults."""
-    if family == IP2P:
-        return IP2PControls()
-    if family in SDEDIT_METHODS:
-        return EditControls(guidance=guidance, tau=tau, p2p=None, masactrl=None)
+def controls_for(method: str, cases: Sequence[BenchCase], guidance: float, tau: float | None):
+    """The controls of one batch of cases of one kind for the registered `method`: MasaCtrl for non-rigid kinds,
+    else Prompt-to-Prompt at the method's settings (`Method.p2p_defaults`: iCD as the official iCD launch,
+    docs/method.md §8.2; DDIM and NPI as NPI's paper; NTI as the NTI paper, docs/baselines.md §3-4) with each case's
+    blend words (local blend only when every case of the batch has them); a method without attention control
+    (SDEdit) its plain controls; one with scales of its own (IP2P: `bench_guidance` False) its defaults."""
+    m = REGISTRY.get(method)
+    guidance = guidance if m.bench_guidance else None
+    tau = tau if m.takes_tau and m.bench_guidance else None
+    if not m.attention_control:
+        return m.controls(guidance=guidance, tau=tau)
     if cases[0].kind in NON_RIGID_KINDS:
-        return EditControls(guidance=guidance, tau=tau, p2p=None, masactrl=MasaCtrlControls())
+        return m.controls(guidance=guidance, tau=tau, masactrl=MasaCtrlControls())
     blend = None
     if all(c.blend_words for c in cases):
         blend = [((c.blend_words[0],), (c.blend_words[1],)) for c in cases]
-    settings = P2P_SETTINGS["ddim" if family == "gddim" else family]
-    return EditControls(guidance=guidance, tau=tau, p2p=P2PControls(**settings, blend_words=blend))
+    return m.controls(guidance=guidance, tau=tau, p2p=P2PControls(**m.p2p_defaults, blend_words=blend))
 
 
 def case_metrics(cases: Sequence[BenchCase], edited: np.ndarray, recon: np.ndarray) -> list[dict]:
@@ -120,14 +113,14 @@ def optional_metrics(metrics: dict[str, Callable], cases: Sequence[BenchCase], e
     return rows
 
 
-def edit_batch(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext):
+def edit_batch(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext):
     sources = np.stack([c.source for c in cases])
-    inv = pipe.invert(sources, [c.source_prompt for c in cases], method=method.family, steps=method.steps,
+    inv = pipe.invert(sources, [c.source_prompt for c in cases], method=method.method, steps=method.steps,
                       guidance=ctx.guidance, strength=method.strength, ddim_rule=ctx.ddim_rule)
-    return pipe.edit(inv, [c.target_prompt for c in cases], controls_for(method.family, cases, ctx.guidance, ctx.tau))
+    return pipe.edit(inv, [c.target_prompt for c in cases], controls_for(method.method, cases, ctx.guidance, ctx.tau))
 
 
-def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     """Per-case records of this process's chunks (case["index"] orders them globally)."""
     indexed = list(enumerate(cases))
     chunks = ctx.shards.mine(chunked(indexed, ctx.batch, key=lambda ic: ic[1].kind))
@@ -148,17 +141,17 @@ def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], 
     return records
 
 
-def time_edit(pipe: Pipeline, method: Method, case: BenchCase, ctx: RunContext) -> dict:
+def time_edit(pipe: Pipeline, method: BenchMethod, case: BenchCase, ctx: RunContext) -> dict:
     """One single-image edit, timed from uint8 input to uint8 output; NFE counted by the model's counter."""
-    model = pipe.model_for(method.family)
+    model = pipe.model_for(method.method)
     model.counter.reset()
     sync(model.device)
     t0 = time.perf_counter()
-    inv = pipe.invert(case.source[None], [case.source_prompt], method=method.family, steps=method.steps,
+    inv = pipe.invert(case.source[None], [case.source_prompt], method=method.method, steps=method.steps,
                       guidance=ctx.guidance, strength=method.strength, ddim_rule=ctx.ddim_rule)
     sync(model.device)
     t1, nfe_invert = time.perf_counter(), model.counter.calls
-    pipe.edit(inv, [case.target_prompt], controls_for(method.family, [case], ctx.guidance, ctx.tau))
+    pipe.edit(inv, [case.target_prompt], controls_for(method.method, [case], ctx.guidance, ctx.tau))
     sync(model.device)
     t2 = time.perf_counter()
     return {"seconds": t2 - t0, "seconds_invert": t1 - t0, "seconds_edit": t2 - t1, "nfe": model.counter.calls,
@@ -185,18 +178,18 @@ def bare_network_seconds(pipe: Pipeline, case: BenchCase) -> float:
     return time.perf_counter() - t0
 
 
-def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     """Timed single-image edits of this process's share of `cases` (iCD also times its bare network calls)."""
 
     def run(case: BenchCase) -> dict:
         t = time_edit(pipe, method, case, ctx)
-        if method.family == "icd":
+        if method.method == "icd":  # iCD's floor: its network calls alone
             t["seconds_bare"] = bare_network_seconds(pipe, case)
         return t
 
     return timed_runs(ctx.shards, cases, run)
 
 
-TASK = BenchTask("editing", families=("icd", "ddim", "npi", "nti", *SDEDIT_METHODS, IP2P),
+TASK = BenchTask("editing", method_task="edit",
                  default_methods="icd,ddim50,ddim4,npi50,nti50", default_guidance=1.0, measure_quality=measure_quality,
                  measure_speed=measure_speed, optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)

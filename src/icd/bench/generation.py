@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from icd import world
 from icd.bench.cases import KIND_STRIDE, BenchCase, object_kind
-from icd.bench.methods import Method
+from icd.bench.methods import BenchMethod
 from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
 from icd.bench.task import BenchTask, RunContext
-from icd.imageio import to_uint8
+from icd.methods import REGISTRY
 from icd.pipeline import Pipeline
 
 
@@ -33,15 +33,15 @@ def prompt_cases(n: int, seed_start: int, objects: Sequence[int] = (1, 2)) -> li
 
 
 @torch.no_grad()
-def sample(pipe: Pipeline, method: Method, prompts: list[str], seeds: list[int], *, ctx: RunContext) -> np.ndarray:
+def sample(pipe: Pipeline, method: BenchMethod, prompts: list[str], seeds: list[int], *, ctx: RunContext) -> np.ndarray:
     """uint8 images; sample i starts from noise seeded with seeds[i] (batch-size independent). tau None is constant
     guidance for every method, as in `icd generate` (docs/method.md §8.4: generation runs without dynamic CFG);
     renoise applies to icd methods only."""
     if any(b - a != 1 for a, b in zip(seeds, seeds[1:])):
         raise ValueError("a generation batch needs consecutive seeds")
-    renoise = ctx.renoise if method.family == "icd" else None
-    return to_uint8(pipe.generate(prompts, method=method.family, steps=method.steps, guidance=ctx.guidance,
-                                  tau=ctx.tau, renoise=renoise, seed=seeds[0], batch_size=len(prompts)))
+    renoise = ctx.renoise if REGISTRY.get(method.method).renoises else None
+    return pipe.generate(prompts, method=method.method, steps=method.steps, guidance=ctx.guidance, tau=ctx.tau,
+                         renoise=renoise, seed=seeds[0], batch_size=len(prompts)).uint8()
 
 
 def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[dict]:
@@ -56,7 +56,7 @@ def caption_scores(judge, images: np.ndarray, captions: Sequence[str]) -> list[d
     return rows
 
 
-def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     indexed = list(enumerate(cases))
     chunks = ctx.shards.mine(chunked(indexed, ctx.batch, key=lambda ic: ic[1].kind))
     shown = example_indices(cases, ctx.examples)
@@ -69,8 +69,8 @@ def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], 
     return records
 
 
-def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
-    model = pipe.model_for(method.family)
+def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+    model = pipe.model_for(method.method)
 
     def run(c: BenchCase) -> dict:
         model.counter.reset()
@@ -84,6 +84,6 @@ def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ct
     return timed_runs(ctx.shards, cases, run)
 
 
-TASK = BenchTask("generation", families=("icd", "ddim", "gddim"), default_methods="icd,gddim50,ddim50",
+TASK = BenchTask("generation", method_task="generate", default_methods="icd,gddim50,ddim50",
                  default_guidance=1.0, measure_quality=measure_quality, measure_speed=measure_speed,
                  uses_judge=True)

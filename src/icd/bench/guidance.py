@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icd.bench.cases import BenchCase
-from icd.bench.methods import Method
+from icd.bench.methods import BenchMethod
 from icd.bench.runtime import case_records, chunked, sync, timed_runs
 from icd.bench.task import BenchTask, RunContext
 from icd.pipeline import Pipeline
@@ -41,7 +41,7 @@ def _per_case_mse(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     student, teacher = pipe.model_for("gddim"), pipe.base()
     t_all, noise_all = _draws(student, len(cases))
     indexed = list(enumerate(cases))
@@ -68,7 +68,7 @@ def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], 
 
 
 @torch.no_grad()
-def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     student = pipe.model_for("gddim")
     eps = student.eps_fn(guidance=float(ctx.guidance))
 
@@ -85,5 +85,5 @@ def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ct
     return timed_runs(ctx.shards, cases, run)
 
 
-TASK = BenchTask("guidance", families=("gddim",), default_methods="gddim", default_guidance=1.0,
+TASK = BenchTask("guidance", method_task=None, extra_methods=("gddim",), default_methods="gddim", default_guidance=1.0,
                  measure_quality=measure_quality, measure_speed=measure_speed, stepped=False)

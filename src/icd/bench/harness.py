@@ -28,9 +28,12 @@ from icd.bench.report import example_grid, markdown, plots
 from icd.bench.results import SCHEMA_VERSION, method_entry, validate, write_json
 from icd.bench.runtime import Shards, describe_device, strip_images, timing_cases
 from icd.bench.task import BenchTask, RunContext
+from icd.guidance import MAX_GUIDANCE
 from icd.io import folder_problem, write_text_atomic
 from icd.judge import JudgeScorer
-from icd.pipeline import DEFAULT_DDIM_RULE, DEFAULT_RENOISE, MAX_GUIDANCE, Pipeline
+from icd.methods import DEFAULT_DDIM_RULE, DEFAULT_RENOISE
+from icd.methods import REGISTRY as METHODS
+from icd.pipeline import Pipeline
 from icd.samplers import DDIM_RULES
 
 REGISTRY: dict[str, BenchTask] = {t.name: t for t in (inversion.TASK, editing.TASK, generation.TASK, guidance.TASK)}
@@ -140,13 +143,13 @@ def run_bench(opts: BenchOptions) -> dict:
         raise FileExistsError(f"{out} already holds results; pass --force to replace them")
     names = task.default_methods if opts.methods is None else opts.methods  # "" is an error, not the default
     methods = parse_methods(names, steps_list=parse_steps_list(opts.steps_list),
-                            allowed=task.families, adapters=opts.adapters, stepped=task.stepped)
+                            allowed=task.methods, adapters=opts.adapters, stepped=task.stepped)
     shards = Shards(opts.device)
     adapters = {name: _adapters_folder(opts, path, name, shards) for name, path in opts.adapters.items()}
     guidance = opts.guidance if opts.guidance is not None else task.default_guidance
     pipe = Pipeline.from_pretrained(opts.model, device=shards.device, ip2p=opts.ip2p)
-    if any(m.family == "ip2p" for m in methods):
-        pipe.ip2p_model()  # a missing weights folder fails here, before any other method runs
+    for name in dict.fromkeys(m.method for m in methods if m.method in METHODS):
+        METHODS.get(name).prepare(pipe)  # e.g. IP2P's weights: a missing folder fails before any method runs
     pipes = {m.name: pipe if m.adapters is None else pipe.with_adapters(adapters[m.adapters]) for m in methods}
     cases, source, kinds, seed = _cases(opts, pipe.model)
     if not cases:

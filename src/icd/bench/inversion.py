@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icd.bench.cases import BenchCase
-from icd.bench.methods import Method
+from icd.bench.methods import BenchMethod
 from icd.bench.runtime import case_records, chunked, example_indices, sync, timed_runs
 from icd.bench.task import BenchTask, RunContext
 from icd.imageio import to_uint8
@@ -22,13 +22,13 @@ from icd.pipeline import Pipeline
 
 
 @torch.no_grad()
-def reconstruct(pipe: Pipeline, method: Method, images: np.ndarray, prompts: list[str], *, ctx: RunContext
+def reconstruct(pipe: Pipeline, method: BenchMethod, images: np.ndarray, prompts: list[str], *, ctx: RunContext
                 ) -> tuple[np.ndarray, dict]:
     """uint8 reconstructions and the timing / NFE of the two halves (uint8 in, uint8 out)."""
-    if method.family == "vae":
+    if method.method == "vae":
         return autoencode(pipe, images)
-    pipe.model_for(method.family).counter.reset()
-    r = pipe.reconstruct(images, prompts, method=method.family, steps=method.steps, guidance=ctx.guidance,
+    pipe.model_for(method.method).counter.reset()
+    r = pipe.reconstruct(images, prompts, method=method.method, steps=method.steps, guidance=ctx.guidance,
                          tau=ctx.tau, ddim_rule=ctx.ddim_rule)
     return r.images, {"seconds": r.seconds_invert + r.seconds_decode, "seconds_invert": r.seconds_invert,
                       "seconds_decode": r.seconds_decode, "nfe": r.nfe_invert + r.nfe_decode,
@@ -50,7 +50,7 @@ def autoencode(pipe: Pipeline, images: np.ndarray) -> tuple[np.ndarray, dict]:
                    "nfe_invert": 0, "nfe_decode": 0}
 
 
-def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_quality(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     indexed = list(enumerate(cases))
     chunks = ctx.shards.mine(chunked(indexed, ctx.batch))
     shown = example_indices(cases, ctx.examples)
@@ -67,11 +67,11 @@ def measure_quality(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], 
     return records
 
 
-def measure_speed(pipe: Pipeline, method: Method, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
+def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     return timed_runs(ctx.shards, cases,
                       lambda c: reconstruct(pipe, method, c.source[None], [c.source_prompt], ctx=ctx)[1])
 
 
-TASK = BenchTask("inversion", families=("icd", "ddim", "gddim", "vae"), default_methods="icd,ddim50,ddim4",
+TASK = BenchTask("inversion", method_task="reconstruct", extra_methods=("vae",), default_methods="icd,ddim50,ddim4",
                  default_guidance=0.0, measure_quality=measure_quality, measure_speed=measure_speed,
                  optional_metrics=("lpips",))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from icd.imageio import save_image
+from icd.methods import REGISTRY
 from icd.plotting import captioned_grid
 
 _LABELS = {"psnr": "PSNR", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "gt_psnr": "GT PSNR", "gt_ssim": "GT SSIM",
@@ -88,8 +89,10 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     families: dict[str, list[str]] = {}
+    free = [m.name for m in REGISTRY if not (m.own_steps or m.takes_strength)]  # names that take a step count
+    stepped = re.compile(f"({'|'.join(re.escape(n) for n in free)})(\\d+)")
     for n in names:  # ddim1, ddim2, ... form one curve (the step ablation); other methods are single points
-        m = re.fullmatch(r"(ddim|gddim|npi|nti)(\d+)", n)
+        m = stepped.fullmatch(n)
         families.setdefault(m.group(1) if m else n, []).append(n)
     for family, members in families.items():
         members = sorted(members, key=lambda n: methods[n]["nfe"])

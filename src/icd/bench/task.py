@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from icd.bench.runtime import Shards
+from icd.methods import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,11 @@ class RunContext:
 
 @dataclass(frozen=True)
 class BenchTask:
-    """A benchmark: the method families it measures, its defaults, and its two measurements, each
-    ``(pipeline, method, cases, ctx) -> records``."""
+    """A benchmark: the methods it measures (the registry's methods of `method_task`, then `extra_methods`), its
+    defaults, and its two measurements, each ``(pipeline, method, cases, ctx) -> records``."""
 
     name: str
-    families: tuple[str, ...]
+    method_task: str | None  # the registry task its methods serve (`icd.methods.REGISTRY`); None: extra_methods only
     default_methods: str
     default_guidance: float
     measure_quality: Callable[..., list[dict]]
@@ -38,6 +39,12 @@ class BenchTask:
     optional_metrics: tuple[str, ...] = ()  # weight-based metrics that apply (lpips, clip_t, ...)
     uses_judge: bool = False
     stepped: bool = True  # method names carry a step count (False: no sampler runs)
+    extra_methods: tuple[str, ...] = ()  # rows beyond the registry's task (the bench's own ``vae``)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The method names it measures, read from the registry when asked (a method registered later counts)."""
+        return (*(REGISTRY.names(self.method_task) if self.method_task else ()), *self.extra_methods)
 
     def measure(self, pipe, method, cases: Sequence, *, timed: Sequence, ctx: RunContext) -> tuple[list, list]:
         """(quality records, timing records) of one method, gathered across processes."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from icd import world
 from icd.bench import TASKS, BenchOptions, run_bench
 from icd.cli.common import CLIError, add_threads, default
-from icd.pipeline import DEFAULT_RENOISE
+from icd.methods import DEFAULT_RENOISE
 from icd.samplers import DDIM_RULES
 from icd.train.icd import export_checkpoint
 

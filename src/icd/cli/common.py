@@ -12,9 +12,9 @@ import numpy as np
 from icd.editing.inversion import InversionError
 from icd.editing.tokens import AlignmentError
 from icd.imageio import ImageError, fit_image, looks_like_shapes_world
+from icd.methods import DEFAULT_DDIM_RULE
 from icd.models.base import PromptError
 from icd.models.loading import ModelError
-from icd.pipeline import DEFAULT_DDIM_RULE
 from icd.samplers import DDIM_RULES
 from icd.solver import NumericsError
 from icd.train.checkpoint import CheckpointError

@@ -11,8 +11,9 @@ from icd.cli.world import check_out_folder
 from icd.editing.controllers import P2PControls
 from icd.editing.edit import EditControls
 from icd.imageio import save_image
+from icd.methods import DEFAULT_GUIDANCE
 from icd.metrics import psnr
-from icd.pipeline import DEFAULT_GUIDANCE, Pipeline
+from icd.pipeline import Pipeline
 from icd.plotting import captioned_grid
 
 DEMO_FILES = ("demo.png", "case/source.png", "case/target.png")

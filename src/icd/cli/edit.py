@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,39 +22,21 @@ from icd.cli.common import (
 from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion
-from icd.editing.ip2p import METHOD as IP2P
-from icd.editing.ip2p import IP2PControls, instruction_of
-from icd.editing.sdedit import METHODS as SDEDIT_METHODS
-from icd.editing.tokens import is_word_swap
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
 from icd.io import folder_problem, output_problem, pair_paths, shown
-from icd.pipeline import DEFAULT_DDIM_RULE, DEFAULT_GUIDANCE, DEFAULT_STRENGTH, Pipeline
+from icd.methods import DEFAULT_DDIM_RULE, DEFAULT_GUIDANCE, REGISTRY, Method
+from icd.methods.sdedit import DEFAULT_STRENGTH, check_strength
+from icd.pipeline import Pipeline
 from icd.plotting import captioned_grid
-from icd.samplers import check_strength
+from icd.requests import AttentionRequest, edit_controls, parse_reweight, refine_notice, run_edit
 
 
-def _parse_reweight(items: list[str] | None) -> dict[str, float]:
-    out = {}
-    for item in items or []:
-        word, sep, value = item.partition("=")
-        try:
-            out[word.strip().lower()] = float(value)
-        except ValueError:
-            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}") from None
-        if not sep or not word.strip():
-            raise CLIError(f"--reweight expects WORD=FACTOR, got {item!r}")
-    return out
-
-
-def _blend_words(words: list[str] | None, source: str, target: str):
-    if not words:
-        return None
-    src_words, tgt_words = source.lower().split(), target.lower().split()
-    words = [w.lower() for w in words]
-    unknown = [w for w in words if w not in src_words and w not in tgt_words]
-    if unknown:
-        raise CLIError(f"blend word(s) {', '.join(unknown)} appear in neither prompt")
-    return tuple(w for w in words if w in src_words), tuple(w for w in words if w in tgt_words)
+def _reweight(args) -> dict[str, float]:
+    """--reweight WORD=F ... (`icd.requests.parse_reweight`)."""
+    try:
+        return parse_reweight(args.reweight, name="--reweight")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _check_args(args) -> None:
@@ -70,11 +51,10 @@ def _check_args(args) -> None:
         raise CLIError("the source or target prompt is empty")
     if args.masactrl and args.swap:
         raise CLIError("--masactrl and --swap are exclusive")
-    _check_sdedit(args)
-    _check_ip2p(args)
+    _check_method_options(args)
     with library_errors():  # the controls' ranges (P2PControls / MasaCtrlControls) before the model loads
         P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
-                    reweight=_parse_reweight(args.reweight), blend_threshold=args.blend_threshold)
+                    reweight=_reweight(args), blend_threshold=args.blend_threshold)
         if args.masactrl:
             MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer)
 
@@ -97,51 +77,55 @@ def _check_save_inversion(args) -> None:
         raise CLIError("--save-inversion would overwrite the --inversion it reads")
 
 
-# attention-control options (dest, default) SDEdit refuses: it decodes the target prompt without attention control
+# attention-control options (dest, default) a method without attention control (SDEdit, IP2P) refuses
 _CONTROL_OPTIONS = (("masactrl", False), ("swap", False), ("blend", None), ("mask", None), ("reweight", None),
                     ("cross_replace", default(P2PControls, "cross_replace")),
                     ("self_replace", default(P2PControls, "self_replace")),
                     ("blend_threshold", default(P2PControls, "blend_threshold")),
                     ("masactrl_start_t", default(MasaCtrlControls, "start_t")),
                     ("masactrl_layer", default(MasaCtrlControls, "start_layer")), ("ddim_rule", DEFAULT_DDIM_RULE))
+_OWN_OPTIONS = ("instruction", "image_guidance")  # options of one method (`Method.options`: IP2P's)
 
 
-def _check_sdedit(args) -> None:
-    """--strength only with an SDEdit method (and in (0, 1]); SDEdit refuses attention-control options."""
-    sdedit = args.method in SDEDIT_METHODS and not args.inversion
+def _check_method_options(args) -> None:
+    """The per-method options, read from the registry: --strength only for a method that takes one (and in
+    (0, 1]); a method's own options (--instruction, --image-guidance) and weights (--ip2p) only for it; a method
+    without attention control refuses those options, one without a dynamic-CFG threshold --tau."""
+    method = REGISTRY.get(args.method, "edit")
     if args.strength is not None:
         if args.inversion:
             raise CLIError("--strength applies when noising the image; a saved --inversion keeps its own strength")
-        if not sdedit:
-            raise CLIError(f"--strength applies to --method {' / '.join(SDEDIT_METHODS)}, not {args.method}")
+        if not method.takes_strength:
+            raise CLIError(f"--strength applies to --method {' / '.join(REGISTRY.names('edit', strength=True))}, "
+                           f"not {args.method}")
         try:
             check_strength(args.strength)
         except ValueError as e:
             raise CLIError(str(e)) from None
-    if sdedit:
-        _refuse_controls(args, args.method)
-
-
-def _check_ip2p(args) -> None:
-    """--instruction and --image-guidance only with --method ip2p, which refuses attention control and --tau."""
-    if args.method != IP2P and not args.inversion:
-        given = [o for o, v in (("--instruction", args.instruction), ("--image-guidance", args.image_guidance),
-                                ("--ip2p", args.ip2p)) if v is not None]
-        if given:
-            raise CLIError(f"{' and '.join(given)} apply to --method ip2p, not {args.method}")
-    elif args.method == IP2P:
-        _refuse_controls(args, IP2P)
-        if args.tau is not None:
-            raise CLIError("--method ip2p takes no --tau (its two guidance scales are constant)")
-        if args.instruction is not None and not args.instruction.strip():
-            raise CLIError("--instruction is empty")
-
-
-def _refuse_controls(args, method: str) -> None:
-    given = [dest for dest, value in _CONTROL_OPTIONS if getattr(args, dest) != value]
+    if args.inversion:
+        return  # the saved inversion's method is known once it is read (`_controls` checks it then)
+    given = [o for o in _OWN_OPTIONS if getattr(args, o) is not None and o not in method.options]
+    owners = [n for o in given for n in REGISTRY.names("edit", option=o)]
+    if args.ip2p is not None and method.weights != "ip2p":
+        given.append("ip2p")
+        owners += [m.name for m in REGISTRY.methods("edit") if m.weights == "ip2p"]
     if given:
-        raise CLIError(f"--method {method} takes no attention control: drop "
-                       f"{', '.join('--' + d.replace('_', '-') for d in given)}")
+        raise CLIError(f"{' and '.join('--' + o.replace('_', '-') for o in given)} apply to --method "
+                       f"{' / '.join(dict.fromkeys(owners))}, not {args.method}")
+    _refuse_for(args, method)
+
+
+def _refuse_for(args, method: Method) -> None:
+    """What `method` cannot take: attention-control options, --tau, an empty --instruction."""
+    if not method.attention_control:
+        given = [dest for dest, value in _CONTROL_OPTIONS if getattr(args, dest) != value]
+        if given:
+            raise CLIError(f"--method {method.name} takes no attention control: drop "
+                           f"{', '.join('--' + d.replace('_', '-') for d in given)}")
+    if not method.takes_tau and args.tau is not None:
+        raise CLIError(f"--method {method.name} takes no --tau (its guidance is constant)")
+    if "instruction" in method.options and args.instruction is not None and not args.instruction.strip():
+        raise CLIError("--instruction is empty")
 
 
 def _user_mask(args, size: tuple[int, int], fit: str):
@@ -156,28 +140,24 @@ def _user_mask(args, size: tuple[int, int], fit: str):
     return mask
 
 
-def _controls(args, mask, method: str) -> EditControls | IP2PControls:
-    """Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap); none for SDEdit; IP2P:
-    its instruction and guidance scales (--guidance is the text code w, s_T = w + 1)."""
-    if method == IP2P:
-        _refuse_controls(args, method)  # a saved IP2P --inversion: its method is known only now
-        return IP2PControls(instruction=args.instruction, image_guidance=args.image_guidance,
-                            text_guidance=None if args.guidance is None else args.guidance + 1.0)
-    if method in SDEDIT_METHODS:
-        _refuse_controls(args, method)  # a saved SDEdit --inversion: its method is known only now
-        return EditControls(guidance=args.guidance, tau=args.tau, p2p=None, masactrl=None)
-    p2p = None
-    if not args.masactrl and not args.swap:
-        if not is_word_swap(args.source, args.target):
-            print("notice: the prompts have different word counts; using P2P refine instead of replace",
-                  file=sys.stderr)
-        p2p = P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
-                          reweight=_parse_reweight(args.reweight),
-                          blend_words=_blend_words(args.blend, args.source, args.target),
-                          blend_threshold=args.blend_threshold, mask=None if mask is None else mask.astype(np.float32))
-    masactrl = MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer) if args.masactrl \
-        else None
-    return EditControls(guidance=args.guidance, tau=args.tau, p2p=p2p, masactrl=masactrl)
+def _controls(args, mask, name: str):
+    """The method's controls (`icd.requests.edit_controls`): Prompt-to-Prompt (default), MasaCtrl (--masactrl) or
+    a plain prompt swap (--swap) where it takes attention control, with its own options (IP2P: the instruction and
+    s_I; --guidance is its text code w, s_T = w + 1)."""
+    method = REGISTRY.get(name, "edit")
+    _refuse_for(args, method)  # a saved --inversion: its method is known only now
+    attention = AttentionRequest(cross_replace=args.cross_replace, self_replace=args.self_replace,
+                                 reweight=_reweight(args), blend=tuple(args.blend or ()),
+                                 blend_threshold=args.blend_threshold,
+                                 mask=None if mask is None else mask.astype(np.float32), masactrl=args.masactrl,
+                                 masactrl_start_t=args.masactrl_start_t, masactrl_layer=args.masactrl_layer,
+                                 swap=args.swap)
+    controls = edit_controls(method, source=args.source, target=args.target, guidance=args.guidance, tau=args.tau,
+                             attention=attention, **{o: getattr(args, o) for o in method.options})
+    notice = refine_notice(args.source, args.target, controls)
+    if notice:
+        print(f"notice: {notice}", file=sys.stderr)
+    return controls
 
 
 def _saved_inversion(args) -> Inversion | None:
@@ -203,23 +183,19 @@ def cmd_edit(args) -> None:
     _check_args(args)
     image = load_image(args.image)
     editor = load_pipeline(args, ip2p=args.ip2p)
-    if args.method == IP2P:
-        with library_errors():  # a missing or incomplete weights folder: one line naming `icd train ip2p`
-            editor.ip2p_model()
+    with library_errors():  # e.g. IP2P's missing or incomplete weights folder: one line naming `icd train ip2p`
+        REGISTRY.get(args.method).prepare(editor)
     model = editor.model
     fitted = fit_to_model(image, model, args.fit)
     image = np.asarray(fitted)[None]
     with library_errors():  # out-of-range controls, a --steps the adapters cannot take
         mask = _user_mask(args, fitted.size, args.fit or model.default_fit)
-        model.counter.reset()
-        t0 = time.perf_counter()
         saved = _saved_inversion(args)
         controls = _controls(args, mask, args.method if saved is None else saved.method)
         with numerics_named(model):
-            inversion = _inversion(editor, args, image, saved)
-            t1 = time.perf_counter()
-            result = editor.edit(inversion, [args.target], controls)
-    t2 = time.perf_counter()
+            run = run_edit(editor, lambda: (_inversion(editor, args, image, saved), saved is not None), [args.target],
+                           controls)
+    result, inversion = run.result, run.inversion
     if args.save_inversion:
         inversion.save(pair_paths(args.save_inversion)[0])
     save_image(result.images[0], args.output)
@@ -228,28 +204,19 @@ def cmd_edit(args) -> None:
                               [f"source: {args.source}", f"reconstruction ({inversion.method})",
                                f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
         save_image(grid, args.grid)
-    sdedit = inversion.method in SDEDIT_METHODS
-    control = "none" if sdedit or inversion.method == IP2P else controls.control
-    report = {"method": inversion.method, "nfe": model.counter.calls, "nfe_invert": model.counter.calls - result.nfe,
-              "nfe_edit": result.nfe, "seconds_invert": round(t1 - t0, 4), "seconds_edit": round(t2 - t1, 4),
-              "seconds": round(t2 - t0, 4), "guidance": editor.guidance_default(inversion.method, "edit")
-              if args.guidance is None else args.guidance, "control": control, "output": str(args.output)}
+    st = result.settings
+    report = run.report() | {"guidance": st.guidance, "output": str(args.output)}
     if args.save_inversion:
         report["inversion"] = str(pair_paths(args.save_inversion)[0])
-    if sdedit:
-        report["strength"] = inversion.settings["strength"]
-    if inversion.method == IP2P:
-        report |= ip2p_report(editor, inversion, args, controls)
+    if st.strength is not None:
+        report["strength"] = st.strength
+    report |= {k: v for k, v in st.extra.items() if k != "control"} | {"steps": st.steps}  # e.g. IP2P's scales
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
           f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
 
 
-def ip2p_report(editor: Pipeline, inversion: Inversion, args, controls: IP2PControls) -> dict:
-    """What an IP2P edit ran with: the instruction, both guidance scales, the steps (--json)."""
-    s_t, s_i = editor.ip2p_model().guidance(controls)
-    return {"instruction": instruction_of(args.source, args.target, controls.instruction), "text_guidance": s_t,
-            "image_guidance": s_i, "steps": inversion.settings["steps"], "guidance": s_t - 1.0}
+_DEFAULT_METHOD = "icd"
 
 
 def add_parser(sub) -> None:
@@ -259,11 +226,9 @@ def add_parser(sub) -> None:
     e.add_argument("image")
     e.add_argument("--source", required=True, help="caption of the image")
     e.add_argument("--target", required=True, help="the edited caption")
-    e.add_argument("--method", default="icd", choices=["icd", "ddim", "npi", "nti", *SDEDIT_METHODS, IP2P],
-                   help="icd: 4+4 consistency models; ddim / npi / nti: baselines on the original UNet; sdedit: "
-                   "SDEdit with the teacher's DDIM steps (original UNet); sdedit-icd: SDEdit through the iCD reverse "
-                   "model's jumps (no inversion, no attention control); ip2p: InstructPix2Pix from an instruction "
-                   "(--ip2p DIR, `icd train ip2p`)")
+    e.add_argument("--method", default=_DEFAULT_METHOD, choices=REGISTRY.names("edit"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.methods("edit")) +
+                   " (sdedit / sdedit-icd: no inversion, no attention control; ip2p: --ip2p DIR, `icd train ip2p`)")
     e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; ip2p: 100; "
                    "others: 50 (sdedit runs the steps below its start)")
     e.add_argument("--strength", type=float, default=None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
@@ -17,9 +16,9 @@ from icd.cli.common import (
     numerics_named,
     seed,
 )
-from icd.imageio import FITS, check_output, load_image, save_image, to_uint8
+from icd.imageio import FITS, check_output, load_image, save_image
+from icd.methods import DEFAULT_GUIDANCE, DEFAULT_RENOISE, REGISTRY
 from icd.metrics import psnr
-from icd.pipeline import DEFAULT_GUIDANCE, DEFAULT_RENOISE
 from icd.plotting import hstack
 
 MAX_IMAGES = 256  # images side by side in one output file
@@ -33,21 +32,19 @@ def cmd_generate(args) -> None:
         raise CLIError(f"--n must lie in 1..{MAX_IMAGES} with --seed + --n - 1 <= 2^64-1, got --n {args.n}")
     pipe = load_pipeline(args)
     with library_errors():  # bad --steps / --renoise for this method and these adapters
-        st = pipe.settings(args.method, "generate", guidance=args.guidance, tau=args.tau, steps=args.steps,
-                           renoise=args.renoise)
+        pipe.settings(args.method, "generate", guidance=args.guidance, tau=args.tau, steps=args.steps,
+                      renoise=args.renoise)
     model = pipe.model_for(args.method)
     model.check_prompts([args.prompt])
-    t0 = time.perf_counter()
-    model.counter.reset()
     with numerics_named(model):
-        images = to_uint8(pipe.generate([args.prompt] * args.n, method=args.method, steps=st.steps,
-                                        guidance=st.guidance, tau=st.tau, renoise=st.renoise, seed=args.seed))
-    seconds = time.perf_counter() - t0
-    save_image(hstack(list(images)), args.output)
+        result = pipe.generate([args.prompt] * args.n, method=args.method, steps=args.steps, guidance=args.guidance,
+                               tau=args.tau, renoise=args.renoise, seed=args.seed)
+    save_image(hstack(list(result.uint8())), args.output)
+    st = result.settings
     report = {"prompt": args.prompt, "method": args.method, "n": args.n, "steps": st.steps, "guidance": st.guidance,
-              "tau": st.tau, "renoise": st.renoise, "nfe": model.counter.calls,
-              "seconds": round(seconds, 3), "output": str(args.output)}
-    summary = f"wrote {args.output} ({args.method}, {model.counter.calls} UNet calls, {seconds:.2f} s)"
+              "tau": st.tau, "renoise": st.renoise, "nfe": result.nfe, "seconds": round(result.seconds, 3),
+              "output": str(args.output), "settings": st.as_dict()}
+    summary = f"wrote {args.output} ({args.method}, {result.nfe} UNet calls, {result.seconds:.2f} s)"
     print(json.dumps(report) if args.json else summary)
 
 
@@ -71,7 +68,8 @@ def cmd_invert(args) -> None:
     report = {"method": args.method, "steps": r.settings.steps, "guidance": r.settings.guidance,
               "tau": r.settings.tau, "nfe": r.nfe_invert + r.nfe_decode, "seconds_invert": round(r.seconds_invert, 4),
               "seconds_decode": round(r.seconds_decode, 4), "seconds": round(seconds, 4),
-              "psnr": round(float(psnr(source, r.images)[0]), 3), "image": str(args.image), "output": str(args.output)}
+              "psnr": round(float(psnr(source, r.images)[0]), 3), "image": str(args.image), "output": str(args.output),
+              "nfe_invert": r.nfe_invert, "nfe_decode": r.nfe_decode, "settings": r.settings.as_dict()}
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: PSNR {report['psnr']:.2f} dB, {report['nfe']} UNet calls, {report['seconds']:.2f} s")
 
@@ -80,10 +78,10 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="text-to-image: 4-step iCD (default) or DDIM with classifier-free guidance")
     g.add_argument("prompt")
     g.add_argument("--seed", type=seed, default=0)
-    g.add_argument("--method", default="icd", choices=["icd", "ddim"],
-                   help="icd: the reverse consistency model (one UNet call per segment); ddim: the teacher")
+    g.add_argument("--method", default="icd", choices=REGISTRY.names("generate"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.methods("generate")))
     g.add_argument("--steps", type=int, default=None,
-                   help="icd: must equal the adapters' segment count (default); ddim: DDIM steps (default 50)")
+                   help="icd: must equal the adapters' segment count (default); ddim / gddim: DDIM steps (default 50)")
     g.add_argument("--guidance", type=float, default=None,
                    help="guidance code w = CFG scale - 1 (0: unguided; default "
                    f"{DEFAULT_GUIDANCE['generate']:g}, the best on the embedded model; SD 1.5 / SDXL: 7)")
@@ -100,8 +98,8 @@ def add_parser(sub) -> None:
     i = sub.add_parser("invert", help="invert an image to noise and reconstruct it")
     i.add_argument("image")
     i.add_argument("--prompt", required=True, help="caption of the image (the source prompt)")
-    i.add_argument("--method", default="icd", choices=["icd", "ddim"],
-                   help="icd: forward then reverse consistency model (4+4 UNet calls); ddim: DDIM inversion")
+    i.add_argument("--method", default="icd", choices=REGISTRY.names("reconstruct"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.methods("reconstruct")))
     i.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
     i.add_argument("--seed", type=seed, default=0, help="icd: seed of the noise that takes the image to t = 19")

@@ -4,7 +4,6 @@ controls and a generation size, each refused with a one-line TypeError / ValueEr
 
 from __future__ import annotations
 
-from icd.editing import ip2p, sdedit
 from icd.editing.controllers import P2PControls
 from icd.editing.edit import EditControls, flatten_targets
 from icd.editing.inversion import Inversion, InversionError, check_model_record
@@ -20,16 +19,15 @@ def check_inversion_type(inversion) -> Inversion:
     return inversion
 
 
-def check_edit_arguments(inversion, target_prompts, controls) -> list[str | list[str]]:
+def check_edit_arguments(inversion, target_prompts, controls, *, controls_type: type = EditControls
+                         ) -> list[str | list[str]]:
     """The checked target prompts of an edit of `inversion` with `controls` (`icd.inputs.as_targets`): controls
-    are None, `EditControls` (`ip2p.IP2PControls` for IP2P), and P2P blend words fit the targets
-    (`icd.inputs.check_blend_words`)."""
+    are None or a `controls_type` (the method's: `EditControls`, IP2P's `IP2PControls`), and P2P blend words fit the
+    targets (`icd.inputs.check_blend_words`)."""
     check_inversion_type(inversion)
     targets = as_targets(target_prompts)
-    method = inversion.method
-    wanted = ip2p.IP2PControls if method == ip2p.METHOD else EditControls
-    if controls is not None and not isinstance(controls, wanted):
-        raise TypeError(f"controls for method {method} must be {wanted.__name__} or None, got "
+    if controls is not None and not isinstance(controls, controls_type):
+        raise TypeError(f"controls for method {inversion.method} must be {controls_type.__name__} or None, got "
                         f"{type(controls).__name__}")
     p2p = getattr(controls, "p2p", None)
     if isinstance(p2p, P2PControls):
@@ -38,11 +36,11 @@ def check_edit_arguments(inversion, target_prompts, controls) -> list[str | list
     return targets
 
 
-def check_fits(inversion: Inversion, model: LatentDiffusion, *, kind: str, record: dict) -> None:
-    """ValueError unless `inversion` fits `model`, which serves its method (`kind`: how the method inverts): the
-    model that made it (`check_model_record` against `record`; an inversion saved before records existed has none
-    and skips this), this model's latent shape and, for iCD, these adapters' encoding times (a saved inversion
-    from another model or adapters would decode to garbage)."""
+def check_fits(inversion: Inversion, model: LatentDiffusion, *, record: dict) -> None:
+    """ValueError unless `inversion` fits `model`, which serves its method: the model that made it
+    (`check_model_record` against `record`; an inversion saved before records existed has none and skips this), this
+    model's latent shape, one latent per time. What else a method's record must satisfy its method checks
+    (`icd.methods.Method.check_inversion`: iCD's encoding times, SDEdit's start time, IP2P's layout)."""
     check_model_record(inversion, record)
     latent = model.latent_shape()
     shape = tuple(inversion.noise.shape[1:])
@@ -51,13 +49,6 @@ def check_fits(inversion: Inversion, model: LatentDiffusion, *, kind: str, recor
     if shape != latent:
         raise InversionError(f"this inversion's latents are {tuple(inversion.noise.shape[1:])}, the model's "
                              f"{latent}: it was made with another model ({inversion.settings.get('model', '?')})")
-    if kind == "sdedit":
-        sdedit.decode_timesteps(model, inversion)
-    elif kind == "ip2p":
-        ip2p.check_record(inversion, model)
-    elif kind == "icd" and list(inversion.timesteps) != model.icd.boundaries.forward_schedule():
-        raise ValueError(f"this inversion's times {list(inversion.timesteps)} are not these adapters' "
-                         f"{model.icd.boundaries.forward_schedule()}: invert again with them")
     if len(inversion.latents) != len(inversion.timesteps):
         raise ValueError("this inversion is malformed: one latent per timestep expected")
 

@@ -2,8 +2,8 @@
 branches, with an attention controller (docs/method.md §8.2, docs/baselines.md §3-6).
 
 The loop does not know which method runs: the `EpsFn` it is handed carries the adapter, the per-row guidance codes,
-dynamic CFG and, for the two-pass baselines, the unconditional rows (`icd.pipeline` builds it). With `swap_tau`,
-target rows read their source prompt while t / 1000 > swap_tau (prompt swap, docs/method.md §8.3).
+dynamic CFG and, for the two-pass baselines, the unconditional rows (its method builds it: `icd.methods`). With
+`swap_tau`, target rows read their source prompt while t / 1000 > swap_tau (prompt swap, docs/method.md §8.3).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from icd.editing.attention import AttentionLayers, controlled
 from icd.editing.controllers import Controller, MasaCtrl, MasaCtrlControls, P2PControls, PromptToPrompt
-from icd.editing.inversion import Inversion
 from icd.models.base import Cond, EpsFn, LatentDiffusion
 from icd.samplers import ddim_loop
 
@@ -97,23 +96,6 @@ def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond
         return eps(x, t, swapped if swap_tau is not None and t / 1000.0 > swap_tau else c)
 
     with controlled(model.unet, controller, layers):
-        z0, _ = ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=model.schedule,
-                          callback=lambda i, t0, t1, x: controller.on_latents(x))
-    return z0
+        return ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=model.schedule,
+                         callback=lambda i, t0, t1, x: controller.on_latents(x)).final
 
-
-def baseline_uncond(model: LatentDiffusion, method: str, inversion: Inversion, cond_src: Cond, *,
-                    source_of: torch.Tensor):
-    """The unconditional rows of a two-pass baseline's edit: None (the empty prompt: ddim), the source prompt (npi),
-    or null-text inversion's per-step token embeddings (nti, a function of the timestep; SDXL's pooled embedding
-    stays the empty prompt's)."""
-    rows = torch.cat([torch.arange(len(cond_src)), source_of])
-    if method == "npi":
-        return cond_src.index(rows)
-    if method == "nti":
-        if inversion.null_embeddings is None:
-            raise ValueError("this inversion has no null-text embeddings (invert with method='nti')")
-        steps = list(reversed(inversion.timesteps))
-        empty = model.empty_cond(len(rows))
-        return lambda t: replace(empty, tokens=inversion.null_embeddings[steps.index(t)][rows])
-    return None

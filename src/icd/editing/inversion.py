@@ -40,6 +40,8 @@ class Inversion:
     null_embeddings: list[torch.Tensor] | None = None
     settings: dict = field(default_factory=dict)  # e.g. model, guidance of NTI, the encoding noise seed
     model_record: dict | None = None  # `model_record` of the model that made it (None: made before it existed)
+    run: object = field(default=None, repr=False, compare=False)  # `icd.methods.InversionRun` of the call that made
+    # it (resolved settings, UNet calls, seconds; None for a loaded one: not saved)
 
     @property
     def noise(self) -> torch.Tensor:

@@ -29,7 +29,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from icd.editing.checks import check_ranges
 from icd.editing.edit import flatten_targets
 from icd.editing.instructions import KINDS, edit_of, instruction
 from icd.editing.inversion import Inversion
@@ -39,6 +38,7 @@ from icd.io import read_json, write_text_atomic
 from icd.models.base import Cond, LatentDiffusion, NFECounter, PromptError, unknown_words_message
 from icd.models.tiny import build_tokenizer
 from icd.samplers import StopFn, ddim_loop, generation_timesteps, initial_noise, stoppable
+from icd.schedule import check_steps
 
 METHOD = "ip2p"
 SUBFOLDER = "ip2p"  # default place of the weights: <model>/ip2p
@@ -213,13 +213,13 @@ class IP2PModel:
             return two_way_cfg(uncond, image_only, full, image_scale=image_guidance, text_scale=text_guidance)
 
         return ddim_loop(stoppable(eps, should_stop), noise, Cond(tokens=text), generation_timesteps(steps),
-                         schedule=schedule)[0]
+                         schedule=schedule).final
 
 
 # ---------------------------------------------------------------------------------------------- the method
 def encode(model: LatentDiffusion, z0: torch.Tensor, prompts: Sequence[str], *, steps: int, seed: int) -> Inversion:
     """IP2P's record (0 UNet calls): the source latents and the seeded noise the sampler starts from at t = 999."""
-    check_ranges(guidance=None, tau=None, steps=steps, max_steps=model.schedule.num_timesteps)
+    check_steps(steps, model.schedule.num_timesteps)
     noise = initial_noise(z0.shape[1:], [seed] * z0.shape[0], z0.device)
     return Inversion(latents=[z0, noise], timesteps=[0, model.schedule.num_timesteps - 1], prompts=list(prompts),
                      method=METHOD, settings={"seed": seed, "steps": steps, "model": model.name})
@@ -232,7 +232,7 @@ def check_record(inversion: Inversion, model: LatentDiffusion) -> int:
             or list(inversion.timesteps) != [0, model.schedule.num_timesteps - 1]):
         raise ValueError("this IP2P record is malformed: [source latent, noise] at [0, T - 1] and a step count "
                          "expected")
-    check_ranges(guidance=None, tau=None, steps=steps, max_steps=model.schedule.num_timesteps)
+    check_steps(steps, model.schedule.num_timesteps)
     return steps
 
 

@@ -65,7 +65,7 @@ def validate_guidance(student: LatentDiffusion, teacher: LatentDiffusion, *, ima
     texts = _prompts(captions, prompts)
     start = initial_noise(z0.shape[1:], range(SEED, SEED + len(texts)), z0.device).to(student.dtype)
     x = ddim_loop(student.eps_fn(guidance=max(w_set)), start, student.encode_prompt(texts),
-                  generation_timesteps(SAMPLE_STEPS), schedule=student.schedule)[0]
+                  generation_timesteps(SAMPLE_STEPS), schedule=student.schedule).final
     samples = to_uint8(student.decode_latents(x))
     save_image(grid([images, samples] if len(texts) == len(images) else [samples]),
                out / "validation" / f"step-{step:06d}.png")

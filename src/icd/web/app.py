@@ -7,9 +7,11 @@ import math
 import threading
 from importlib import resources
 
+from icd.methods import REGISTRY
+from icd.requests import parse_reweight
 from icd.samplers import Cancelled
 from icd.solver import NumericsError
-from icd.web.engine import WEB_METHODS, EditRequest, Engine, FieldError, parse_reweight, public_message
+from icd.web.engine import EditRequest, Engine, FieldError, public_message, web_methods
 from icd.web.examples import examples
 from icd.web.uploads import Limits, UploadError, check_size, decode_upload
 
@@ -119,7 +121,9 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
     @app.get("/api/config")
     def config():
-        return {"methods": list(WEB_METHODS), "fits": list(engine.fits), "image_size": engine.image_size,
+        methods = web_methods()
+        return {"methods": methods, "summaries": {m: REGISTRY.get(m).summary for m in methods},
+                "fits": list(engine.fits), "image_size": engine.image_size,
                 "max_mb": limits.max_mb, "max_side": limits.max_side,
                 "vocabulary": list(engine.pipe.model.vocabulary or [])}
 

@@ -21,15 +21,14 @@ from dataclasses import field as dataclass_field
 import numpy as np
 from PIL import Image
 
-from icd.editing.controllers import MasaCtrlControls, P2PControls
 from icd.editing.edit import EditControls
-from icd.editing.tokens import is_word_swap
 from icd.editing.tokens import words as prompt_words
 from icd.imageio import FITS, fit_image
+from icd.methods import REGISTRY
 from icd.pipeline import Pipeline
+from icd.requests import AttentionRequest, edit_controls, refine_notice, run_edit
 from icd.samplers import Cancelled, StopFn
 
-WEB_METHODS = ("icd", "ddim", "npi", "nti")
 CACHE_SIZE = 8
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 LOCK_POLL_S = 0.05  # a queued request looks this often whether its client has left
@@ -92,20 +91,6 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def parse_reweight(text: str) -> dict[str, float]:
-    """'red=2, star=0.5' -> {'red': 2.0, 'star': 0.5}; ValueError with the bad item."""
-    out = {}
-    for item in text.replace(",", " ").split():
-        word, sep, value = item.partition("=")
-        try:
-            if not sep or not word:
-                raise ValueError
-            out[word.lower()] = float(value)
-        except ValueError:
-            raise ValueError(f"reweight expects WORD=FACTOR items, got {item!r}") from None
-    return out
-
-
 def _named(message: str, fields: tuple[str, ...]) -> str:
     """The first of `fields` that `message` names (its first one if none)."""
     found = [(min(i for i in (message.find(f), message.find(f.replace("_", " "))) if i >= 0), f)
@@ -113,16 +98,11 @@ def _named(message: str, fields: tuple[str, ...]) -> str:
     return min(found)[1] if found else fields[0]
 
 
-def blend_words(words: tuple[str, ...], source: str, target: str):
-    """Blend words split into (source words, target words); ValueError for a word in neither prompt."""
-    if not words:
-        return None
-    src, tgt = source.lower().split(), target.lower().split()
-    words = tuple(w.lower() for w in words)
-    unknown = [w for w in words if w not in src and w not in tgt]
-    if unknown:
-        raise ValueError(f"blend word(s) {', '.join(unknown)} appear in neither prompt")
-    return tuple(w for w in words if w in src), tuple(w for w in words if w in tgt)
+def web_methods() -> list[str]:
+    """The page's method menu, read from the registry: the editing methods that take its controls (attention
+    control, guidance and tau; none of their own, no strength)."""
+    return [m.name for m in REGISTRY.methods("edit")
+            if m.attention_control and m.takes_tau and not m.options and not m.takes_strength]
 
 
 class Engine:
@@ -155,11 +135,10 @@ class Engine:
         return state
 
     def _controls(self, req: EditRequest) -> EditControls:
-        if req.masactrl:
-            return EditControls(guidance=req.guidance, tau=req.tau, p2p=None, masactrl=MasaCtrlControls())
-        p2p = P2PControls(cross_replace=req.cross_replace, self_replace=req.self_replace, reweight=req.reweight,
-                          blend_words=blend_words(req.blend, req.source, req.target))
-        return EditControls(guidance=req.guidance, tau=req.tau, p2p=p2p)
+        attention = AttentionRequest(cross_replace=req.cross_replace, self_replace=req.self_replace,
+                                     reweight=req.reweight, blend=req.blend, masactrl=req.masactrl)
+        return edit_controls(REGISTRY.get(req.method, "edit"), source=req.source, target=req.target,
+                             guidance=req.guidance, tau=req.tau, attention=attention)
 
     def _check(self, req: EditRequest) -> EditControls:
         """Every mistake the user can fix, before any model call: a `FieldError` naming the form field."""
@@ -168,8 +147,8 @@ class Engine:
                 raise FieldError(name, f"the {name} prompt is empty")
             with field(name):  # unknown words, with the closest known ones
                 self.pipe.model.check_prompts([getattr(req, name)])
-        if req.method not in WEB_METHODS:
-            raise FieldError("method", f"unknown method {req.method[:40]!r}; choose from {', '.join(WEB_METHODS)}")
+        if req.method not in web_methods():
+            raise FieldError("method", f"unknown method {req.method[:40]!r}; choose from {', '.join(web_methods())}")
         if req.fit not in self.fits:
             raise FieldError("fit", f"unknown fit {req.fit[:40]!r}; choose from {', '.join(self.fits)}")
         if not 0 <= req.seed <= MAX_SEED:
@@ -188,7 +167,7 @@ class Engine:
 
     def _inversion(self, image: np.ndarray, req: EditRequest, should_stop: StopFn | None = None):
         key = (hashlib.sha256(image.tobytes()).hexdigest(), image.shape, req.source, req.method, req.steps,
-               req.seed if req.method == "icd" else None, req.guidance if req.method == "nti" else None)
+               *REGISTRY.get(req.method).inversion_key(seed=req.seed, guidance=req.guidance))
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key], True
@@ -225,22 +204,15 @@ class Engine:
             image = np.asarray(fit_image(req.image, self.image_size, req.fit, multiple=model.size_multiple or 8))
         self._acquire(should_stop)
         try:
-            counter = self.pipe.model.counter
             self._state = {"busy": True, "stage": "inverting", "method": req.method, "t0": time.perf_counter(),
-                           "calls0": counter.calls}
-            c0, t0 = counter.calls, time.perf_counter()
-            inversion, cached = self._inversion(image, req, should_stop)
-            c1, t1 = counter.calls, time.perf_counter()
-            self._state["stage"] = "editing"
-            result = self.pipe.edit(inversion, [req.target], controls, should_stop=should_stop)
-            t2 = time.perf_counter()
+                           "calls0": self.pipe.model.counter.calls}
+            run = run_edit(self.pipe, lambda: self._inversion(image, req, should_stop), [req.target], controls,
+                           should_stop=should_stop, on_stage=lambda stage: self._state.update(stage=stage))
         finally:
             self._state = {"busy": False}
             self.lock.release()
-        notice = None
-        if controls.p2p is not None and not is_word_swap(req.source, req.target):
-            notice = "the prompts have different word counts: P2P refine instead of replace"
+        result = run.result
         return {"source": png_data_url(image), "reconstruction": png_data_url(result.reconstructions[0]),
-                "edit": png_data_url(result.images[0]), "method": req.method, "control": controls.control,
-                "cached": cached, "nfe_invert": c1 - c0, "nfe_edit": result.nfe, "nfe": c1 - c0 + result.nfe,
-                "seconds_invert": round(t1 - t0, 3), "seconds_edit": round(t2 - t1, 3), "notice": notice}
+                "edit": png_data_url(result.images[0]), **run.report(digits=3), "method": req.method,
+                "control": controls.control, "cached": run.cached,
+                "notice": refine_notice(req.source, req.target, controls)}

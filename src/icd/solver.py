@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from icd.schedule import NoiseSchedule, _bcast
+from icd.schedule import NoiseSchedule, _bcast, _flow_sigma
 
 
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
@@ -66,3 +66,20 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tenso
 
 class NumericsError(FloatingPointError):
     """NaN or Inf appeared in the latents; the message names the step."""
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, s_from: torch.Tensor | float, s_to: torch.Tensor | float
+               ) -> torch.Tensor:
+    """One Euler step of the rectified-flow ODE dx/ds = v (docs/flow.md §1; Liu et al. 2022; diffusers'
+    ``FlowMatchEulerDiscreteScheduler.step``): x_{s'} = x_s + (s' - s) v, either direction.
+
+    This is exactly the DDIM jump of the flow path: with x0_hat = x - s v and eps_hat = x + (1 - s) v,
+    (1 - s') x0_hat + s' eps_hat = x + (s' - s) v, i.e. ``ddim_jump(x, eps_hat, s, s', schedule=FlowSchedule())``.
+    The velocity form never divides by 1 - s, so it also holds at s = 1 (pure noise). It is the iCD consistency
+    function of a velocity model: c_skip = 1, c_out = s' - s, the identity at s' = s. Computed in fp32 (at least),
+    returned in x's dtype; `s_from` / `s_to` are floats or per-sample [B] tensors.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dtype)
+    ds = _flow_sigma(s_to) - _flow_sigma(s_from)
+    return (xf + _bcast(ds, xf) * v.to(dtype)).to(x.dtype)

@@ -14,7 +14,14 @@ Editing rows, in this order (the order of importance, for ``--max-minutes``). Im
 model's size, the edit recolours one object (P2P word swap), each image decoded as [source, target] in one batch
 (batch 8: 16 rows); every row states seconds (invert, edit, total, per image), UNet calls, peak GPU memory, card:
 
-- ``icd`` 4+4 at batch 1 and 8: ``--warmups`` untimed runs, then the mean of ``--repeats`` runs;
+- ``icd`` 4+4 at batch 1 and 8: ``--warmups`` untimed runs, then ``--repeats`` (default 5) timed runs: the median
+  (``total_s``, ``invert_s``, ``edit_s``) and the min (``*_min``) of each, and per stage (``stages``: text, VAE
+  encode, invert, decode, VAE decode, uint8 -- the time after the VAE decode until the edit returns -- each median
+  and min; stage edges are timed with a device sync, a handful per edit);
+- ``floor`` at each icd batch, in the same run and mode (``floor_ratio``: the edit over it): the bare network calls
+  an edit cannot avoid -- a plain diffusers UNet of the iCD UNet's config (default SDPA processors, no adapters),
+  ``segments`` calls at batch B (invert) and ``segments`` at 2B (decode), one text-encoder call at 2B, the VAE
+  encode at B and decode at 2B, and the uint8 conversion on the device; inputs built before the clock starts;
 - ``ddim`` / ``npi`` ``--steps``+``--steps`` (default 50+50, two-pass CFG), batch 1, ``--baseline-repeats`` runs;
 - ``nti``: DDIM inversion, then null-text optimisation (per step up to 10 Adam steps with the NTI paper's early stop,
   `icd.editing.nulltext`), batch 1, one run. The library does not expose the inner-step count, so the row counts
@@ -24,6 +31,12 @@ model's size, the edit recolours one object (P2P word swap), each image decoded 
 A baseline's warm-up is a ``--warmup-steps`` run (same batch shapes and code paths, so kernels, lazy initialisation
 and the allocator warm up the same; a 50+50 warm-up would double its cost). ``ratios``: seconds (total_s, batch 1)
 of one method over another's, same card, same run (``icd/ddim50`` < 1, ``nti/icd`` > 1).
+
+Every icd and floor row also counts the ATen operators of one untimed run (``aten_ops``, a dispatch-mode counter:
+host work an eager call pays per operator) and records the 1-minute load average before and after it
+(``loadavg``: the machine may be shared; take ``*_min`` as well as the median, and ``cpu_s``, the process's CPU
+seconds, which waiting for a core does not inflate). Peak memory is reset once per row,
+before its warm-ups: the allocator is never emptied between timed runs.
 
 ``--channels-last`` / ``--compile MODE`` then add ``icd`` rows on the same models (in place; compile on top of
 channels-last when both are given), each with ``speedup_vs_plain`` and the largest pixel difference of its edit
@@ -37,6 +50,8 @@ while timed (0: no compilation was timed). Training rows (SD 1.5 only) come last
     python benchmarks/sd_shaped_timing.py --family sdxl --device cuda --skip train --out sdxl.json
     python benchmarks/sd_shaped_timing.py --device cpu --family sd15 --scale 10 --image-size 64 --repeats 1 \\
         --steps 2 --warmups 0 --skip train --out t.json                                                   # CPU smoke
+    OMP_NUM_THREADS=1 python benchmarks/sd_shaped_timing.py --device cpu --family sd15 --scale 10 \\
+        --image-size 64 --repeats 7 --skip b8,ddim,npi,nti,train --out proxy.json       # issue 36's CPU proxy
     python benchmarks/sd_shaped_timing.py --device cpu --family sdxl --tiny --image-size 64 --repeats 1 --steps 2 \\
         --warmups 0 --out t.json
 """
@@ -44,10 +59,13 @@ while timed (0: no compilation was timed). Training rows (SD 1.5 only) come last
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import inspect
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +81,7 @@ from icd.bench.runtime import describe_device, sync
 from icd.boundaries import Boundaries
 from icd.editing.edit import EditControls
 from icd.editing.nulltext import null_text_optimize
+from icd.guidance import guidance_embedding
 from icd.io import write_text_atomic
 from icd.models import lora, sd15, sdxl
 from icd.models.base import Cond, ICDSpec
@@ -182,7 +201,7 @@ def set_memory_format(model, fmt: torch.memory_format) -> None:
     if fused is not None:
         for name, ws in fused.weights.items():
             fused.weights[name] = [w.contiguous(memory_format=fmt) if w.ndim == 4 else w for w in ws]
-        fused.activate(fused.active)
+        fused.refresh() if hasattr(fused, "refresh") else fused.activate(fused.active)
 
 
 def compiled_graphs() -> int:
@@ -215,37 +234,220 @@ def edit_inputs(image_size: int, batch: int) -> tuple[np.ndarray, list[str], lis
     return np.stack([world.render(s, image_size) for s in scenes]), [s.caption for s in scenes], targets
 
 
-def run_once(pipe: Pipeline, inputs, method: str, steps: int | None, device: torch.device) -> dict:
+STAGES = ("text", "vae_encode", "invert", "decode", "vae_decode", "uint8")
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen operators dispatched while active (every op an eager call pays host time for)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+class StageClock:
+    """Times the model-level stages of an edit (text encoding, VAE encode, VAE decode) by wrapping those methods on
+    the model instances, each edge with a device sync; the other stages are what remains of invert / edit."""
+
+    WRAPPED = {"encode_prompt": "text", "encode_images": "vae_encode", "decode_latents": "vae_decode"}
+
+    def __init__(self, models, device: torch.device):
+        self.device, self.events, self.models = device, [], list({id(m): m for m in models}.values())
+
+    def __enter__(self):
+        for m in self.models:
+            for method, stage in self.WRAPPED.items():
+                setattr(m, method, self._timed(getattr(m, method), stage))
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.models:
+            for method in self.WRAPPED:
+                m.__dict__.pop(method, None)
+
+    def _timed(self, fn, stage):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.events.append((stage, t0, time.perf_counter()))
+            return out
+
+        return timed
+
+    def stages(self, t0: float, t1: float, t2: float) -> dict[str, float]:
+        """Seconds per stage of one run: invert from t0 to t1, edit from t1 to t2."""
+        def within(stage, a, b):
+            return [(s, e) for name, s, e in self.events if name == stage and a <= s and e <= b]
+
+        text_inv, text_edit = (sum(e - s for s, e in within("text", a, b)) for a, b in ((t0, t1), (t1, t2)))
+        enc, dec = within("vae_encode", t0, t1), within("vae_decode", t1, t2)
+        dec_start, dec_end = (dec[0][0], dec[-1][1]) if dec else (t2, t2)
+        return {"text": text_inv + text_edit, "vae_encode": sum(e - s for s, e in enc),
+                "invert": (t1 - t0) - text_inv - sum(e - s for s, e in enc),
+                "decode": (dec_start - t1) - text_edit, "vae_decode": sum(e - s for s, e in dec),
+                "uint8": t2 - dec_end}
+
+
+def run_once(pipe: Pipeline, inputs, method: str, steps: int | None, device: torch.device,
+             counter: OpCounter | None = None) -> dict:
     images, sources, targets = inputs
-    counter = pipe.model_for(method).counter
+    model = pipe.model_for(method)
+    calls0 = model.counter.calls
+    with StageClock([pipe.model, model], device) as clock, (counter or contextlib.nullcontext()):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        inv = pipe.invert(images, sources, method=method, steps=steps)
+        sync(device)
+        t1 = time.perf_counter()
+        calls1 = model.counter.calls
+        result = pipe.edit(inv, targets, EditControls())
+        sync(device)
+        t2, c2 = time.perf_counter(), time.process_time()
+    return {"invert_s": t1 - t0, "edit_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0, "nfe_invert": calls1 - calls0,
+            "nfe_edit": result.nfe, "images": result.images, "stages": clock.stages(t0, t1, t2)}
+
+
+class Floor:
+    """The bare calls an iCD edit of `batch` images cannot avoid (see the module docstring), on a plain diffusers
+    UNet of the iCD UNet's config and the pipeline's own text encoder and VAE; every input built on the device once."""
+
+    def __init__(self, pipe: Pipeline, batch: int, image_size: int, device: torch.device, unet=None):
+        from diffusers import UNet2DConditionModel
+
+        model = pipe.icd_model
+        self.model, self.device, self.unet = model, device, unet
+        if unet is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.unet = UNet2DConditionModel(**model.unet.config).to(device=device, dtype=model.dtype).eval()
+            self.unet.requires_grad_(False)
+        b = model.icd.boundaries
+        self.t_inv = [torch.full((batch,), int(t), device=device) for t in b.forward_schedule()[:-1]]
+        self.t_dec = [torch.full((2 * batch,), int(t), device=device) for t in b.reverse_schedule()[:-1]]
+        c, h, w = model.latent_shape(image_size, image_size)
+        gen = torch.Generator().manual_seed(0)
+        self.x1 = torch.randn(batch, c, h, w, generator=gen).to(device, model.dtype)
+        self.x2 = torch.randn(2 * batch, c, h, w, generator=gen).to(device, model.dtype)
+        self.image = (torch.rand(batch, 3, image_size, image_size, generator=gen) * 2 - 1).to(device, model.vae.dtype)
+        _, sources, targets = edit_inputs(image_size, batch)
+        self.ids = model.token_ids(model.tokenizer, [*sources, *targets])
+        tokens = model.encode_prompt([*sources, *targets]).tokens
+        self.tok1, self.tok2 = tokens[:batch].contiguous(), tokens
+        self.kwargs1, self.kwargs2 = self._extra(batch, self.tok1), self._extra(2 * batch, self.tok2)
+
+    def _extra(self, n: int, tokens: torch.Tensor) -> dict:
+        """timestep_cond (and SDXL's added_cond_kwargs) for `n` rows, built now."""
+        kw = {}
+        if self.unet.config.time_cond_proj_dim is not None:
+            kw["timestep_cond"] = guidance_embedding(torch.zeros(n), self.unet.config.time_cond_proj_dim).to(
+                self.device, self.model.dtype)
+        if self.unet.config.addition_embed_type == "text_time":
+            from icd.models.base import Cond
+
+            cond = self.model.encode_prompt([""] * n)
+            kw |= self.model.unet_kwargs(Cond(tokens=tokens, pooled=cond.pooled), self.x1 if n == len(self.x1) else
+                                         self.x2)
+        return kw
+
+    @torch.no_grad()
+    def run(self, counter: OpCounter | None = None) -> dict:
+        m, dev, times = self.model, self.device, {}
+        with counter or contextlib.nullcontext():
+            sync(dev)
+            t, c0 = time.perf_counter(), time.process_time()
+
+            def lap(stage):
+                nonlocal t
+                sync(dev)
+                now = time.perf_counter()
+                times[stage] = now - t
+                t = now
+
+            m.text_encoder(self.ids)  # SDXL's second encoder is not in the floor (SD 1.5 proxy)
+            lap("text")
+            self.latent = m.vae.encode(self.image).latent_dist.mean
+            lap("vae_encode")
+            for ts in self.t_inv:
+                self.unet(self.x1, ts, encoder_hidden_states=self.tok1, **self.kwargs1)
+            lap("invert")
+            for ts in self.t_dec:
+                self.unet(self.x2, ts, encoder_hidden_states=self.tok2, **self.kwargs2)
+            lap("decode")
+            img = m.vae.decode(self.x2.to(m.vae.dtype)).sample
+            lap("vae_decode")
+            ((img.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            lap("uint8")
+        cpu, total = time.process_time() - c0, sum(times.values())
+        return {"invert_s": times["text"] / 2 + times["vae_encode"] + times["invert"],
+                "edit_s": times["text"] / 2 + times["decode"] + times["vae_decode"] + times["uint8"],
+                "total_s": total, "cpu_s": cpu, "stages": times}
+
+
+def summarise(row: dict, runs: list[dict]) -> dict:
+    """Median (``total_s``, ...) and min (``total_s_min``, ...) over the timed runs, per stage too."""
+    out = {}
+    for k in ("invert_s", "edit_s", "total_s", "cpu_s"):
+        vals = [r[k] for r in runs]
+        out[k], out[f"{k.removesuffix('_s')}_min_s"] = statistics.median(vals), min(vals)
+    out["total_s_runs"] = [round(r["total_s"], 5) for r in runs]
+    out["stages"] = {st: {"median_s": statistics.median(r["stages"][st] for r in runs),
+                          "min_s": min(r["stages"][st] for r in runs)} for st in STAGES}
+    return row | out
+
+
+def floor_row(floor: Floor, device: torch.device, clock: Clock, *, batch: int, warmups: int, repeats: int,
+              variant: str = "plain") -> dict:
+    name = f"floor b{batch}" + ("" if variant == "plain" else f" [{variant}]")
+    row = {"method": "floor", "variant": variant, "batch": batch, "device": describe_device(device),
+           "loadavg": [loadavg()]}
+    if clock.expired():
+        return row | {"skipped": "--max-minutes reached before this row"}
     reset_peak(device)
-    calls0 = counter.calls
-    sync(device)
-    t0 = time.perf_counter()
-    inv = pipe.invert(images, sources, method=method, steps=steps)
-    sync(device)
-    t1 = time.perf_counter()
-    calls1 = counter.calls
-    result = pipe.edit(inv, targets, EditControls())
-    sync(device)
-    t2 = time.perf_counter()
-    return {"invert_s": t1 - t0, "edit_s": t2 - t1, "total_s": t2 - t0, "nfe_invert": calls1 - calls0,
-            "nfe_edit": result.nfe, "peak_gib": peak_gib(device), "images": result.images}
+    for _ in range(warmups):
+        floor.run()
+    counter = OpCounter()
+    floor.run(counter)
+    runs = []
+    for k in range(repeats):
+        if runs and clock.expired():
+            break
+        runs.append(floor.run())
+        clock.log(f"{name}: run {k + 1}/{repeats} {runs[-1]['total_s']:.4f} s")
+    row["loadavg"].append(loadavg())
+    row = summarise(row, runs)
+    return row | {"per_image_s": row["total_s"] / batch, "runs": len(runs), "aten_ops": counter.ops,
+                  "peak_gib": peak_gib(device)}
 
 
 def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatch | None, *, method: str,
              batch: int, steps: int | None, warmups: int, warmup_steps: int | None, repeats: int,
              variant: str = "plain", image_size: int) -> dict:
-    """One row: `warmups` untimed runs (at `warmup_steps`), then the mean of up to `repeats` timed runs."""
+    """One row: `warmups` untimed runs (at `warmup_steps`), one counted run (icd: its ATen operators), then up to
+    `repeats` timed runs (median and min)."""
     name = f"{method} b{batch}" + ("" if variant == "plain" else f" [{variant}]")
     row = {"method": method, "variant": variant, "batch": batch, "edit_rows": 2 * batch, "control": "p2p",
            "steps": steps if method != "icd" else pipe.icd_model.icd.boundaries.num_segments,
-           "device": describe_device(device)}
+           "device": describe_device(device), "loadavg": [loadavg()]}
     if clock.expired():
         clock.log(f"{name}: skipped (--max-minutes)")
         return row | {"skipped": "--max-minutes reached before this row"}
     inputs = edit_inputs(image_size, batch)
     runs: list[dict] = []
+    reset_peak(device)  # once per row, before the warm-ups: never between timed runs
     try:
         graphs0 = compiled_graphs() if variant != "plain" else 0
         row["warmup_s"] = []
@@ -255,6 +457,10 @@ def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatc
             out = run_once(pipe, inputs, method, warmup_steps, device)
             row["warmup_s"].append(round(out["total_s"], 4))
             clock.log(f"{name}: warm-up {k + 1}/{warmups} ({warmup_steps or 'all'} steps) {out['total_s']:.2f} s")
+        if method == "icd":
+            counter = OpCounter()
+            run_once(pipe, inputs, method, steps, device, counter)
+            row["aten_ops"] = counter.ops
         if "compile" in variant:
             graphs1 = compiled_graphs()
             row["graphs_compiled_in_warmup"] = graphs1 - graphs0
@@ -276,13 +482,24 @@ def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatc
     except Exception as e:  # a row that fails is reported, the others still run
         row |= {"error": describe_error(e), "peak_gib_at_error": peak_gib(device)}
         clock.log(f"{name}: {row['error']}")
+    row["loadavg"].append(loadavg())
     if runs:
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("invert_s", "edit_s", "total_s")}
-        peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
-        row |= mean | {"per_image_s": mean["total_s"] / batch, "runs": len(runs), "nfe_invert": runs[-1]["nfe_invert"],
-                       "nfe_edit": runs[-1]["nfe_edit"], "peak_gib": max(peaks) if peaks else None,
-                       "_images": runs[-1]["images"]}
+        row = summarise(row, runs)
+        row |= {"per_image_s": row["total_s"] / batch, "runs": len(runs), "nfe_invert": runs[-1]["nfe_invert"],
+                "nfe_edit": runs[-1]["nfe_edit"], "peak_gib": peak_gib(device), "_images": runs[-1]["images"]}
     return row
+
+
+def with_floor(rows: list[dict], floor: dict) -> None:
+    """Add `floor` after the icd row of its batch and variant, and that row's ratios to it (``floor_ratio``)."""
+    edit = next((r for r in rows if r["method"] == "icd" and r["batch"] == floor["batch"]
+                 and r["variant"] == floor["variant"]), None)
+    if edit is not None and "total_s" in edit and "total_s" in floor:
+        edit["floor_ratio"] = {"aten_ops": edit.get("aten_ops", 0) / max(floor["aten_ops"], 1),
+                               "median": edit["total_s"] / floor["total_s"],
+                               "min": edit["total_min_s"] / floor["total_min_s"],
+                               "cpu_median": edit["cpu_s"] / floor["cpu_s"]}
+    rows.append(floor)
 
 
 def plain_rows(pipe: Pipeline, args, device: torch.device, clock: Clock, rows: list[dict], save) -> None:
@@ -297,8 +514,23 @@ def plain_rows(pipe: Pipeline, args, device: torch.device, clock: Clock, rows: l
         save(running=f"{method} b{batch}")
         rows.append(edit_row(pipe, device, clock, watch, method=method, batch=batch, steps=steps, warmups=warmups,
                              warmup_steps=wsteps, repeats=repeats, image_size=args.image_size))
+        if method == "icd":  # its floor in the same run and mode, right after it
+            save(running=f"floor b{batch}")
+            with_floor(rows, floor_row(floors(pipe, args, device, batch), device, clock, batch=batch,
+                                       warmups=args.warmups, repeats=args.repeats))
         save()
     watch.handle.remove()
+
+
+_FLOORS: dict[int, Floor] = {}
+
+
+def floors(pipe: Pipeline, args, device: torch.device, batch: int) -> Floor:
+    """The floor of `batch` (one plain UNet shared by every batch)."""
+    if batch not in _FLOORS:
+        unet = next(iter(_FLOORS.values())).unet if _FLOORS else None
+        _FLOORS[batch] = Floor(pipe, batch, args.image_size, device, unet=unet)
+    return _FLOORS[batch]
 
 
 def icd_batches(args) -> list[int]:
@@ -318,10 +550,15 @@ def variant_rows(pipe: Pipeline, variant: str, args, device: torch.device, clock
         save()
         return
     model = pipe.icd_model
+    floor_unet = floors(pipe, args, device, batches[0]).unet if batches else None
     if "channels_last" in variant:
         set_memory_format(model, torch.channels_last)
+        if floor_unet is not None:
+            floor_unet.to(memory_format=torch.channels_last)
     if "compile" in variant:
         compile_unet(model.unet, mode=args.compile, backend=args.compile_backend)
+        if floor_unet is not None:
+            compile_unet(floor_unet, mode=args.compile, backend=args.compile_backend)
     warmups = args.compile_warmups if "compile" in variant else args.warmups
     for b in batches:
         save(running=f"icd b{b} [{variant}]")
@@ -333,12 +570,16 @@ def variant_rows(pipe: Pipeline, variant: str, args, device: torch.device, clock
             diff = np.abs(row["_images"].astype(int) - plain["_images"].astype(int))
             row["max_pixel_diff_vs_plain"] = int(diff.max())  # uint8 levels (0-2: the same computation)
         rows.append(row)
+        save(running=f"floor b{b} [{variant}]")
+        with_floor(rows, floor_row(floors(pipe, args, device, b), device, clock, batch=b, warmups=warmups,
+                                   repeats=args.repeats, variant=variant))
         save()
 
 
 def ratios(rows: list[dict], steps: int) -> dict:
     """Seconds (total_s, batch 1, plain rows) of one method over another's: a / b."""
     t = {r["method"]: r.get("total_s") for r in rows if r["variant"] == "plain" and r["batch"] == 1}
+    t.pop("floor", None)
     names = {"icd": "icd", "ddim": f"ddim{steps}", "npi": f"npi{steps}", "nti": "nti"}
     pairs = [("icd", "ddim"), ("icd", "npi"), ("nti", "icd"), ("ddim", "icd"), ("npi", "icd")]
     return {f"{names[a]}/{names[b]}": (t[a] / t[b] if t.get(a) and t.get(b) else None) for a, b in pairs}
@@ -407,7 +648,7 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true", help="sdxl: the same topology at width 32 (CPU smoke)")
     ap.add_argument("--image-size", type=int, default=None, help="default: the family's native size (512 / 1024)")
     ap.add_argument("--build", default="memory", choices=["memory", "disk"], help="see the module docstring")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per icd row (after --warmups)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per icd / floor row (after --warmups)")
     ap.add_argument("--warmups", type=int, default=1, help="untimed runs before each row (0: a CPU test)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM / NPI / NTI steps (inversion and edit each)")
     ap.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of ddim / npi (nti: always 1)")

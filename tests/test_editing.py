@@ -109,17 +109,22 @@ def test_only_controlled_layers_materialise_attention(editor, monkeypatch):
     model = editor.model
     seen = []
 
-    class Spy(PromptToPrompt):
+    class Spy(PromptToPrompt):  # controlled layers mix rows under SDPA; no probabilities without a local blend
+        def attend(self, query, key, value, *, mask, scale, info, tokens):
+            if self.cross_control(info, tokens) or self.self_injection(info, tokens):
+                seen.append((self.step, info.is_cross))
+            return super().attend(query, key, value, mask=mask, scale=scale, info=info, tokens=tokens)
+
         def attention(self, probs, info, tokens):
-            seen.append((self.step, info.is_cross))
-            return super().attention(probs, info, tokens)
+            raise AssertionError("attention probabilities materialised without a local blend")
 
     case = _case()
     controls = P2PControls(cross_replace=0.3, self_replace=0.6)  # cross on step 0, self on steps 0-1 (4 steps)
     spy = Spy(model.tokenizer, [case.source_prompt], [case.target_prompt], [0], num_steps=4, controls=controls,
               latent_shape=(16, 16))
     inv = editor.invert(case.source[None], [case.source_prompt])
-    monkeypatch.setattr("icd.pipeline.make_controller", lambda *a, **k: spy)
+    target = "icd.methods.base.make_controller"  # where the edit makes its controller
+    monkeypatch.setattr(target, lambda *a, **k: spy)
     editor.edit(inv, [case.target_prompt], EditControls(p2p=controls))
     assert {s for s, cross in seen if cross} == {0} and {s for s, cross in seen if not cross} == {0, 1}
 

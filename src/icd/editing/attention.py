@@ -2,12 +2,19 @@
 
 `controlled(unet, controller)` gives every attention layer a `ControlledAttnProcessor` that knows its place
 (down/mid/up), whether it is cross-attention, and its index among the UNet's transformer blocks in UNet order
-(encoder, middle, decoder; MasaCtrl's "layer L"). At each call the processor asks the controller what it needs:
+(encoder, middle, decoder; MasaCtrl's "layer L"). At each call the processor projects queries, keys and values and
+hands them to the controller's `attend` (`icd.editing.controllers.Controller.attend`), which returns the attention
+output. Every control is fused `scaled_dot_product_attention` (`sdpa`) on mixed rows:
 
-- nothing: fused `scaled_dot_product_attention`, exactly as diffusers' default processor;
-- mutual self-attention (MasaCtrl): the target rows take keys and values from their source rows, still fused;
-- the attention probabilities (P2P replace/refine/reweight, local blend maps): only then are they materialised,
-  handed to the controller, and multiplied with the values.
+- nothing: one call, exactly as diffusers' default processor;
+- mutual self-attention (MasaCtrl): the target rows take keys and values from their source rows;
+- self-attention injection (P2P): the target rows take queries and keys from their source rows (the source's
+  attention map on the target's values);
+- word replacement / refinement / reweighting (P2P): the target's mixed map ``(P_src M + P_tgt diag(keep)) diag(e)``
+  applied to V_tgt is ``P_src (M diag(e) V_tgt) + P_tgt (diag(keep e) V_tgt)``: two calls with mixed values.
+
+Attention probabilities are materialised (`attention_probs`) only where a controller reads maps (P2P's local
+blend, at most 16x16 queries) or asks for them (`Controller.needs_probs`).
 
 The previous processors come back on exit (`AttentionLayers` finds the layers once per UNet). The batch layout is
 the controller's business (`icd.editing.controllers`): rows ``[sources..., targets...]`` with a source row per
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
@@ -46,6 +54,22 @@ def layer_infos(unet) -> dict[str, LayerInfo]:
     ordered = sorted(names, key=lambda n: (PLACES.index(place(n)), names.index(n)))
     blocks = list(dict.fromkeys(block(n) for n in ordered))
     return {n: LayerInfo(n, place(n), ".attn2." in n, blocks.index(block(n))) for n in names}
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask: torch.Tensor | None,
+         scale: float) -> torch.Tensor:
+    """Fused attention on [B, heads, N, d] tensors, as diffusers' default processor calls it."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                          scale=scale)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """The attention probabilities softmax(q k^T scale + mask) [B, heads, N, K] (materialised: only for maps)."""
+    scores = (query @ key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1)
 
 
 class ControlledAttnProcessor:
@@ -81,19 +105,9 @@ class ControlledAttnProcessor:
             return x.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, heads, N, d]
 
         query, key, value = split(query), split(key), split(value)
-        ctrl, info = self.controller, self.info
-        ctrl.layout(batch)
-        if not info.is_cross and ctrl.mutual_self_attention(info, tokens):
-            key, value = ctrl.share_source(key), ctrl.share_source(value)
-        if ctrl.needs_probs(info, tokens):
-            scores = (query @ key.transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = ctrl.attention(scores.softmax(dim=-1), info, tokens).to(value.dtype)
-            out = probs @ value
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False, scale=attn.scale)
+        self.controller.layout(batch)
+        out = self.controller.attend(query, key, value, mask=attention_mask, scale=attn.scale, info=self.info,
+                                     tokens=tokens)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if four_d:

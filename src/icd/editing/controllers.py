@@ -8,6 +8,11 @@ the batch it sees (`Controller.layout`), since a guided step may run one half or
 
 Lifecycle, driven by the sampling loop (never by counting layer calls): ``begin_step(i, t)`` before the UNet call of
 reverse step i at timestep t, the attention hooks during it, ``on_latents(x)`` on the latents after the step.
+
+Attention: `Controller.attend(q, k, v, mask, scale, info, tokens)` returns a layer's output. Every control runs as
+fused SDPA on mixed rows (`icd.editing.attention`); probabilities are materialised only for P2P's local-blend maps
+(at most `BLEND_MAX_TOKENS` queries, no copy) or where a subclass's `needs_probs` asks for them. Row indices live
+on the device, built once per batch layout (`Controller.rows`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from icd.editing import tokens as tok
-from icd.editing.attention import LayerInfo
+from icd.editing.attention import LayerInfo, attention_probs, sdpa
 
 # A reweight factor scales a word's attention probabilities (at most 1) before they weight the values. The P2P
 # reference sweeps x2..x20 to strengthen a word and uses -5 to weaken one; on the embedded model x100 already changes
@@ -39,6 +44,8 @@ class Controller:
         self.num_steps = num_steps
         self.cond_offset = 0  # rows before the controlled block (the unconditional half under CFG); see `layout`
         self.step, self.t = 0, 999
+        self._rows: dict = {}  # (batch, device) -> device index tensors (`rows`)
+        self._consts: dict = {}  # (device, dtype) -> per-target constants on the device (subclasses)
 
     @property
     def num_rows(self) -> int:
@@ -60,6 +67,18 @@ class Controller:
         return x
 
     # -- attention hooks
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask: torch.Tensor | None,
+               scale: float, info: LayerInfo, tokens: int) -> torch.Tensor:
+        """The output [B, heads, N, d] of one attention layer ([B, heads, N | K, d] inputs, `mask` added to the
+        scores). Default: mutual self-attention where asked (keys and values from the source rows), the
+        probabilities through `attention` where `needs_probs` asks, else one fused SDPA call."""
+        if not info.is_cross and self.mutual_self_attention(info, tokens):
+            key, value = self.share_source(key), self.share_source(value)
+        if self.needs_probs(info, tokens):
+            probs = self.attention(attention_probs(query, key, mask, scale), info, tokens)
+            return probs.to(value.dtype) @ value
+        return sdpa(query, key, value, mask=mask, scale=scale)
+
     def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
         return False
 
@@ -78,11 +97,24 @@ class Controller:
     def source_rows(self) -> torch.Tensor:
         return self.cond_offset + self.source_of
 
+    def shared_rows(self, batch: int) -> torch.Tensor:
+        """[batch] row permutation: every target row reads its source row (the conditional half only)."""
+        perm = torch.arange(batch)
+        perm[self.target_rows] = self.source_rows
+        return perm
+
+    def rows(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Index tensors of the current layout on `device`, built once per (batch, device): ``src`` / ``tgt`` (the
+        conditional half's source row of each target and the target rows) and ``shared`` (`shared_rows`)."""
+        key = (batch, self.cond_offset, device)
+        if key not in self._rows:
+            self._rows[key] = {"src": self.source_rows.to(device), "tgt": self.target_rows.to(device),
+                               "shared": self.shared_rows(batch).to(device)}
+        return self._rows[key]
+
     def share_source(self, x: torch.Tensor) -> torch.Tensor:
-        """x with every target row replaced by its source row ([B, ...] tensors)."""
-        x = x.clone()
-        x[self.target_rows] = x[self.source_rows]
-        return x
+        """x with every target row replaced by its source row ([B, ...] tensors; a gather, no copy-then-write)."""
+        return x.index_select(0, self.rows(x.shape[0], x.device)["shared"])
 
 
 @dataclass(frozen=True)
@@ -175,34 +207,84 @@ class PromptToPrompt(Controller):
         self.self_steps = math.floor(controls.self_replace * num_steps)
         self.max_self_tokens = controls.max_self_tokens or (self.latent_shape[0] * self.latent_shape[1]) // 4
 
+    def cross_control(self, info: LayerInfo, tokens: int) -> bool:
+        """This cross-attention layer mixes the target's map with its source's at this step."""
+        return info.is_cross and self.step < self.cross_steps
+
+    def self_injection(self, info: LayerInfo, tokens: int) -> bool:
+        """This self-attention layer gives the targets their sources' maps at this step."""
+        return not info.is_cross and self.step < self.self_steps and tokens <= self.max_self_tokens
+
     def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
-        if info.is_cross:
-            return self.step < self.cross_steps or (self.blend is not None and tokens <= BLEND_MAX_TOKENS)
-        return self.step < self.self_steps and tokens <= self.max_self_tokens
+        """Only local blend reads maps: cross-attention layers with at most `BLEND_MAX_TOKENS` queries."""
+        return info.is_cross and self.blend is not None and tokens <= BLEND_MAX_TOKENS
+
+    def attend(self, query, key, value, *, mask, scale, info, tokens):
+        if self.needs_probs(info, tokens):
+            probs = self.attention(attention_probs(query, key, mask, scale), info, tokens)
+            return probs.to(value.dtype) @ value
+        if self.self_injection(info, tokens):  # P_src on V_tgt: the targets' queries and keys are their sources'
+            shared = self.rows(query.shape[0], query.device)["shared"]
+            query, key = query.index_select(0, shared), key.index_select(0, shared)
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask.index_select(0, shared)
+            return sdpa(query, key, value, mask=mask, scale=scale)
+        if self.cross_control(info, tokens):
+            return self._mixed_cross(query, key, value, mask=mask, scale=scale)
+        return sdpa(query, key, value, mask=mask, scale=scale)
+
+    def constants(self, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-target mixing constants on `like`'s device and dtype, built once per layout: ``mappers``
+        [T, K, K], ``keep`` and ``equalizer`` [T, 1, 1, K] (probability columns), ``mixed`` [T, 1, K, K] = M diag(e)
+        and ``value_scale`` [batch, 1, K, 1] (keep * e on the target rows, 1 elsewhere)."""
+        key = (batch, self.cond_offset, like.device, like.dtype)
+        if key not in self._consts:
+            k = self.mappers.shape[-1]
+            value_scale = torch.ones(batch, 1, k, 1)
+            value_scale[self.target_rows] = (self.keep * self.equalizer)[:, None, :, None]
+            self._consts[key] = {name: v.to(like.device, like.dtype) for name, v in {
+                "mappers": self.mappers, "keep": self.keep[:, None, None, :],
+                "equalizer": self.equalizer[:, None, None, :],
+                "mixed": (self.mappers * self.equalizer[:, None, :])[:, None], "value_scale": value_scale}.items()}
+        return self._consts[key]
+
+    def _mixed_cross(self, query, key, value, *, mask, scale):
+        """Word replace / refine / reweight without the map: the target's output
+        ``((P_src M + P_tgt diag(keep)) diag(e)) V_tgt = P_src (M diag(e) V_tgt) + P_tgt (diag(keep e) V_tgt)``."""
+        batch = query.shape[0]
+        r, c = self.rows(batch, query.device), self.constants(batch, value)
+        src, tgt = r["src"], r["tgt"]
+        out = sdpa(query, key, value * c["value_scale"], mask=mask, scale=scale)
+        mapped = c["mixed"] @ value.index_select(0, tgt)  # [T, heads, K, d]: M diag(e) V_tgt
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask.index_select(0, src)
+        extra = sdpa(query.index_select(0, src), key.index_select(0, src), mapped, mask=mask, scale=scale)
+        return out.index_add(0, tgt, extra) if torch.is_grad_enabled() else out.index_add_(0, tgt, extra)
 
     def attention(self, probs: torch.Tensor, info: LayerInfo, tokens: int) -> torch.Tensor:
-        src, tgt = self.source_rows, self.target_rows
-        probs = probs.clone()
-        if info.is_cross:
-            if self.step < self.cross_steps:
-                mapped = torch.einsum("thqk,tkj->thqj", probs[src], self.mappers.to(probs))
-                new = mapped + probs[tgt] * self.keep.to(probs)[:, None, None, :]
-                probs[tgt] = new * self.equalizer.to(probs)[:, None, None, :]
-            if self.blend is not None and tokens <= BLEND_MAX_TOKENS:
-                rows = probs[self.cond_offset:self.cond_offset + self.num_sources + len(self.source_of)]
-                self.maps[tokens] = self.maps.get(tokens, 0) + rows.mean(dim=1).detach().float()
-        elif self.step < self.self_steps and tokens <= self.max_self_tokens:
-            probs[tgt] = probs[src]
+        """A local-blend layer's maps: the targets' mixed maps written into `probs` (no copy without autograd), then
+        the controlled rows' maps summed over heads into `maps`."""
+        if self.cross_control(info, tokens):
+            r, c = self.rows(probs.shape[0], probs.device), self.constants(probs.shape[0], probs)
+            mapped = torch.einsum("thqk,tkj->thqj", probs.index_select(0, r["src"]), c["mappers"])
+            new = (mapped + probs.index_select(0, r["tgt"]) * c["keep"]) * c["equalizer"]
+            probs = probs.index_copy(0, r["tgt"], new) if torch.is_grad_enabled() else \
+                probs.index_copy_(0, r["tgt"], new)
+        rows = probs[self.cond_offset:self.cond_offset + self.num_rows]
+        self.maps[tokens] = self.maps.get(tokens, 0) + rows.mean(dim=1).detach().float()
         return probs
 
     def on_latents(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.blend_mask(tuple(x.shape[-2:]))
         if mask is None:
             return x
-        x = x.clone()
-        src, tgt = self.source_of, self.num_sources + torch.arange(len(self.source_of))
-        x[tgt] = x[src] + mask.to(x) * (x[tgt] - x[src])
-        return x
+        key = ("latents", x.device)  # the latents' rows: [sources, targets], no unconditional half
+        if key not in self._rows:
+            self._rows[key] = (self.source_of.to(x.device),
+                               (self.num_sources + torch.arange(len(self.source_of))).to(x.device))
+        src_rows, tgt_rows = self._rows[key]
+        src, tgt = x.index_select(0, src_rows), x.index_select(0, tgt_rows)
+        return x.index_copy(0, tgt_rows, src + mask.to(x) * (tgt - src))
 
     def blend_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
         """[T, 1, h, w] mask where the target may differ from its source (None: no local blend)."""
@@ -287,10 +369,10 @@ class MasaCtrl(Controller):
     def mutual_self_attention(self, info: LayerInfo, tokens: int) -> bool:
         return self.t <= self.c.start_t and info.index >= self.start_layer
 
-    def share_source(self, x: torch.Tensor) -> torch.Tensor:
+    def shared_rows(self, batch: int) -> torch.Tensor:
         """Within each half of the batch (both halves under two-pass CFG), targets read their sources' rows."""
-        x = x.clone()
+        perm = torch.arange(batch)
         targets = self.num_sources + torch.arange(len(self.source_of))
         for offset in sorted({0, self.cond_offset}):
-            x[offset + targets] = x[offset + self.source_of]
-        return x
+            perm[offset + targets] = offset + self.source_of
+        return perm

@@ -30,6 +30,7 @@ from icd.schedule import NoiseSchedule
 from icd.solver import cfg_combine
 
 log = logging.getLogger(__name__)
+DEVICE_CACHE_MAX = 4096  # cached per-call UNet inputs (timesteps x batch sizes, guidance embeddings, size ids)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class LatentDiffusion:
         self.trainable_adapters: tuple[str, ...] = ()  # adapters whose LoRA weights train (peft's set_adapter
         # would freeze the inactive one; `icd.models.lora.use`)
         self._empty: dict[tuple[int, str], Cond] = {}  # encoded empty prompts by batch size (a cache)
+        self._device_cache: dict = {}  # per-call UNet inputs built once on the device (timesteps, e(w), size ids)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -178,7 +180,7 @@ class LatentDiffusion:
         other = copy.copy(self)
         other.unet = unet.eval().requires_grad_(False)
         other.icd, other.fused, other.trainable_adapters = None, None, ()
-        other._empty = {}
+        other._empty, other._device_cache = {}, {}
         return other
 
     @property
@@ -262,8 +264,13 @@ class LatentDiffusion:
         """
         self._check_adapter(adapter)
         if self.guidance_distilled or guidance is None:
+            code = None if guidance is None or isinstance(guidance, torch.Tensor) else float(guidance)
+
             def eps(x, t, cond):
-                w = None if guidance is None else dynamic_guidance(t, guidance_codes(guidance, x.shape[0]), tau)
+                if not isinstance(t, torch.Tensor) and (guidance is None or code is not None):
+                    w = 0.0 if code is None else dynamic_code(int(t), code, tau)  # host arithmetic, no tensors
+                else:
+                    w = None if guidance is None else dynamic_guidance(t, guidance_codes(guidance, x.shape[0]), tau)
                 return self._unet(x, t, cond, adapter=adapter, guidance=w)
 
             return eps
@@ -291,23 +298,63 @@ class LatentDiffusion:
             lora.use(self.unet, adapter, trainable=self.trainable_adapters)
 
     def _unet(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: Cond, *, adapter: str | None,
-              guidance: torch.Tensor | None) -> torch.Tensor:
-        """One UNet evaluation eps_hat(x_t, t, c[, e(w)]) with `adapter` active; `guidance` [B] codes or None."""
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
+              guidance: torch.Tensor | float | None) -> torch.Tensor:
+        """One UNet evaluation eps_hat(x_t, t, c[, e(w)]) with `adapter` active; `guidance` [B] codes, one code for
+        every row (a float: its embedding is built once per device and reused) or None. An integer `t` becomes a
+        device tensor once per (t, batch, device) (`_timesteps`): no host-to-device copy per call."""
+        n = x_t.shape[0]
+        t = self._timesteps(t, n, x_t.device)
         kwargs = self.unet_kwargs(cond, x_t)
         if self.guidance_distilled:
-            w = torch.zeros(x_t.shape[0]) if guidance is None else guidance
-            kwargs["timestep_cond"] = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(
-                x_t.device, self.dtype)
-        elif guidance is not None and bool(torch.any(guidance != 0)):
+            kwargs["timestep_cond"] = self._guidance_rows(0.0 if guidance is None else guidance, n, x_t.device)
+        elif guidance is not None and (guidance != 0 if isinstance(guidance, float) else
+                                       bool(torch.any(guidance != 0))):
             raise ValueError("this UNet is not guidance-distilled; guidance needs two passes (icd.models.base."
                              "guided_eps)")
         self._activate(adapter)
-        self.counter.record(x_t.shape[0])
+        self.counter.record(n)
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).sample
         return out.to(x_t.dtype)
+
+    def _timesteps(self, t: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+        """`t` as the UNet's [n] timestep tensor on `device`; integers are cached (at most 1000 per batch size)."""
+        if isinstance(t, torch.Tensor):
+            t = t.to(device)
+            return t.expand(n) if t.ndim == 0 else t
+        key = (int(t), n, device)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = self._cache(key, torch.as_tensor(int(t), device=device).expand(n))
+        return cached
+
+    def _guidance_rows(self, w: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+        """The guidance embedding e(w) [n, dim] on `device` in the UNet's dtype: per-row codes computed, one code for
+        all rows (a float) built once and cached."""
+        dim = self.unet.config.time_cond_proj_dim
+        if isinstance(w, torch.Tensor):
+            return guidance_embedding(w, dim).to(device, self.dtype)
+        key = ("e(w)", float(w), n, device, self.dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = self._cache(key, guidance_embedding(guidance_codes(w, n), dim).to(device, self.dtype))
+        return cached
+
+    def _cache(self, key, value: torch.Tensor) -> torch.Tensor:
+        """Keep `value` under `key` in the per-device input cache (bounded: a caller sweeping codes cannot grow it
+        without limit)."""
+        if len(self._device_cache) >= DEVICE_CACHE_MAX:
+            self._device_cache.clear()
+        self._device_cache[key] = value
+        return value
+
+
+def dynamic_code(t: int, w: float, tau: float | None) -> float:
+    """`icd.guidance.dynamic_guidance` for one integer timestep and one code, in host arithmetic with its float32
+    rounding: w(t) = 0 where float32(t) / 1000 > float32(tau), else w (float32)."""
+    w32 = float(np.float32(w))
+    if tau is None:
+        return w32
+    return 0.0 if np.float32(t) / np.float32(1000.0) > np.float32(tau) else w32
 
 
 def check_prompts(model: LatentDiffusion, prompts: Sequence[str]) -> None:

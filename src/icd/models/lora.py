@@ -7,8 +7,9 @@
   silently give the first one no gradient. `use(..., trainable=True)` therefore re-enables gradients on every LoRA
   parameter after each switch.
 - Each adapter is saved to its own safetensors file (peft key format) next to a JSON config.
-- `FusedAdapters` (inference): each adapter folded into a copy of the base weights, so a step is one plain UNet
-  call; switching adapters swaps weight tensors and computes nothing.
+- `FusedAdapters` (inference): each adapter folded into a copy of the base weights and peft's wrappers taken out of
+  the forward, so a step is one plain UNet call; the weights are swapped once per phase (invert, decode), never per
+  call, and a swap computes nothing.
 """
 
 from __future__ import annotations
@@ -155,12 +156,19 @@ def attach_adapters(unet, directory: str | Path) -> dict:
 class FusedAdapters:
     """Inference with each adapter folded into the weights it modifies: W_a = W + scale_a * B_a A_a.
 
-    A LoRA-carrying UNet call runs every targeted layer twice (base and low-rank branch); on small UNets that
-    overhead dominates. Fused, a call costs what the base UNet costs. `activate(name)` points each targeted layer
-    at the weights of `name` (None: the original weights) with peft's LoRA branches disabled; nothing is
-    recomputed, so switching is free and never accumulates rounding (unlike merge / unmerge in place). Memory: one
-    extra copy of the targeted weights per adapter. The result equals the unfused call up to float rounding.
-    Training must not use it (the LoRA parameters get no gradient through fused weights).
+    A LoRA-carrying UNet call runs every targeted layer twice (base and low-rank branch) behind peft's wrapper logic;
+    on small UNets, and at batch 1-2 on a GPU, that host overhead dominates. Fused, every wrapper runs its base
+    layer's own forward (peft's code and the LoRA branches leave the forward; the module tree, its parameter names and
+    the LoRA weights stay, so fingerprints and saved adapters read the same), and a call costs what the base UNet
+    costs. `activate(name)` points each targeted layer at the weights of `name` (None: the original weights) when
+    `name` is not already active: one pointer swap per phase (an inversion runs the forward adapter, a decode the
+    reverse one), a no-op on every other call; nothing is recomputed, so switching never accumulates rounding
+    (unlike merge / unmerge in place). `release()` gives the UNet back to peft (base weights, wrappers' forwards).
+
+    Memory: one extra copy of the targeted weights per adapter -- the same as two fused UNets sharing every
+    non-adapted module (`benchmarks/sd_shaped_timing.py --memory` counts them for a family's config). The result
+    equals the unfused call up to float rounding. Training must not use it (the LoRA parameters get no gradient
+    through fused weights).
     """
 
     def __init__(self, unet, names: Sequence[str] = ADAPTERS):
@@ -174,17 +182,63 @@ class FusedAdapters:
             for name in names:
                 self.weights[name] = [(w.float() + layer.get_delta_weight(name).float()).to(w.dtype)
                                       for layer, w in zip(self.layers, base)]
+        for layer in self.layers:  # peft's wrapper out of the forward: the module runs its base layer's forward
+            layer.forward = layer.get_base_layer().forward
         self.active: str | None = None
-        self.activate(None)
+        self.swaps = 0  # weight swaps so far (one per phase; tests read it)
+        self._point(None)
 
     def activate(self, name: str | None) -> None:
+        """Make `name`'s weights the UNet's (None: the original ones); free when they already are."""
+        if name == self.active:
+            return
         if name not in self.weights:
             raise ValueError(f"no fused adapter {name!r}; have {', '.join(n for n in self.weights if n)}")
-        if not self.layers[0].disable_adapters:  # LoRA branches off (a module walk: only when someone enabled them)
-            self.unet.disable_adapters()
+        self._point(name)
+
+    def refresh(self) -> None:
+        """Point the layers at the active adapter's tensors again (after `weights` were replaced, e.g. re-laid out)."""
+        self._point(self.active)
+
+    def release(self) -> None:
+        """Back to peft: original weights, each wrapper's own forward (its LoRA branches as peft left them)."""
+        self._point(None)
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+    def _point(self, name: str | None) -> None:
         for layer, w in zip(self.layers, self.weights[name]):
             layer.get_base_layer().weight.data = w
         self.active = name
+        self.swaps += 1
+
+
+def fused_memory(unet, targets: Sequence[str] = LORA_TARGETS, *, rank: int = 64, adapters: int = 2,
+                 bytes_per_param: int = 2) -> dict[str, int]:
+    """Bytes of a UNet's weights at inference under each way of holding `adapters` fused adapters (counted from its
+    parameters; a UNet on the ``meta`` device works): ``base`` (the UNet alone), ``adapted`` (the weights the
+    adapters modify, once), ``lora`` (the LoRA factors of all adapters), and the layouts ``fused_unets`` (two fused
+    UNets sharing every non-adapted module, beside the original weights: base + adapters x adapted),
+    ``fused_copies`` (`FusedAdapters`: one UNet whose adapted weights are swapped by pointer per phase, the LoRA
+    factors kept: fused_unets + lora), ``refuse_per_phase`` (one fused buffer recomputed from the factors at each
+    swap: base + adapted + lora) and ``peft`` (wrappers in the forward: base + lora)."""
+    adapted = lora_params = 0
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith(f".{t}") for t in targets):
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        adapted += weight.numel()
+        fan_in = weight[0].numel()
+        lora_params += adapters * rank * (fan_in + weight.shape[0])
+    base = sum(p.numel() for p in unet.parameters())
+    b = bytes_per_param
+    return {"base": base * b, "adapted": adapted * b, "lora": lora_params * b,
+            "fused_unets": (base + adapters * adapted) * b,
+            "fused_copies": (base + adapters * adapted + lora_params) * b,
+            "refuse_per_phase": (base + adapted + lora_params) * b,
+            "peft": (base + lora_params) * b}
 
 
 def truncate_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:

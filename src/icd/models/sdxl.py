@@ -77,9 +77,13 @@ class SDXLDiffusion(LatentDiffusion):
         if cond.pooled is None:
             raise ValueError("SDXL conditioning needs pooled embeddings (encode with SDXLDiffusion.encode_prompt)")
         time_ids = cond.extra.get("time_ids")
-        if time_ids is None:
+        if time_ids is None:  # built once per (size, batch, device): no host-to-device copy per call
             h, w = (int(v) * self.vae_factor for v in x_t.shape[-2:])
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(x_t.shape[0], 6)
+            key = ("time_ids", h, w, x_t.shape[0], x_t.device, self.dtype)
+            time_ids = self._device_cache.get(key)
+            if time_ids is None:
+                time_ids = self._cache(key, torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(
+                    x_t.shape[0], 6).to(x_t.device, self.dtype))
         return {"added_cond_kwargs": {"text_embeds": cond.pooled.to(x_t.device, self.dtype),
                                       "time_ids": time_ids.to(x_t.device, self.dtype)}}
 

@@ -78,18 +78,31 @@ def ddim_loop(eps: EpsFn, x: torch.Tensor, cond: Cond, timesteps: Sequence[int],
     """
     if label not in DDIM_RULES:
         raise ValueError(f"unknown DDIM rule {label!r}; choose from {', '.join(DDIM_RULES)}")
-    visited = [x]
+    visited, jumped = [x], []
+    finite = None  # a device flag: one host read after the loop, not one per step
     for i, (t_from, t_to) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         t_eps = int(t_from) if label == "start" else int(t_to)
         x = ddim_jump(x, eps(x, t_eps, cond), int(t_from), int(t_to), schedule=schedule)
-        if not bool(torch.isfinite(x).all()):
-            rows = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
-            raise NumericsError(f"NaN/Inf latents at step {i} (t = {t_from} -> {t_to}) in batch rows {rows}")
+        ok = torch.isfinite(x).all()
+        finite = ok if finite is None else finite & ok
+        jumped.append(x)
         if callback is not None:
             replaced = callback(i, int(t_from), int(t_to), x)
             x = x if replaced is None else replaced
         visited.append(x)
+    if finite is not None and not bool(finite):
+        _raise_first_nonfinite(jumped, timesteps)
     return DDIMRun(x, visited)
+
+
+def _raise_first_nonfinite(jumped: list[torch.Tensor], timesteps: Sequence[int]) -> None:
+    """NumericsError naming the first step whose jump gave NaN / Inf latents, and its batch rows."""
+    for i, x in enumerate(jumped):
+        bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise NumericsError(f"NaN/Inf latents at step {i} (t = {timesteps[i]} -> {timesteps[i + 1]}) in batch "
+                                f"rows {rows}")
 
 
 def inversion_timesteps(steps: int) -> list[int]:

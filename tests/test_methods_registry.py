@@ -45,9 +45,10 @@ def case():
 
 
 def test_every_builtin_method_is_registered_once_in_menu_order():
-    assert REGISTRY.names() == ["icd", "gddim", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p"]
-    assert REGISTRY.names("edit") == ["icd", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p"]
-    assert REGISTRY.names("reconstruct") == ["icd", "gddim", "ddim"]
+    reverse_only = ["renoise", "renoise-4call", "gnri", "gnri-4call"]  # the reverse model inverted alone
+    assert REGISTRY.names() == ["icd", "gddim", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only]
+    assert REGISTRY.names("edit") == ["icd", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only]
+    assert REGISTRY.names("reconstruct") == ["icd", "gddim", "ddim", *reverse_only]
     assert REGISTRY.names("generate") == ["icd", "gddim", "ddim"]
     assert REGISTRY.names(strength=True) == ["sdedit", "sdedit-icd"]
     assert REGISTRY.names(option="instruction") == ["ip2p"]

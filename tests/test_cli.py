@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from icd import cli
 from icd.cli import main
 
 
@@ -209,19 +208,26 @@ def test_option_defaults_follow_the_dataclasses():
         assert getattr(bench, name) == getattr(opts, name), name
 
 
-def test_threads_are_applied_once_by_main_and_restored_after(monkeypatch, capsys):
-    """--threads takes effect in main alone, before the command, and the caller's thread count comes back after (a
-    fuzzed --threads 700 once left every later test of the process oversubscribed)."""
+def test_threads_are_applied_once_by_main_and_restored_after(monkeypatch, capsys, tmp_path):
+    """--threads takes effect once, where the command starts computing (`common.start_compute`: a usage error never
+    touches torch), and the caller's thread count comes back after (a fuzzed --threads 700 once left every later
+    test of the process oversubscribed)."""
+    from icd import runtime
+
     before = torch.get_num_threads()
     calls = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
     code, _, err = run(["generate", "   ", "--threads", "3", "-o", "x.png"], capsys)
-    _assert_one_line_error(code, err, "empty")  # fails before any model loads, after --threads took effect
+    _assert_one_line_error(code, err, "empty")  # fails before any model loads: torch's threads untouched
+    assert calls == [] and torch.get_num_threads() == before
+    missing = ["--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.png")]
+    code, _, err = run(["generate", "a red circle", "--threads", "3", *missing], capsys)
+    assert code == 2 and err.startswith("icd: error:")  # the model load failed after --threads took effect
     assert calls == [3, before] and torch.get_num_threads() == before
     calls.clear()
-    monkeypatch.setattr(cli, "default_threads", lambda: 1)  # the load-following default, fixed for the test
-    code, _, _ = run(["generate", "   ", "-o", "x.png"], capsys)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # the load-following default, fixed for the test
+    code, _, _ = run(["generate", "a red circle", *missing], capsys)
     assert code == 2 and calls == [1, before]  # --threads 0 (the default): one thread per idle core, then restored
 
 

@@ -8,6 +8,14 @@ Layout: `cases` (world cases, BenchCase) and `piebench` (PIE-Bench loader and fi
 `optional_metrics` loads LPIPS / CLIP / DINOv2 when the user has the weights.
 """
 
-from icd.bench.harness import TASKS, BenchOptions, run_bench
-
 __all__ = ["TASKS", "BenchOptions", "run_bench"]
+
+
+def __getattr__(name: str):
+    """`TASKS`, `BenchOptions`, `run_bench` from `harness` on first use: the harness imports torch and the pipeline,
+    and a light submodule (`piebench`, `cases`: `icd world pie-bench`) must not pay for them."""
+    if name in __all__:
+        from icd.bench import harness  # heavy (torch, the pipeline): imported on first use, as said above
+
+        return getattr(harness, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,15 +4,11 @@ results.md."""
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
 from icd import world
-from icd.bench import TASKS, BenchOptions, run_bench
-from icd.cli.common import CLIError, add_threads, default
-from icd.methods import DEFAULT_RENOISE
-from icd.samplers import DDIM_RULES
-from icd.train.icd import export_checkpoint
+from icd.cli import catalog
+from icd.cli.common import CLIError, add_threads, start_compute
 
 EPILOG = """examples:
   icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
@@ -42,6 +38,10 @@ def _adapters_arg(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_bench(args) -> None:
+    start_compute(args)
+    from icd.bench import BenchOptions, run_bench  # heavy (torch, the pipeline): --help never gets here
+    from icd.train.icd import export_checkpoint  # heavy, as above
+
     try:
         opts = BenchOptions(task=args.task, out=args.out, n=args.n, methods=args.methods, seed_start=args.seed_start,
                             kinds=args.kinds, steps_list=args.steps_list, adapters=_adapters_arg(args.adapters),
@@ -59,10 +59,10 @@ def cmd_bench(args) -> None:
 
 
 def add_parser(sub) -> None:
-    opt = partial(default, BenchOptions)  # every option passed on to BenchOptions takes its default from there
+    opt = catalog.BENCH.get  # every option passed on to BenchOptions takes its default from there (a light copy)
     b = sub.add_parser("bench", help="measure methods side by side: inversion, editing, generation or guidance tables",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    b.add_argument("task", choices=TASKS)
+    b.add_argument("task", choices=catalog.BENCH_TASKS)
     b.add_argument("--out", required=True, help="folder for results.json, results.md, plots and examples")
     b.add_argument("--n", "--cases", dest="n", type=int, default=opt("n"),
                    help="cases per kind (editing, generation) or images (inversion, guidance); under torchrun write "
@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
                    "none for generation, as in `icd generate`)")
     b.add_argument("--renoise", type=float, default=opt("renoise"), metavar="GAMMA",
                    help="generation: icd methods' re-noising strength, as `icd generate --renoise` (default "
-                   f"{DEFAULT_RENOISE:g}; 0: the paper's deterministic jumps)")
+                   f"{catalog.DEFAULT_RENOISE:g}; 0: the paper's deterministic jumps)")
     b.add_argument("--batch", type=int, default=opt("batch"),
                    help="cases per batched model call (default %(default)s)")
     b.add_argument("--n-timing", type=int, default=opt("n_timing"),
@@ -101,7 +101,7 @@ def add_parser(sub) -> None:
     b.add_argument("--dino", default=opt("dino"), metavar="DIR", help="local DINOv2 model folder")
     b.add_argument("--device", default=opt("device"),
                    help="auto (the launcher's device, else cuda if present), cpu, cuda (default %(default)s)")
-    b.add_argument("--ddim-rule", default=opt("ddim_rule"), choices=DDIM_RULES,
+    b.add_argument("--ddim-rule", default=opt("ddim_rule"), choices=catalog.DDIM_RULES,
                    help="DDIM inversion (ddim / gddim / npi / nti): label each step's noise with its destination time "
                    "(reference, the default: the P2P / null-text reference code, diffusers' DDIMInverseScheduler) "
                    "or its start time")

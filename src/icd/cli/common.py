@@ -1,24 +1,21 @@
-"""What every command module shares: CLIError, the user-error classes and their one-line report, argument helpers."""
+"""What every command module shares: CLIError, the user-error classes and their one-line report, argument helpers.
+
+Nothing here imports torch or diffusers at module level: `icd --help`, a one-line error and `icd world …` must
+answer without them (tests/test_startup.py). `start_compute` is where a command begins heavy work.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import sys
 
 import numpy as np
 
-from icd.editing.inversion import InversionError
-from icd.editing.tokens import AlignmentError
+from icd.cli import catalog
 from icd.imageio import ImageError, fit_image, looks_like_shapes_world
-from icd.methods import DEFAULT_DDIM_RULE
-from icd.models.base import PromptError
-from icd.models.loading import ModelError
-from icd.samplers import DDIM_RULES
-from icd.solver import NumericsError
-from icd.train.checkpoint import CheckpointError
-from icd.train.config import ConfigError
 from icd.world import CaptionError
 
 
@@ -26,10 +23,52 @@ class CLIError(Exception):
     """An ordinary user mistake: reported in one line, exit code 2."""
 
 
-# Raised by the library for bad inputs (not bugs): `main` reports them in one line and exits with code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CLIError, ImageError, PromptError, ModelError, ConfigError, CaptionError, AlignmentError, NumericsError,
-    CheckpointError, InversionError, FileNotFoundError)
+# Raised by the library for bad inputs (not bugs): `main` reports them in one line and exits with code 2. Most live in
+# modules that import torch; an exception can only come from a module already imported, so `user_errors` reads
+# these from `sys.modules` alone and a command that never loaded torch never imports it to report its error.
+_USER_ERROR_CLASSES = (("icd.models.base", "PromptError"), ("icd.models.loading", "ModelError"),
+                       ("icd.train.config", "ConfigError"), ("icd.editing.tokens", "AlignmentError"),
+                       ("icd.solver", "NumericsError"), ("icd.train.checkpoint", "CheckpointError"),
+                       ("icd.editing.inversion", "InversionError"))
+_LIGHT_USER_ERRORS = (CLIError, ImageError, CaptionError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of the modules imported so far (all of `USER_ERRORS` that can have been raised)."""
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in _USER_ERROR_CLASSES if m in sys.modules)
+    return _LIGHT_USER_ERRORS + loaded
+
+
+def __getattr__(name: str):
+    if name == "USER_ERRORS":  # every user-error class (imports their modules: torch)
+        return _LIGHT_USER_ERRORS + tuple(getattr(importlib.import_module(m), n) for m, n in _USER_ERROR_CLASSES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_threads_before: list[int] = []  # the caller's torch thread count, restored by `main` (`restore_threads`)
+
+
+def start_compute(args) -> None:
+    """Where a command starts heavy work (torch, a model): --threads applied (the one place it takes effect, once
+    per `main`) and, unless -v, transformers / diffusers kept to errors. Commands call it before their first heavy
+    import; their argument checks come first and stay light."""
+    import torch  # heavy: the point of this function
+
+    if hasattr(args, "threads") and not _threads_before:
+        from icd.runtime import default_threads  # imports torch, as above
+
+        _threads_before.append(torch.get_num_threads())
+        torch.set_num_threads(args.threads if args.threads > 0 else default_threads())
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
+
+
+def restore_threads() -> None:
+    """The caller's torch thread count back after `main` (an in-process caller keeps its own)."""
+    if _threads_before:
+        import torch  # imported already: start_compute ran
+
+        torch.set_num_threads(_threads_before.pop())
 
 
 def print_error(e: BaseException) -> None:
@@ -63,6 +102,8 @@ def library_errors():
 def numerics_named(model):
     """A NaN / Inf in the latents (`NumericsError`, raised by the sampling loop after the options passed their range
     checks) re-raised with its cause: weights that hold NaN / Inf (named), else fp16's range overflowed."""
+    from icd.solver import NumericsError  # heavy: a model is loaded already
+
     try:
         yield
     except NumericsError as e:
@@ -129,7 +170,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--boundaries", default=None, metavar="SET",
                    help="4step-1 / 4step-2 / 3step or E_R such as 0,259,519,779 (default: the adapters')")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    m.add_argument("--ddim-rule", default=DEFAULT_DDIM_RULE, choices=DDIM_RULES,
+    m.add_argument("--ddim-rule", default=catalog.DEFAULT_DDIM_RULE, choices=catalog.DDIM_RULES,
                    help="DDIM inversion (ddim / npi / nti): label each step's noise with its destination time "
                    "(reference, the default: the P2P / null-text reference code, diffusers' DDIMInverseScheduler) "
                    "or its start time")
@@ -146,6 +187,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def load_pipeline(args, **overrides):
     """The `icd.pipeline.Pipeline` of the model options (`add_model_options`), option errors as one line."""
+    start_compute(args)
     from icd.pipeline import Pipeline  # heavy (torch, diffusers): --help and usage errors never get here
     from icd.runtime import check_device  # with the pipeline, as above
 
@@ -186,8 +228,8 @@ def _cuda() -> bool:
 
 def quiet_libraries() -> None:
     """Keep transformers / diffusers to errors and drop their weight-loading progress bars (CLI only)."""
-    import diffusers  # heavy (~5 s with transformers): --help and usage errors never get here
-    import transformers  # heavy: as above
+    import diffusers  # heavy (~5 s with transformers): only once a command starts computing (`start_compute`)
+    import transformers  # heavy: as above (icd.pipeline imports both anyway)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -6,14 +6,10 @@ import os
 import time
 
 from icd import world
-from icd.cli.common import CLIError, add_threads, library_errors, seed
+from icd.cli.catalog import DEFAULT_GUIDANCE
+from icd.cli.common import CLIError, add_threads, library_errors, seed, start_compute
 from icd.cli.world import check_out_folder
-from icd.editing.controllers import P2PControls
-from icd.editing.edit import EditControls
 from icd.imageio import save_image
-from icd.methods import DEFAULT_GUIDANCE
-from icd.metrics import psnr
-from icd.pipeline import Pipeline
 from icd.plotting import captioned_grid
 
 DEMO_FILES = ("demo.png", "case/source.png", "case/target.png")
@@ -26,6 +22,12 @@ def cmd_demo(args) -> None:
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)} (use --force to overwrite)")
     case = world.make_case("color", world.EVAL_SEED_START + args.seed)
+    start_compute(args)
+    from icd.editing.controllers import P2PControls  # heavy (torch, diffusers): after the checks above
+    from icd.editing.edit import EditControls  # as above
+    from icd.metrics import psnr  # as above
+    from icd.pipeline import Pipeline  # as above
+
     editor = Pipeline.from_pretrained(args.model)
     model = editor.model
     source = case.source[None]  # what out/case/source.png holds (PNG is lossless)

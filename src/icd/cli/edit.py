@@ -6,37 +6,54 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from icd.cli import catalog
 from icd.cli.common import (
     CLIError,
     add_model_options,
-    default,
     fit_to_model,
     library_errors,
     load_pipeline,
     numerics_named,
     seed,
 )
-from icd.editing.controllers import MasaCtrlControls, P2PControls
-from icd.editing.edit import EditControls
-from icd.editing.inversion import Inversion
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
 from icd.io import folder_problem, output_problem, pair_paths, shown
-from icd.methods import DEFAULT_DDIM_RULE, DEFAULT_GUIDANCE, REGISTRY, Method
-from icd.methods.sdedit import DEFAULT_STRENGTH, check_strength
-from icd.pipeline import Pipeline
 from icd.plotting import captioned_grid
-from icd.requests import AttentionRequest, edit_controls, parse_reweight, refine_notice, run_edit
+
+if TYPE_CHECKING:  # the heavy modules (torch, diffusers) are imported where an edit starts computing
+    from icd.editing.inversion import Inversion
+    from icd.pipeline import Pipeline
+
+P2P, MASACTRL, DEFAULT_STRENGTH = catalog.P2P, catalog.MASACTRL, catalog.DEFAULT_STRENGTH
 
 
 def _reweight(args) -> dict[str, float]:
     """--reweight WORD=F ... (`icd.requests.parse_reweight`)."""
+    from icd.requests import parse_reweight  # heavy (the controls' module): after the light checks
+
     try:
         return parse_reweight(args.reweight, name="--reweight")
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+_PER_EDIT = ("image", "source", "target", "output")  # what one edit names; --batch's lines name them instead
+_SINGLE_ONLY = ("grid", "save_inversion", "inversion")  # options of a single edit (refused with --batch)
+
+
+def _flag(dest: str) -> str:
+    return {"image": "IMAGE", "output": "-o/--output"}.get(dest, "--" + dest.replace("_", "-"))
+
+
+def _check_single(args) -> None:
+    """A single edit names its image, prompts and output (in argparse's words; exit code 2)."""
+    missing = [_flag(d) for d in _PER_EDIT if getattr(args, d) is None]
+    if missing:
+        raise CLIError(f"the following arguments are required: {', '.join(missing)} (or --batch EDITS.jsonl)")
 
 
 def _check_args(args) -> None:
@@ -52,7 +69,14 @@ def _check_args(args) -> None:
     if args.masactrl and args.swap:
         raise CLIError("--masactrl and --swap are exclusive")
     _check_method_options(args)
-    with library_errors():  # the controls' ranges (P2PControls / MasaCtrlControls) before the model loads
+
+
+def _check_controls(args) -> None:
+    """The controls' ranges (P2PControls / MasaCtrlControls) before the model loads. Their checks live in the
+    controls' dataclasses, whose module imports torch and diffusers: these come after every light check."""
+    from icd.editing.controllers import MasaCtrlControls, P2PControls  # heavy, as above
+
+    with library_errors():
         P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
                     reweight=_reweight(args), blend_threshold=args.blend_threshold)
         if args.masactrl:
@@ -79,11 +103,9 @@ def _check_save_inversion(args) -> None:
 
 # attention-control options (dest, default) a method without attention control (SDEdit, IP2P) refuses
 _CONTROL_OPTIONS = (("masactrl", False), ("swap", False), ("blend", None), ("mask", None), ("reweight", None),
-                    ("cross_replace", default(P2PControls, "cross_replace")),
-                    ("self_replace", default(P2PControls, "self_replace")),
-                    ("blend_threshold", default(P2PControls, "blend_threshold")),
-                    ("masactrl_start_t", default(MasaCtrlControls, "start_t")),
-                    ("masactrl_layer", default(MasaCtrlControls, "start_layer")), ("ddim_rule", DEFAULT_DDIM_RULE))
+                    ("cross_replace", P2P["cross_replace"]), ("self_replace", P2P["self_replace"]),
+                    ("blend_threshold", P2P["blend_threshold"]), ("masactrl_start_t", MASACTRL["start_t"]),
+                    ("masactrl_layer", MASACTRL["start_layer"]), ("ddim_rule", catalog.DEFAULT_DDIM_RULE))
 _OWN_OPTIONS = ("instruction", "image_guidance")  # options of one method (`Method.options`: IP2P's)
 
 
@@ -91,31 +113,31 @@ def _check_method_options(args) -> None:
     """The per-method options, read from the registry: --strength only for a method that takes one (and in
     (0, 1]); a method's own options (--instruction, --image-guidance) and weights (--ip2p) only for it; a method
     without attention control refuses those options, one without a dynamic-CFG threshold --tau."""
-    method = REGISTRY.get(args.method, "edit")
+    method = catalog.get(args.method, "edit")
     if args.strength is not None:
         if args.inversion:
             raise CLIError("--strength applies when noising the image; a saved --inversion keeps its own strength")
         if not method.takes_strength:
-            raise CLIError(f"--strength applies to --method {' / '.join(REGISTRY.names('edit', strength=True))}, "
+            raise CLIError(f"--strength applies to --method {' / '.join(catalog.names('edit', strength=True))}, "
                            f"not {args.method}")
         try:
-            check_strength(args.strength)
+            catalog.check_strength(args.strength)
         except ValueError as e:
             raise CLIError(str(e)) from None
     if args.inversion:
         return  # the saved inversion's method is known once it is read (`_controls` checks it then)
     given = [o for o in _OWN_OPTIONS if getattr(args, o) is not None and o not in method.options]
-    owners = [n for o in given for n in REGISTRY.names("edit", option=o)]
+    owners = [n for o in given for n in catalog.names("edit", option=o)]
     if args.ip2p is not None and method.weights != "ip2p":
         given.append("ip2p")
-        owners += [m.name for m in REGISTRY.methods("edit") if m.weights == "ip2p"]
+        owners += [m.name for m in catalog.methods("edit") if m.weights == "ip2p"]
     if given:
         raise CLIError(f"{' and '.join('--' + o.replace('_', '-') for o in given)} apply to --method "
                        f"{' / '.join(dict.fromkeys(owners))}, not {args.method}")
     _refuse_for(args, method)
 
 
-def _refuse_for(args, method: Method) -> None:
+def _refuse_for(args, method) -> None:
     """What `method` cannot take: attention-control options, --tau, an empty --instruction."""
     if not method.attention_control:
         given = [dest for dest, value in _CONTROL_OPTIONS if getattr(args, dest) != value]
@@ -140,10 +162,13 @@ def _user_mask(args, size: tuple[int, int], fit: str):
     return mask
 
 
-def _controls(args, mask, name: str):
+def _controls(args, mask, name: str, *, notice: bool = True):
     """The method's controls (`icd.requests.edit_controls`): Prompt-to-Prompt (default), MasaCtrl (--masactrl) or
     a plain prompt swap (--swap) where it takes attention control, with its own options (IP2P: the instruction and
     s_I; --guidance is its text code w, s_T = w + 1)."""
+    from icd.methods import REGISTRY  # heavy: the model is loaded already
+    from icd.requests import AttentionRequest, edit_controls, refine_notice  # heavy, as above
+
     method = REGISTRY.get(name, "edit")
     _refuse_for(args, method)  # a saved --inversion: its method is known only now
     attention = AttentionRequest(cross_replace=args.cross_replace, self_replace=args.self_replace,
@@ -154,9 +179,9 @@ def _controls(args, mask, name: str):
                                  swap=args.swap)
     controls = edit_controls(method, source=args.source, target=args.target, guidance=args.guidance, tau=args.tau,
                              attention=attention, **{o: getattr(args, o) for o in method.options})
-    notice = refine_notice(args.source, args.target, controls)
-    if notice:
-        print(f"notice: {notice}", file=sys.stderr)
+    refine = refine_notice(args.source, args.target, controls) if notice else None
+    if refine:
+        print(f"notice: {refine}", file=sys.stderr)
     return controls
 
 
@@ -164,6 +189,8 @@ def _saved_inversion(args) -> Inversion | None:
     """The saved inversion of --inversion (made with the same source prompt), or None."""
     if not args.inversion:
         return None
+    from icd.editing.inversion import Inversion  # heavy: the model is loaded already
+
     inversion = Inversion.load(args.inversion)
     if inversion.prompts != [args.source]:
         raise CLIError(f"the saved inversion was made with the prompt {inversion.prompts[0]!r}, not --source")
@@ -180,11 +207,33 @@ def _inversion(editor: Pipeline, args, image: np.ndarray, saved: Inversion | Non
 
 
 def cmd_edit(args) -> None:
+    """One edit (`icd edit --batch`: `icd.cli.batch`, which dispatches here without --batch)."""
+    _check_single(args)
     _check_args(args)
     image = load_image(args.image)
+    _check_controls(args)
+    editor = load_editor(args)
+    report = edit_one(editor, args, image)
+    print(json.dumps(report) if args.json else
+          f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
+          f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+
+
+def load_editor(args) -> Pipeline:
+    """The pipeline of the model options with what --method needs beyond it loaded (IP2P's weights)."""
     editor = load_pipeline(args, ip2p=args.ip2p)
+    from icd.methods import REGISTRY  # loaded with the pipeline
+
     with library_errors():  # e.g. IP2P's missing or incomplete weights folder: one line naming `icd train ip2p`
         REGISTRY.get(args.method).prepare(editor)
+    return editor
+
+
+def edit_one(editor: Pipeline, args, image) -> dict:
+    """One checked edit (`_check_args`, `_check_controls`) of `image` (PIL) on the loaded `editor`: fitted, inverted,
+    edited, written to args.output (and --grid, --save-inversion); returns its report (what --json prints)."""
+    from icd.requests import run_edit  # loaded with the pipeline
+
     model = editor.model
     fitted = fit_to_model(image, model, args.fit)
     image = np.asarray(fitted)[None]
@@ -211,9 +260,7 @@ def cmd_edit(args) -> None:
     if st.strength is not None:
         report["strength"] = st.strength
     report |= {k: v for k, v in st.extra.items() if k != "control"} | {"steps": st.steps}  # e.g. IP2P's scales
-    print(json.dumps(report) if args.json else
-          f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
-          f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+    return report
 
 
 _DEFAULT_METHOD = "icd"
@@ -223,11 +270,22 @@ def add_parser(sub) -> None:
     e = sub.add_parser("edit", help="invert an image and regenerate it under a target prompt",
                        description="Invert IMAGE with the source prompt, then decode [source, target] in one batch "
                        "with Prompt-to-Prompt (default), MasaCtrl (--masactrl) or a plain prompt swap (--swap).")
-    e.add_argument("image")
-    e.add_argument("--source", required=True, help="caption of the image")
-    e.add_argument("--target", required=True, help="the edited caption")
-    e.add_argument("--method", default=_DEFAULT_METHOD, choices=REGISTRY.names("edit"),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.methods("edit")) +
+    add_arguments(e)
+    e.set_defaults(func=cmd_edit)
+
+
+def add_arguments(e) -> None:
+    """Every option of `icd edit` (also the parser of one --batch line's controls)."""
+    e.add_argument("image", nargs="?", help="the image to edit (none with --batch)")
+    e.add_argument("--source", help="caption of the image")
+    e.add_argument("--target", help="the edited caption")
+    e.add_argument("--batch", default=None, metavar="EDITS.jsonl",
+                   help="many edits in one process with one model load: one JSON object per line with image, source, "
+                   "target, output and optional controls ({\"blend\": [\"red\", \"blue\"], \"seed\": 3, ...}: "
+                   "the per-edit options by name); paths relative to the file's folder; the other options apply to "
+                   "every line (README: icd edit --batch)")
+    e.add_argument("--method", default=_DEFAULT_METHOD, choices=catalog.names("edit"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in catalog.methods("edit")) +
                    " (sdedit / sdedit-icd: no inversion, no attention control; ip2p: --ip2p DIR, `icd train ip2p`)")
     e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; ip2p: 100; "
                    "others: 50 (sdedit runs the steps below its start)")
@@ -242,24 +300,24 @@ def add_parser(sub) -> None:
     e.add_argument("--ip2p", default=None, metavar="DIR",
                    help="ip2p: the InstructPix2Pix weights folder (default: <model>/ip2p; `icd train ip2p`)")
     e.add_argument("--seed", type=seed, default=0, help="icd: seed of the encoding noise; sdedit: of its noise draw")
-    e.add_argument("--guidance", type=float, default=default(EditControls, "guidance"),
-                   help=f"target guidance code w = CFG - 1 (default {DEFAULT_GUIDANCE['edit']:g} on the embedded "
-                   "model; SD 1.5: 19, SDXL: 7 for icd, 6.5 for the baselines)")
-    e.add_argument("--tau", type=float, default=default(EditControls, "tau"),
+    e.add_argument("--guidance", type=float, default=catalog.EDIT["guidance"],
+                   help=f"target guidance code w = CFG - 1 (default {catalog.DEFAULT_GUIDANCE['edit']:g} on the "
+                   "embedded model; SD 1.5: 19, SDXL: 7 for icd, 6.5 for the baselines)")
+    e.add_argument("--tau", type=float, default=catalog.EDIT["tau"],
                    help="dynamic CFG threshold (icd default: the adapters' tau)")
-    e.add_argument("--cross-replace", type=float, default=default(P2PControls, "cross_replace"),
+    e.add_argument("--cross-replace", type=float, default=P2P["cross_replace"],
                    help="P2P cross-attention window (fraction, default %(default)s)")
-    e.add_argument("--self-replace", type=float, default=default(P2PControls, "self_replace"),
+    e.add_argument("--self-replace", type=float, default=P2P["self_replace"],
                    help="P2P self-attention window (fraction, default %(default)s)")
     e.add_argument("--blend", nargs="+", metavar="WORD", help="local blend words (from either prompt)")
-    e.add_argument("--blend-threshold", type=float, default=default(P2PControls, "blend_threshold"),
+    e.add_argument("--blend-threshold", type=float, default=P2P["blend_threshold"],
                    help="local blend threshold (default %(default)s)")
     e.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention")
     e.add_argument("--mask", default=None, help="user mask image (white = may change) instead of blend words")
     e.add_argument("--masactrl", action="store_true", help="MasaCtrl mutual self-attention (non-rigid edits)")
-    e.add_argument("--masactrl-start-t", type=int, default=default(MasaCtrlControls, "start_t"),
+    e.add_argument("--masactrl-start-t", type=int, default=MASACTRL["start_t"],
                    help="MasaCtrl acts at t <= this (default %(default)s)")
-    e.add_argument("--masactrl-layer", type=int, default=default(MasaCtrlControls, "start_layer"),
+    e.add_argument("--masactrl-layer", type=int, default=MASACTRL["start_layer"],
                    help="first controlled block (default: decoder)")
     e.add_argument("--swap", action="store_true", help="plain prompt swap without attention control")
     e.add_argument("--fit", default=None, choices=FITS,
@@ -273,6 +331,5 @@ def add_parser(sub) -> None:
                    help="reuse a saved inversion (4 NFE per edit): PATH as given to --save-inversion, or either of "
                    "its two files")
     e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")
-    e.add_argument("-o", "--output", required=True)
+    e.add_argument("-o", "--output", help="the edited image (PNG)")
     add_model_options(e)
-    e.set_defaults(func=cmd_edit)

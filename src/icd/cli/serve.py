@@ -7,7 +7,7 @@ import math
 import socket
 import sys
 
-from icd.cli.common import CLIError, add_threads
+from icd.cli.common import CLIError, add_threads, start_compute
 from icd.web.uploads import DEFAULT_MAX_MB, DEFAULT_MAX_SIDE, Limits
 
 MAX_UPLOAD_MB = 10_000.0  # an upload limit above 10 GB is a typo (and inf / NaN cannot become a byte count)
@@ -37,15 +37,16 @@ def cmd_serve(args) -> None:
         import uvicorn  # noqa: F401  as above
     except ImportError as e:
         raise CLIError(f"icd serve needs the web extra ({e.name} is missing): pip install -e \".[web]\"") from None
-    from icd.pipeline import Pipeline  # heavy (torch, diffusers): `icd serve --help` stays fast
-    from icd.web.app import serve  # imports fastapi: only once the extra is known to be there
-    from icd.web.engine import Engine  # heavy via icd.pipeline, as above
-
     if not (math.isfinite(args.max_mb) and 0 < args.max_mb <= MAX_UPLOAD_MB) or args.max_side <= 0:
         raise CLIError(f"--max-mb must lie in (0, {MAX_UPLOAD_MB:g}] and --max-side be positive, got {args.max_mb:g} "
                        f"and {args.max_side}")
     limits = Limits(max_bytes=int(args.max_mb * 1_000_000), max_side=args.max_side)
     _check_port(args.host, args.port)
+    start_compute(args)
+    from icd.pipeline import Pipeline  # heavy (torch, diffusers): --help and bad options never get here
+    from icd.web.app import serve  # imports fastapi: only once the extra is known to be there
+    from icd.web.engine import Engine  # heavy via icd.pipeline, as above
+
     print(f"icd serve: loading the model {args.model!r} …", flush=True)  # stdout: stderr holds only errors
     engine = Engine(Pipeline.from_pretrained(args.model))
     if not _is_loopback(args.host):

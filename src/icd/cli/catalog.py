@@ -26,7 +26,7 @@ BENCH_TASKS = ("inversion", "editing", "generation", "guidance")  # icd.bench.TA
 BENCH = dict(n=20, methods=None, seed_start=None, kinds=None, steps_list=None, model="embedded", ip2p=None,
              guidance=None, tau=None, renoise=None, ddim_rule="reference", batch=50, n_timing=5, examples=2,
              pie_bench=None, lpips=None, clip=None, dino=None, device="auto")  # icd.bench.BenchOptions
-TRAINERS = ("vae", "judge", "teacher", "guidance", "icd", "ip2p")  # icd.cli.train.trainers()
+TRAINERS = ("vae", "judge", "teacher", "guidance", "icd", "ip2p", "flow_teacher")  # icd.cli.train.trainers()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ _TRAINERS = {
     "guidance": ("icd.train.guidance", "GuidanceConfig", "train_guidance"),
     "icd": ("icd.train.icd", "ICDConfig", "train_icd"),
     "ip2p": ("icd.train.ip2p", "IP2PConfig", "train_ip2p"),  # InstructPix2Pix on the teacher's P2P triples
+    "flow_teacher": ("icd.train.flow_teacher", "FlowTeacherConfig", "train_flow_teacher"),  # docs/flow.md
 }
 
 

@@ -186,7 +186,7 @@ def test_train_components_come_from_the_registry():
     from icd.train.icd import ICDConfig, train_icd
     from icd.train.vae import VAEConfig, train_vae
 
-    assert list(TRAINERS) == ["vae", "judge", "teacher", "guidance", "icd", "ip2p"]
+    assert list(TRAINERS) == ["vae", "judge", "teacher", "guidance", "icd", "ip2p", "flow_teacher"]
     assert TRAINERS["icd"] == (ICDConfig, train_icd) and TRAINERS["vae"] == (VAEConfig, train_vae)
     with pytest.raises(SystemExit):
         main(["train", "unet", "--config", "x.toml"])

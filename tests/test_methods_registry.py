@@ -142,3 +142,27 @@ def test_the_toy_method_is_gone_after_its_test(pipe, case):
         pipe.invert(case.source[None], [case.source_prompt], method="toyddim")
     with pytest.raises(SystemExit):  # argparse: an invalid choice
         main(["edit", "x.png", "--source", "a", "--target", "b", "--method", "toyddim", "-o", "y.png"])
+
+
+def test_a_builtin_method_is_written_once_in_its_entry():
+    """Each built-in method's menu is its `BUILTIN` entry alone: the registry answers the menu without importing
+    the method's module, and the class, imported on first use, takes its menu from the entry."""
+    from icd.editing import ip2p
+    from icd.methods import BUILTIN, Entry
+    from icd.methods.registry import MENU
+
+    assert [e.name for e in BUILTIN] == REGISTRY.names()
+    assert REGISTRY.lookup("ip2p").name == ip2p.METHOD  # the name its inversions carry
+    for entry in BUILTIN:
+        method = REGISTRY.get(entry.name)
+        module, _, qualname = entry.target.partition(":")
+        assert (type(method).__module__, type(method).__qualname__) == (module, qualname)
+        assert {k: getattr(type(method), k) for k in MENU} == entry.menu()
+    reg = Registry([Entry("later", "icd.methods.nowhere:Later", "a method whose module does not exist", ("edit",))])
+    assert reg.names("edit") == ["later"] and reg.lookup("later").summary.startswith("a method")
+    with pytest.raises(ModuleNotFoundError):
+        reg.get("later")
+    with pytest.raises(TypeError, match="menu is its entry"):
+        type("ICD", (DDIM,), {"__module__": "icd.methods.icd", "summary": "written twice"})
+    with pytest.raises(TypeError, match="must be an icd.methods.Method"):
+        reg.register(object())

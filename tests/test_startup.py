@@ -1,8 +1,11 @@
 """Issue 36 §8: `icd --help`, `icd CMD --help`, a one-line error and `icd world …` answer without importing torch,
-diffusers or transformers (each takes seconds on a small CPU), and the light copies the parsers read
-(`icd.cli.catalog`) equal the library's values."""
+diffusers or transformers (each takes seconds on a small CPU); the methods' menu is read from `icd.methods` itself
+(light: `BUILTIN`'s entries, each method written once), and the option defaults the parsers copy (`icd.cli.catalog`)
+equal the library's values."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -38,6 +41,16 @@ def _probe(argvs: list[list[str]], cwd) -> list[dict]:
     return json.loads(done.stdout)
 
 
+def main_help(argv: list[str]) -> str:
+    """What `icd ARGV` prints, run in this process (its parsers built from this process's registry)."""
+    from icd.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(argv)
+    return out.getvalue()
+
+
 def test_help_errors_and_world_load_no_torch(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"\n')
     commands = [["--help"], ["edit", "--help"], ["generate", "--help"], ["invert", "--help"], ["bench", "--help"],
@@ -64,7 +77,8 @@ def test_help_errors_and_world_load_no_torch(tmp_path):
 
 
 def test_import_icd_cli_is_light():
-    code = ("import sys, icd.cli, icd.cli.catalog, icd.bench.piebench; "
+    code = ("import sys, icd.cli, icd.cli.catalog, icd.bench.piebench, icd.methods; "
+            "icd.methods.REGISTRY.lookup('ip2p', 'edit'); icd.methods.REGISTRY.names(); "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
@@ -77,12 +91,9 @@ def test_catalog_equals_the_library():
     from icd.editing.controllers import MasaCtrlControls, P2PControls
     from icd.editing.edit import EditControls
 
-    fields = [f.name for f in dataclasses.fields(catalog.MethodInfo)]
-    assert [tuple(getattr(m, f) for f in fields) for m in methods.BUILTIN] == \
-        [dataclasses.astuple(m) for m in catalog.BUILTIN]
-    assert (catalog.TASKS, catalog.DEFAULT_GUIDANCE, catalog.DEFAULT_RENOISE, catalog.DEFAULT_DDIM_RULE,
-            catalog.DEFAULT_STRENGTH) == (methods.TASKS, methods.DEFAULT_GUIDANCE, methods.DEFAULT_RENOISE,
-                                          methods.DEFAULT_DDIM_RULE, methods.DEFAULT_STRENGTH)
+    assert not hasattr(catalog, "BUILTIN")  # the methods' menu is icd.methods.BUILTIN alone
+    assert (catalog.DEFAULT_GUIDANCE, catalog.DEFAULT_RENOISE, catalog.DEFAULT_DDIM_RULE, catalog.DEFAULT_STRENGTH) \
+        == (methods.DEFAULT_GUIDANCE, methods.DEFAULT_RENOISE, methods.DEFAULT_DDIM_RULE, methods.DEFAULT_STRENGTH)
     assert catalog.DDIM_RULES == tuple(samplers.DDIM_RULES)
     assert catalog.P2P == {k: getattr(P2PControls(), k) for k in catalog.P2P}
     assert catalog.MASACTRL == {k: getattr(MasaCtrlControls(), k) for k in catalog.MASACTRL}
@@ -95,17 +106,18 @@ def test_catalog_equals_the_library():
     assert catalog.TRAINERS == tuple(TRAINERS)
 
 
-def test_catalog_answers_from_the_live_registry_once_loaded():
-    """In a process that imported icd.methods (a plug-in, a test) a method registered there is in the menus."""
+def test_the_menus_answer_from_the_live_registry():
+    """A method registered in this process (a plug-in, a test) is in the command line's menus and checks."""
     from icd.methods import REGISTRY
     from icd.methods.ddim import DDIM
 
     toy = type("Toy", (DDIM,), {"name": "toystartup", "tasks": ("invert", "edit")})()
     with REGISTRY.registered(toy):
-        assert "toystartup" in catalog.names("edit") and catalog.get("toystartup", "edit") is toy
-    assert "toystartup" not in catalog.names()
+        assert "toystartup" in REGISTRY.names("edit") and REGISTRY.lookup("toystartup", "edit") is toy
+        assert "toystartup" in main_help(["edit", "--help"])
+    assert "toystartup" not in REGISTRY.names()
     with pytest.raises(ValueError, match="choose from icd"):
-        catalog.get("toystartup")
+        REGISTRY.lookup("toystartup")
     for value in (0.0, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match="strength"):
             catalog.check_strength(value)

@@ -22,6 +22,7 @@ from icd.cli.common import (
 )
 from icd.imageio import FITS, check_output, fit_image, load_image, save_image
 from icd.io import folder_problem, output_problem, pair_paths, shown
+from icd.methods import REGISTRY  # light: the menus; a method's object (and torch) on REGISTRY.get
 from icd.plotting import captioned_grid
 
 if TYPE_CHECKING:  # the heavy modules (torch, diffusers) are imported where an edit starts computing
@@ -113,12 +114,12 @@ def _check_method_options(args) -> None:
     """The per-method options, read from the registry: --strength only for a method that takes one (and in
     (0, 1]); a method's own options (--instruction, --image-guidance) and weights (--ip2p) only for it; a method
     without attention control refuses those options, one without a dynamic-CFG threshold --tau."""
-    method = catalog.get(args.method, "edit")
+    method = REGISTRY.lookup(args.method, "edit")
     if args.strength is not None:
         if args.inversion:
             raise CLIError("--strength applies when noising the image; a saved --inversion keeps its own strength")
         if not method.takes_strength:
-            raise CLIError(f"--strength applies to --method {' / '.join(catalog.names('edit', strength=True))}, "
+            raise CLIError(f"--strength applies to --method {' / '.join(REGISTRY.names('edit', strength=True))}, "
                            f"not {args.method}")
         try:
             catalog.check_strength(args.strength)
@@ -127,10 +128,10 @@ def _check_method_options(args) -> None:
     if args.inversion:
         return  # the saved inversion's method is known once it is read (`_controls` checks it then)
     given = [o for o in _OWN_OPTIONS if getattr(args, o) is not None and o not in method.options]
-    owners = [n for o in given for n in catalog.names("edit", option=o)]
+    owners = [n for o in given for n in REGISTRY.names("edit", option=o)]
     if args.ip2p is not None and method.weights != "ip2p":
         given.append("ip2p")
-        owners += [m.name for m in catalog.methods("edit") if m.weights == "ip2p"]
+        owners += [m.name for m in REGISTRY.menu("edit") if m.weights == "ip2p"]
     if given:
         raise CLIError(f"{' and '.join('--' + o.replace('_', '-') for o in given)} apply to --method "
                        f"{' / '.join(dict.fromkeys(owners))}, not {args.method}")
@@ -166,7 +167,6 @@ def _controls(args, mask, name: str, *, notice: bool = True):
     """The method's controls (`icd.requests.edit_controls`): Prompt-to-Prompt (default), MasaCtrl (--masactrl) or
     a plain prompt swap (--swap) where it takes attention control, with its own options (IP2P: the instruction and
     s_I; --guidance is its text code w, s_T = w + 1)."""
-    from icd.methods import REGISTRY  # heavy: the model is loaded already
     from icd.requests import AttentionRequest, edit_controls, refine_notice  # heavy, as above
 
     method = REGISTRY.get(name, "edit")
@@ -222,8 +222,6 @@ def cmd_edit(args) -> None:
 def load_editor(args) -> Pipeline:
     """The pipeline of the model options with what --method needs beyond it loaded (IP2P's weights)."""
     editor = load_pipeline(args, ip2p=args.ip2p)
-    from icd.methods import REGISTRY  # loaded with the pipeline
-
     with library_errors():  # e.g. IP2P's missing or incomplete weights folder: one line naming `icd train ip2p`
         REGISTRY.get(args.method).prepare(editor)
     return editor
@@ -284,8 +282,8 @@ def add_arguments(e) -> None:
                    "target, output and optional controls ({\"blend\": [\"red\", \"blue\"], \"seed\": 3, ...}: "
                    "the per-edit options by name); paths relative to the file's folder; the other options apply to "
                    "every line (README: icd edit --batch)")
-    e.add_argument("--method", default=_DEFAULT_METHOD, choices=catalog.names("edit"),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in catalog.methods("edit")) +
+    e.add_argument("--method", default=_DEFAULT_METHOD, choices=REGISTRY.names("edit"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.menu("edit")) +
                    " (sdedit / sdedit-icd: no inversion, no attention control; ip2p: --ip2p DIR, `icd train ip2p`)")
     e.add_argument("--steps", type=int, default=None, help="icd, sdedit-icd: the adapters' segment count; ip2p: 100; "
                    "others: 50 (sdedit runs the steps below its start)")

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 
-from icd.cli import catalog
 from icd.cli.catalog import DEFAULT_GUIDANCE, DEFAULT_RENOISE
 from icd.cli.common import (
     MAX_SEED,
@@ -19,6 +18,7 @@ from icd.cli.common import (
     seed,
 )
 from icd.imageio import FITS, check_output, load_image, save_image
+from icd.methods import REGISTRY  # light: the menus
 from icd.plotting import hstack
 
 MAX_IMAGES = 256  # images side by side in one output file
@@ -79,8 +79,8 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="text-to-image: 4-step iCD (default) or DDIM with classifier-free guidance")
     g.add_argument("prompt")
     g.add_argument("--seed", type=seed, default=0)
-    g.add_argument("--method", default="icd", choices=catalog.names("generate"),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in catalog.methods("generate")))
+    g.add_argument("--method", default="icd", choices=REGISTRY.names("generate"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.menu("generate")))
     g.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim / gddim: DDIM steps (default 50)")
     g.add_argument("--guidance", type=float, default=None,
@@ -99,8 +99,8 @@ def add_parser(sub) -> None:
     i = sub.add_parser("invert", help="invert an image to noise and reconstruct it")
     i.add_argument("image")
     i.add_argument("--prompt", required=True, help="caption of the image (the source prompt)")
-    i.add_argument("--method", default="icd", choices=catalog.names("reconstruct"),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in catalog.methods("reconstruct")))
+    i.add_argument("--method", default="icd", choices=REGISTRY.names("reconstruct"),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.menu("reconstruct")))
     i.add_argument("--steps", type=int, default=None,
                    help="icd: must equal the adapters' segment count (default); ddim: steps each way (default 50)")
     i.add_argument("--seed", type=seed, default=0, help="icd: seed of the noise that takes the image to t = 19")

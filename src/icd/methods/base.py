@@ -8,14 +8,13 @@ original), how it inverts, decodes and edits, how it checks a saved inversion, w
 
 The methods reach the pipeline's models through a small host interface (`Host`: the pipeline itself), so this
 layer sits between the samplers / editing below and the pipeline above and imports neither the pipeline nor any
-front end. A new method is one module with one subclass and one line in `icd.methods` (`BUILTIN`); a test or a
-plug-in registers one for a while with ``with REGISTRY.registered(MyMethod()): ...``.
+front end. A new method is one module with one subclass and one entry in `icd.methods` (`BUILTIN`: its menu, which
+the class takes when it is defined; the registry lives in `icd.methods.registry`, light to import); a test or a
+plug-in registers an object for a while with ``with REGISTRY.registered(MyMethod()): ...``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -28,13 +27,12 @@ from icd.editing.edit import EditControls, edit_latents, flatten_targets, make_c
 from icd.editing.inversion import Inversion
 from icd.guidance import check_guidance, check_tau
 from icd.imageio import to_uint8
+from icd.methods.registry import MENU, REGISTRY, TASKS, entry_of
 from icd.models.base import Cond, EpsFn, LatentDiffusion, check_prompts
 from icd.models.loading import family_of
 from icd.samplers import StopFn, ddim_loop, generation_timesteps, stoppable
 from icd.schedule import check_steps
 
-TASKS = ("invert", "reconstruct", "edit", "generate")  # what a method may serve (reconstruct: invert + decode as a
-# measurement of inversion quality: `icd invert`, `icd bench inversion`)
 DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model;
 # a Stable Diffusion family has its own: `Method.guidance_default`)
 DEFAULT_STEPS = 50  # the DDIM baselines' step count
@@ -138,6 +136,19 @@ class Method:
     bench_guidance: ClassVar[bool] = True  # a benchmark runs it at the run's guidance code (False: its own scales)
     p2p_defaults: ClassVar[dict] = dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0)  # the
     # benchmark's Prompt-to-Prompt settings (NPI's paper for the DDIM family; docs/baselines.md §3-4)
+
+    def __init_subclass__(cls, **kwargs):
+        """A built-in method's class takes its menu (`registry.MENU`: name, summary, tasks, ...) from its entry in
+        `icd.methods.BUILTIN`, where alone it is written."""
+        super().__init_subclass__(**kwargs)
+        entry = entry_of(cls)
+        if entry is not None:
+            twice = [k for k in MENU if k in vars(cls)]
+            if twice:
+                raise TypeError(f"{entry.target} sets {', '.join(twice)}: a built-in method's menu is its entry's "
+                                "(icd.methods.BUILTIN)")
+            for key, value in entry.menu().items():
+                setattr(cls, key, value)
 
     def __repr__(self) -> str:
         return f"<method {self.name}: {self.summary}>"
@@ -326,70 +337,4 @@ class Method:
 def with_extra(st: Settings, **extra) -> Settings:
     """`st` with more method-specific values in its `extra`."""
     return replace(st, extra={**st.extra, **extra})
-
-
-# ---------------------------------------------------------------------------------------------- the registry
-class Registry:
-    """The methods by name, in the order they were registered (the order every menu lists them in)."""
-
-    def __init__(self, methods: Sequence[Method] = ()):
-        self._methods: dict[str, Method] = {}
-        for m in methods:
-            self.register(m)
-
-    def register(self, method: Method) -> Method:
-        """Add `method`; ValueError for a name already taken or a malformed one."""
-        if not isinstance(method, Method):
-            raise TypeError(f"a method must be an icd.methods.Method, got {type(method).__name__}")
-        if not method.name or method.name[-1].isdigit() or any(c in method.name for c in ":@, "):
-            raise ValueError(f"method name {method.name!r} must be non-empty, not end in a digit (bench names add a "
-                             "step count) and hold no ':', '@', ',' or space")
-        bad = [t for t in method.tasks if t not in TASKS]
-        if bad:
-            raise ValueError(f"method {method.name!r}: unknown task(s) {', '.join(bad)}; choose from "
-                             f"{', '.join(TASKS)}")
-        if method.name in self._methods:
-            raise ValueError(f"method {method.name!r} is already registered")
-        self._methods[method.name] = method
-        return method
-
-    def unregister(self, name: str) -> None:
-        self._methods.pop(name)
-
-    @contextmanager
-    def registered(self, method: Method) -> Iterator[Method]:
-        """`method` registered for the block, then removed (tests, plug-ins)."""
-        self.register(method)
-        try:
-            yield method
-        finally:
-            self.unregister(method.name)
-
-    def methods(self, task: str | None = None) -> list[Method]:
-        return [m for m in self._methods.values() if task is None or task in m.tasks]
-
-    def names(self, task: str | None = None, *, strength: bool | None = None, option: str | None = None,
-              attention_control: bool | None = None) -> list[str]:
-        """Names of the methods serving `task` (all: None), optionally only those that take a strength, an
-        option or attention control."""
-        return [m.name for m in self.methods(task) if (strength is None or m.takes_strength == strength)
-                and (option is None or option in m.options)
-                and (attention_control is None or m.attention_control == attention_control)]
-
-    def get(self, name: str, task: str | None = None) -> Method:
-        """The method `name` (serving `task`); ValueError listing the valid names otherwise."""
-        method = self._methods.get(name)
-        if method is None or (task is not None and task not in method.tasks):
-            what = f" for {task}" if task else ""
-            raise ValueError(f"unknown method {name!r}{what}; choose from {', '.join(self.names(task))}")
-        return method
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._methods
-
-    def __iter__(self) -> Iterator[Method]:
-        return iter(list(self._methods.values()))
-
-
-REGISTRY = Registry()
 

@@ -13,9 +13,6 @@ from icd.samplers import StopFn, ddim_invert, stoppable
 
 
 class DDIM(Method):
-    name = "ddim"
-    summary = "DDIM, two-pass classifier-free guidance"
-
     def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
                guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:
         """Unguided DDIM inversion up the grid of `st.steps` (`ddim_rule`: the noise's timestep label)."""
@@ -27,7 +24,4 @@ class DDIM(Method):
 
 
 class GuidedDDIM(DDIM):
-    name = "gddim"
-    summary = "DDIM on the guidance-distilled UNet"
     unet = "distilled"
-    tasks = ("invert", "reconstruct", "generate")

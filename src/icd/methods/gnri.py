@@ -34,8 +34,6 @@ from icd.schedule import NoiseSchedule
 
 
 class GNRI(GeneratorInversion):
-    name = "gnri"
-    summary = "the reverse model inverted by Newton-Raphson (GNRI, 8 + 4 calls)"
     iterations = 2  # inv_hp[0]
     alpha = 0.1  # inv_hp[1]: the prior's weight
 
@@ -69,6 +67,4 @@ class GNRI(GeneratorInversion):
 
 
 class GNRI4Call(GNRI):
-    name = "gnri-4call"
-    summary = "GNRI at one iteration per step (4 + 4 calls)"
     iterations = 1

@@ -42,8 +42,6 @@ class AdapterMethod(Method):
 
 
 class ICD(AdapterMethod):
-    name = "icd"
-    summary = "forward + reverse consistency models (iCD)"
     renoises = True
 
     def encoder_eps(self, model: LatentDiffusion) -> EpsFn:

@@ -14,14 +14,7 @@ from icd.samplers import StopFn
 
 
 class IP2P(Method):
-    name = ip2p.METHOD
-    summary = "InstructPix2Pix trained on the teacher's edits"
-    tasks = ("invert", "edit")
     default_steps = ip2p.DEFAULT_STEPS
-    attention_control = False
-    takes_tau = False
-    options = ("instruction", "image_guidance")
-    weights = "ip2p"  # the option naming its weights folder (`--ip2p DIR`)
     controls_type = ip2p.IP2PControls
     bench_guidance = False  # a benchmark runs it at its weights' validated scales, not the run's code
 

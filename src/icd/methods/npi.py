@@ -11,10 +11,6 @@ from icd.models.base import Cond, LatentDiffusion
 
 
 class NPI(DDIM):
-    name = "npi"
-    summary = "negative-prompt inversion"
-    tasks = ("invert", "edit")
-
     def uncond(self, model: LatentDiffusion, inversion: Inversion, cond_src: Cond, rows: torch.Tensor):
         """The source prompt's rows."""
         return cond_src.index(rows)

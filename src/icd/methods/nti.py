@@ -17,9 +17,6 @@ from icd.samplers import StopFn
 
 
 class NTI(DDIM):
-    name = "nti"
-    summary = "null-text inversion"
-    tasks = ("invert", "edit")
     p2p_defaults = dict(cross_replace=0.4, self_replace=0.8, reweight_new_words=3.0)  # the NTI paper's
 
     def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,

@@ -48,9 +48,6 @@ class GeneratorInversion(AdapterMethod):
     """The reverse model inverted step by step up its own decoding times, then decoding with it (``renoise``,
     ``gnri``): one subclass per way of solving a step (`step`)."""
 
-    tasks = ("invert", "reconstruct", "edit")
-    attention_control = True
-
     def times(self, model: LatentDiffusion) -> list[int]:
         """Inversion's ascending times: the reverse model's decoding times reversed (0 -> ... -> T-1)."""
         return list(reversed(model.icd.boundaries.reverse_schedule()))
@@ -176,8 +173,6 @@ def corrected(eps: EpsFn, inversion: Inversion, schedule: NoiseSchedule, rows: t
 
 # ---------------------------------------------------------------------------------------------- ReNoise
 class ReNoise(GeneratorInversion):
-    name = "renoise"
-    summary = "the reverse model inverted by ReNoise (averaged re-noising fixed point, 35 + 4 calls)"
     iterations = 9  # num_renoise_steps K: K + 1 iterates per step
     first_iterations = 5  # max_num_renoise_steps_first_step
     average_range = (8, 10)  # average_step_range
@@ -261,7 +256,5 @@ class ReNoise(GeneratorInversion):
 
 
 class ReNoise4Call(ReNoise):
-    name = "renoise-4call"
-    summary = "ReNoise at one call per step (K = 0: 4 + 4 calls)"
     iterations = 0
     first_iterations = 0

@@ -62,12 +62,6 @@ def sdedit_noised(z0: torch.Tensor, noise: torch.Tensor, t: int, *, schedule: No
 
 
 class SDEdit(Method):
-    name = "sdedit"
-    summary = "SDEdit with the teacher's DDIM steps"
-    tasks = ("invert", "edit")
-    attention_control = False
-    takes_strength = True
-
     def resolve_strength(self, strength: float | None) -> float:
         strength = DEFAULT_STRENGTH if strength is None else strength
         check_strength(strength)
@@ -117,8 +111,6 @@ class SDEdit(Method):
 
 
 class SDEditICD(SDEdit, AdapterMethod):
-    name = "sdedit-icd"
-    summary = "SDEdit with the iCD reverse model's jumps"
     unet = "icd"
     own_steps = True
 

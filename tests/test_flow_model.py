@@ -142,3 +142,24 @@ def test_default_training_shift_is_fluxs_for_64_tokens():
     cfg = FlowTeacherConfig()
     assert cfg.training_shift() == pytest.approx(math.exp(flux_mu(64))) == pytest.approx(1.596, abs=1e-3)
     assert cfg.size().axes_dims_rope == (8, 12, 12)
+
+
+def test_the_shipped_flow_model_loads_in_flux_pipeline_and_generates_with_a_plain_call():
+    """The shipped folder, as a user of diffusers would load it: no dtype argument, offline; every module fp32 (the
+    transformer and VAE are stored in fp16 and loaded in fp32), one token per world word in both tokenizers."""
+    from diffusers import FluxPipeline
+
+    from icd import world
+    from icd.paths import embedded_flow_model_path
+
+    folder = embedded_flow_model_path()
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= 30 * 2**20, total
+    pipe = FluxPipeline.from_pretrained(folder)
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float32
+    for word in world.vocabulary():
+        assert len(pipe.tokenizer(word).input_ids) == 3, word
+    out = pipe("a large red circle on a gray background", num_inference_steps=4, height=64, width=64,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    assert out.std() > 0.01  # an image, not a constant

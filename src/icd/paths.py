@@ -16,5 +16,10 @@ def embedded_model_path() -> Path:
     return assets_dir() / "embedded"
 
 
+def embedded_flow_model_path() -> Path:
+    """The embedded FLUX-shaped flow model (a diffusers FluxPipeline folder; docs/flow.md)."""
+    return assets_dir() / "embedded-flow"
+
+
 def embedded_judge_path() -> Path:
     return assets_dir() / "judge.safetensors"

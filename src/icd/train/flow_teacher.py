@@ -21,7 +21,6 @@ Run: ``python -m icd.train.flow_teacher --config configs/embedded-flow.toml [--s
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import shutil
@@ -42,8 +41,9 @@ from icd.schedule import FlowSchedule, flux_mu, logit_normal_sigmas, velocity_ta
 from icd.train.checkpoint import load_checkpoint, resume_checkpoint
 from icd.train.config import ConfigError, RunConfig, load_config
 from icd.train.data import CACHE, world_latents
-from icd.train.runner import TrainingRun, lr_at, set_lr
-from icd.train.teacher import ema_update, teacher_noise
+from icd.train.runner import TrainingRun, set_lr, warmup_lr
+from icd.train.scaffold import EMA
+from icd.train.teacher import teacher_noise
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class FlowTeacherConfig(RunConfig):
             raise ConfigError(f"FlowTeacherConfig.shift must be >= 0 (0: FLUX's e^mu), got {self.shift}")
         if not (math.isfinite(self.logit_std) and self.logit_std > 0):
             raise ConfigError(f"FlowTeacherConfig.logit_std must be positive, got {self.logit_std}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"FlowTeacherConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"FlowTeacherConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         try:
@@ -162,16 +164,14 @@ def train_flow_teacher(cfg: FlowTeacherConfig, *, resume: bool = True) -> Path:
 
     trained = {"transformer": parts.transformer, "text_encoder": parts.text_encoder,
                "text_encoder_2": parts.text_encoder_2}
-    ema = {f"ema_{k}": copy.deepcopy(m).requires_grad_(False) for k, m in trained.items()}
+    averages = EMA(cfg.ema_decay, {f"ema_{k}": m for k, m in trained.items()})
+    ema = averages.modules
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = TrainingRun(out, desc="train flow teacher", total_steps=cfg.steps, columns=["loss", "lr"],
                       modules={k: _TiedView(m) for k, m in {**trained, **ema}.items()},
                       optimizers={"flow_teacher": opt}, config=cfg,
                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, resume=resume)
-
-    def lr_now(step: int) -> float:
-        return cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else lr_at(step, cfg)
 
     for m in trained.values():
         m.train()
@@ -187,16 +187,14 @@ def train_flow_teacher(cfg: FlowTeacherConfig, *, resume: bool = True) -> Path:
             clip_ids = torch.where(drop, clip_empty.expand(cfg.batch_size, -1), clip_all[idx])
             t5_ids = torch.where(drop, t5_empty.expand(cfg.batch_size, -1), t5_all[idx])
             # 2. Loss, backward, clip, step
-            lr = set_lr([opt], lr_now(run.step))
+            lr = set_lr([opt], warmup_lr(run.step, cfg))
             losses = flow_loss(parts, z0=z_all[idx], clip_ids=clip_ids, t5_ids=t5_ids, s=s, eps=eps)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            # 3. EMA (warm-up: decay grows from 0.1 to ema_decay)
-            decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
-            for name, module in trained.items():
-                ema_update(ema[f"ema_{name}"], module, decay)
+            # 3. EMA (the trainers' one warm-up rule, icd.train.scaffold.EMA)
+            averages.update(run.step)
             run.end_step({"loss": losses["loss"].item(), "lr": lr})
     final = fe.FluxParts(parts.tokenizer, ema["ema_text_encoder"], parts.tokenizer_2, ema["ema_text_encoder_2"],
                          ema["ema_transformer"])

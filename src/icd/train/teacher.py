@@ -37,7 +37,6 @@ from icd.train.scaffold import (
     Parts,
     Trainer,
     Update,
-    ema_update,  # noqa: F401  (icd.train.flow_teacher imports it from here)
     run_training,
 )
 

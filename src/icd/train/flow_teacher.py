@@ -54,6 +54,7 @@ SECTION = "flow_teacher"
 class FlowTeacherConfig(RunConfig):
     out_dir: str = "runs/flow-teacher"  # checkpoints, log.csv and final/ (a diffusers FluxPipeline folder)
     vae_path: str = ""  # trained VAE (diffusers format); "" = the shipped embedded model's VAE
+    init_from: str = ""  # a FluxPipeline folder of the same size whose weights start the run ("": random init)
     steps: int = 4000
     batch_size: int = 64
     lr: float = 5e-4  # AdamW; linear warm-up then cosine decay to lr_min
@@ -141,6 +142,26 @@ class _TiedView(torch.nn.Module):
         return self.module.load_state_dict(full, strict=strict, assign=assign)
 
 
+def _load_weights(parts: fe.FluxParts, folder: str | Path) -> None:
+    """Copy the transformer's and both text encoders' weights of the `FluxPipeline` folder `folder` into `parts`
+    (continuing a run whose checkpoints are gone from its exported or shipped weights). `ConfigError` when a
+    component is missing or its shapes differ from the configured size."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    folder = Path(folder)
+    sources = {"transformer": FluxTransformer2DModel, "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
+    for name, cls in sources.items():
+        if not (folder / name / "config.json").is_file():
+            raise ConfigError(f"init_from {folder}: no {name}/ (expected a FluxPipeline folder)")
+        source = cls.from_pretrained(str(folder / name), torch_dtype=torch.float32)
+        try:
+            getattr(parts, name).load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ConfigError(f"init_from {folder}: {name} does not match the configured size ({first})") from None
+
+
 def _ids(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=fe.TEXT_LENGTH, truncation=True,
                      return_tensors="pt").input_ids
@@ -156,6 +177,8 @@ def train_flow_teacher(cfg: FlowTeacherConfig, *, resume: bool = True) -> Path:
     z_all, captions = world_latents(vae, vae_path, cfg.n_images, max_objects=cfg.max_objects, cache_dir=out / CACHE)
     torch.manual_seed(cfg.seed)
     parts = fe.build_parts(out / "tokenizers", world.vocabulary(), cfg.size())
+    if cfg.init_from:
+        _load_weights(parts, cfg.init_from)
     clip_all, t5_all = _ids(parts.tokenizer, captions), _ids(parts.tokenizer_2, captions)
     clip_empty, t5_empty = _ids(parts.tokenizer, [""]), _ids(parts.tokenizer_2, [""])
     shift = cfg.training_shift()

@@ -8,6 +8,8 @@
 #   sd_timing_sdxl.json / .log              benchmarks/sd_shaped_timing.py --family sdxl (editing rows, ratios)
 #   adapters-N.tar                          final (or latest-checkpoint) adapters of two rows each, + their log.csv
 #   logs.tar                                every row's stdout/stderr and nvidia-smi
+# Issue 36's timing session (no training, under 8 minutes): `bash benchmarks/gpu_session.sh timing` -- see the
+# block starting at `timing` below for what it runs, how to carry what it needs, and its CPU smoke test.
 # Usage (on the device machine, after installing diffusers there; see docs/experiments/gpu-mixed-precision.md for the exact call):
 #   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh [ROW ...]
 #   OUT=/some/dir GPU_TESTS=0 TRAIN=0 bash benchmarks/gpu_session.sh       # the SD timings only (issue 21, item 5)
@@ -46,6 +48,113 @@ N_IMAGES=60000
 CONFIG=configs/icd-gpu.toml
 start=$(date +%s)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# ---------------------------------------------------------------------------------------------------------------
+# `timing`: issue 36's GPU session -- SD 1.5 at 512x512 and SDXL at 1024x1024 with random weights (fp16), eager and
+# compiled (the library's --compile path: reduce-overhead / CUDA graphs), iCD 4+4 P2P with its floor row in both
+# modes, DDIM 50+50, NPI 50+50 and null-text inversion with P2P (SD 1.5: also on the compiled original UNet), in
+# under 8 minutes (TIMING_BUDGET, default 470 s). Nothing trains, no GPU tests.
+#   OUT=/some/dir bash benchmarks/gpu_session.sh timing           # on the device machine (see below)
+#   OUT=/tmp/gs PY=.venv/bin/python bash benchmarks/gpu_session.sh timing --smoke   # the same rows on a CPU, tiny
+# Leaves in $OUT: timing_sd15.json / .log, timing_sdxl.json / .log (benchmarks/sd_shaped_timing.py's report, one row
+# per method x mode, rewritten after every row: a family cut by its timeout keeps the rows it finished) and
+# summary.md (one line per row: seconds median / min, floor ratio, graphs compiled and graph breaks while timed,
+# peak memory, VAE fp32 re-runs).
+# What it needs there: a CUDA torch (the machine has one) and this repository's other dependencies, carried as
+# wheels in an ignored folder (untracked, never committed) and installed beside torch:
+#   here:  .venv/bin/pip download --no-deps -d out/whl diffusers==0.42.1 transformers==5.25.0 peft==0.21.2 \
+#              accelerate==1.16.0 tokenizers==0.23.3 safetensors==0.8.0 huggingface_hub==2.4.0
+#   device tool: run(command="pip install -q --no-deps --target /tmp/site out/whl/*.whl && PYTHONPATH=/tmp/site
+#              OUT=$OUT bash benchmarks/gpu_session.sh timing", carry=["out/whl"], timeout_s=600)
+# The script first checks that every import it needs works (one line naming what is missing, exit 3, seconds spent).
+# Time guards: SD 1.5 under `timeout TIMING_SD15_S` (default 200 s), SDXL under TIMING_SDXL_S (250 s), each cut to
+# what TIMING_BUDGET leaves and passed --max-minutes = (timeout - 45 s) / 60, so no row starts in its last 45 s;
+# rows run in their order of importance (icd eager + floor, icd compiled + floor, ddim, npi, nti eager, then SD
+# 1.5's compiled baselines). The seconds above are estimates (compile time of a full-size UNet on the host CPU, ~0.5
+# s per SD 1.5 edit eager, RESULTS §6): this mode was smoke-tested on a CPU only (`--smoke`: SD 1.5 at 1/20 width
+# and tiny SDXL at 64x64, 2+2 baseline steps, dynamo with the eager backend), never on a GPU.
+if [ "${1:-}" = timing ]; then
+    smoke=0
+    [ "${2:-}" = --smoke ] && smoke=1
+    budget=${TIMING_BUDGET:-470}
+    export TORCHINDUCTOR_FX_GRAPH_CACHE=${TORCHINDUCTOR_FX_GRAPH_CACHE:-1}
+    if [ "$smoke" = 1 ]; then
+        common="--device cpu --image-size 64 --repeats 1 --warmups 0 --steps 2 --warmup-steps 1 --compile default \
+--compile-backend eager --compile-warmups 1 --skip b8,train"
+        SD15_ARGS=${SD15_ARGS:-"$common --scale 20 --compile-baselines"}
+        SDXL_ARGS=${SDXL_ARGS:-"$common --tiny"}
+    else
+        common="--device cuda --repeats 5 --warmups 1 --steps 50 --warmup-steps 2 --compile auto --compile-warmups 2 \
+--skip b8,train"
+        SD15_ARGS=${SD15_ARGS:-"$common --compile-baselines"}
+        SDXL_ARGS=${SDXL_ARGS:-"$common"}
+    fi
+        mkdir -p "$OUT"
+    command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    if ! missing=$($PY - 2>&1 <<'PYEOF'
+import importlib
+bad = []
+for name in ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
+             "huggingface_hub", "icd.pipeline"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 -- report every missing piece at once
+        bad.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+print("; ".join(bad))
+raise SystemExit(1 if bad else 0)
+PYEOF
+    ); then
+        echo "gpu_session timing: cannot import: $missing (install the carried wheels: see this script's header)"
+        exit 3
+    fi
+    family_timing() {  # FAMILY SECONDS ARGS
+        local family=$1 limit=$2 args=$3 left
+        left=$(( start + budget - $(date +%s) ))
+        [ "$left" -lt "$limit" ] && limit=$left
+        if [ "$limit" -lt 60 ]; then
+            echo "timing $family skipped (limit $limit s)"
+            return
+        fi
+        # shellcheck disable=SC2086
+        timeout "$limit" $PY benchmarks/sd_shaped_timing.py --family "$family" $args \
+            --max-minutes "$(awk -v s="$limit" 'BEGIN { print (s - 45) / 60 }')" --out "$OUT/timing_$family.json" \
+            > "$OUT/timing_$family.log" 2>&1
+        echo "timing $family rc=$? (limit $limit s) after $(( $(date +%s) - start )) s"
+    }
+    family_timing sd15 "${TIMING_SD15_S:-200}" "$SD15_ARGS"
+    family_timing sdxl "${TIMING_SDXL_S:-250}" "$SDXL_ARGS"
+    $PY - "$OUT" > "$OUT/summary.md" 2>&1 <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print("| family | method | mode | batch | s median | s min | floor ratio (median) | graphs / breaks while timed | "
+      "peak GiB | VAE fp32 re-runs |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for family in ("sd15", "sdxl"):
+    path = out / f"timing_{family}.json"
+    if not path.is_file():
+        print(f"| {family} | (no report) | | | | | | | | |")
+        continue
+    report = json.loads(path.read_text())
+    for r in report.get("edit", []):
+        def f(key, fmt="{:.4f}"):
+            v = r.get(key)
+            return "" if v is None else fmt.format(v)
+        ratio = (r.get("floor_ratio") or {}).get("median")
+        graphs = "" if "graphs_compiled_while_timed" not in r else \
+            f"{r['graphs_compiled_while_timed']} / {r.get('graph_breaks_while_timed', '')}"
+        note = r.get("error") or r.get("skipped") or ""
+        print(f"| {family} | {r['method']} | {r['variant']} | {r['batch']} | {f('total_s')} | {f('total_min_s')} | "
+              f"{'' if ratio is None else f'{ratio:.3f}'} | {graphs} | {f('peak_gib', '{:.2f}')} | "
+              f"{r.get('vae_upcasts', '')} {note} |")
+    if report.get("running"):
+        print(f"| {family} | cut while running: {report['running']} | | | | | | | | |")
+PYEOF
+    cat "$OUT/summary.md"
+    echo "timing session done after $(( $(date +%s) - start )) s"
+    exit 0
+fi
+
 rows=("$@")
 if [ ${#rows[@]} -eq 0 ]; then
     mapfile -t rows < <(sed -n 's/^\[\([A-Za-z0-9_]*\)\].*/\1/p' "$CONFIG")

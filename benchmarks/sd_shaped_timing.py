@@ -35,14 +35,26 @@ of one method over another's, same card, same run (``icd/ddim50`` < 1, ``nti/icd
 Every icd and floor row also counts the ATen operators of one untimed run (``aten_ops``, a dispatch-mode counter:
 host work an eager call pays per operator) and records the 1-minute load average before and after it
 (``loadavg``: the machine may be shared; take ``*_min`` as well as the median, and ``cpu_s``, the process's CPU
-seconds, which waiting for a core does not inflate). Peak memory is reset once per row,
+seconds, which waiting for a core does not inflate; ``--no-op-count`` drops that extra run; compiled rows have
+none: under a dispatch mode dynamo gives up on the UNet and runs it eagerly from then on). Peak memory
+(``peak_gib``: the CUDA allocator's peak on a GPU, the process's peak resident set on a CPU) is reset once per row,
 before its warm-ups: the allocator is never emptied between timed runs.
 
-``--channels-last`` / ``--compile MODE`` then add ``icd`` rows on the same models (in place; compile on top of
-channels-last when both are given), each with ``speedup_vs_plain`` and the largest pixel difference of its edit
-from the plain row's. A compiled row (``--compile-batches``, default batch 1: each static batch shape compiles its
-own graphs) runs ``--compile-warmups`` untimed runs first and states the graphs dynamo compiled during warm-up and
-while timed (0: no compilation was timed). Training rows (SD 1.5 only) come last, alone on the device.
+``--channels-last`` / ``--compile MODE`` add icd rows on the same models right after the plain icd rows, before the
+baselines (channels-last in place; compile on top of channels-last when both are given), each with
+``speedup_vs_plain`` and the largest pixel difference of its edit from the plain row's. ``--compile`` is the
+library's compiled path (`icd.models.compiled`, what ``icd edit --compile`` runs: MODE ``auto`` = reduce-overhead
+with CUDA graphs on CUDA); its floor row compiles the plain UNet the same way. A compiled row
+(``--compile-batches``, default batch 1: each static batch shape compiles its own graphs; ``--compile-baselines``:
+ddim / npi / nti on the compiled original UNet too; ``--compile-pairs N``: then N alternating eager / compiled icd b1
+runs, the per-pair ratio's median, for a shared machine) runs ``--compile-warmups`` untimed runs first and states the
+graphs dynamo compiled and the graph breaks it met during warm-up and while timed (0 and 0: no compilation was
+timed). Training rows (SD 1.5 only) come last, alone on the device.
+
+``--cpu-user``: what a CPU-only user waits for an SD-1.5-architecture 512x512 edit on this CPU (threads:
+``OMP_NUM_THREADS``): the iCD 4+4 P2P row and its floor (``--repeats``, default 3) and DDIM ``--steps``+``--steps``
+with P2P timed once (after a 1+1-step warm-up), seconds and peak resident memory (the floor's plain UNet is the
+original UNet here: one full-size UNet less in memory); ``--image-size`` / ``--scale`` smaller for a quick check.
 ``--max-minutes``: no row or timed run starts after that many minutes; the JSON is rewritten after every row
 (``running`` names the row in progress), so a run stopped from outside keeps what it measured. Progress: stderr.
 
@@ -54,6 +66,9 @@ while timed (0: no compilation was timed). Training rows (SD 1.5 only) come last
         --image-size 64 --repeats 7 --skip b8,ddim,npi,nti,train --out proxy.json       # issue 36's CPU proxy
     python benchmarks/sd_shaped_timing.py --device cpu --family sdxl --tiny --image-size 64 --repeats 1 --steps 2 \\
         --warmups 0 --out t.json
+    OMP_NUM_THREADS=1 python benchmarks/sd_shaped_timing.py --device cpu --family sd15 --scale 10 --image-size 64 \\
+        --repeats 9 --warmups 2 --skip b8,ddim,npi,nti,train --compile default --out proxy-compiled.json
+    OMP_NUM_THREADS=2 python benchmarks/sd_shaped_timing.py --cpu-user --out cpu-user-512.json   # the whole machine
 """
 
 from __future__ import annotations
@@ -85,6 +100,7 @@ from icd.guidance import guidance_embedding
 from icd.io import write_text_atomic
 from icd.models import lora, sd15, sdxl
 from icd.models.base import Cond, ICDSpec
+from icd.models.compiled import CompiledUNet, compiled_graphs, graph_breaks
 from icd.models.tiny import scheduler_config
 from icd.pipeline import Pipeline
 from icd.runtime import Precision, ProcessGroup, resolve_dtype
@@ -102,14 +118,33 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def _proc_status(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), in bytes; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    """Peak memory since the last `reset_peak`: the CUDA allocator's on a GPU, the process's peak resident set
+    (VmHWM: weights, activations, everything the user's machine must hold) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    hwm = _proc_status("VmHWM")
+    return None if hwm is None else hwm / 2**30
 
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: writing 5 to clear_refs resets VmHWM to the current resident set
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 class Clock:
@@ -152,16 +187,18 @@ class CallWatch:
 def sdxl_random_models(tokenizer_dir: Path, *, device, dtype: torch.dtype, tiny: bool, image_size: int,
                        rank: int = 64, seed: int = 0):
     """(base, icd) SDXL-shaped, as `sd15.random_models` builds SD 1.5 (no such helper in `icd.models.sdxl` yet):
-    random components on `device`, the VAE in fp32 under fp16 (SDXL's force_upcast, as `sdxl.load` does), the
-    distilled twin with both rank-`rank` adapters fused, boundaries 4step-2, tau 0.7."""
+    random components on `device`, the VAE in the model's dtype with its fp32 re-run of an overflowing batch (SDXL's
+    force_upcast, as `sdxl.load` does; ``vae_upcasts`` in each row counts the re-runs), the distilled twin with both
+    rank-`rank` adapters fused, boundaries 4step-2, tau 0.7."""
     parts = sdxl.random_components(tokenizer_dir, vocabulary=world.vocabulary(), tiny=tiny, image_size=image_size,
                                    device=device, dtype=dtype, seed=seed)
-    vae = parts["vae"].to(torch.float32) if dtype == torch.float16 else parts["vae"]
+    vae = parts["vae"]
     base = sdxl.SDXLDiffusion(tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"],
                               text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"], vae=vae,
                               unet=parts["unet"], schedule=NoiseSchedule.from_scheduler_config(scheduler_config()),
                               name=f"sdxl-shaped-random{'/tiny' if tiny else ''}", image_size=image_size,
                               size_multiple=sdxl.SIZE_MULTIPLE)
+    base.vae_upcast = bool(vae.config.force_upcast)
     icd = base.with_unet(parts["unet_guidance"])
     lora.add_adapters(icd.unet, rank=rank, alpha=rank, seed=seed)
     icd.unet.to(device=device, dtype=dtype).requires_grad_(False)
@@ -204,22 +241,12 @@ def set_memory_format(model, fmt: torch.memory_format) -> None:
         fused.refresh() if hasattr(fused, "refresh") else fused.activate(fused.active)
 
 
-def compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def compile_unet(unet, *, mode: str, backend: str) -> None:
-    """torch.compile of the UNet's forward in place (the module, its config and attention layers stay the same
-    objects). Static shapes; the recompile limit raised so that the edit's per-step attention-control states
-    compile instead of silently falling back to eager."""
-    import torch._dynamo
-
-    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, key):
-            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
-    unet.compile(backend=backend, dynamic=False, **({"mode": mode} if backend == "inductor" else {}))
+def compile_models(pipe: Pipeline, floor_unet, *, mode: str, backend: str, part: str):
+    """The library's compiled path (`icd.models.compiled`, what ``--compile`` / ``compile=`` give users): the iCD
+    model's UNet (`part` ``icd``) or the original UNet (``baselines``) compiled for its no-grad calls; returns the
+    floor's plain UNet behind the same wrapper (same mode, static shapes)."""
+    (pipe.icd_model if part == "icd" else pipe.base()).compile(mode, backend=backend)
+    return None if floor_unet is None else CompiledUNet(floor_unet, mode, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------- editing
@@ -335,6 +362,7 @@ class Floor:
                 torch.manual_seed(0)
                 self.unet = UNet2DConditionModel(**model.unet.config).to(device=device, dtype=model.dtype).eval()
             self.unet.requires_grad_(False)
+        self.call = self.unet  # the UNet call (a `CompiledUNet` in the compiled rows)
         b = model.icd.boundaries
         self.t_inv = [torch.full((batch,), int(t), device=device) for t in b.forward_schedule()[:-1]]
         self.t_dec = [torch.full((2 * batch,), int(t), device=device) for t in b.reverse_schedule()[:-1]]
@@ -382,10 +410,10 @@ class Floor:
             self.latent = m.vae.encode(self.image).latent_dist.mean
             lap("vae_encode")
             for ts in self.t_inv:
-                self.unet(self.x1, ts, encoder_hidden_states=self.tok1, **self.kwargs1)
+                self.call(self.x1, ts, encoder_hidden_states=self.tok1, **self.kwargs1)
             lap("invert")
             for ts in self.t_dec:
-                self.unet(self.x2, ts, encoder_hidden_states=self.tok2, **self.kwargs2)
+                self.call(self.x2, ts, encoder_hidden_states=self.tok2, **self.kwargs2)
             lap("decode")
             img = m.vae.decode(self.x2.to(m.vae.dtype)).sample
             lap("vae_decode")
@@ -410,7 +438,7 @@ def summarise(row: dict, runs: list[dict]) -> dict:
 
 
 def floor_row(floor: Floor, device: torch.device, clock: Clock, *, batch: int, warmups: int, repeats: int,
-              variant: str = "plain") -> dict:
+              variant: str = "plain", count_ops: bool = True) -> dict:
     name = f"floor b{batch}" + ("" if variant == "plain" else f" [{variant}]")
     row = {"method": "floor", "variant": variant, "batch": batch, "device": describe_device(device),
            "loadavg": [loadavg()]}
@@ -420,7 +448,9 @@ def floor_row(floor: Floor, device: torch.device, clock: Clock, *, batch: int, w
     for _ in range(warmups):
         floor.run()
     counter = OpCounter()
-    floor.run(counter)
+    if count_ops:
+        floor.run(counter)
+    graphs0, breaks0 = compiled_graphs(), graph_breaks()
     runs = []
     for k in range(repeats):
         if runs and clock.expired():
@@ -428,14 +458,17 @@ def floor_row(floor: Floor, device: torch.device, clock: Clock, *, batch: int, w
         runs.append(floor.run())
         clock.log(f"{name}: run {k + 1}/{repeats} {runs[-1]['total_s']:.4f} s")
     row["loadavg"].append(loadavg())
+    if "compile" in variant:
+        row |= {"graphs_compiled_while_timed": compiled_graphs() - graphs0,
+                "graph_breaks_while_timed": graph_breaks() - breaks0}
     row = summarise(row, runs)
-    return row | {"per_image_s": row["total_s"] / batch, "runs": len(runs), "aten_ops": counter.ops,
-                  "peak_gib": peak_gib(device)}
+    return row | {"per_image_s": row["total_s"] / batch, "runs": len(runs),
+                  "aten_ops": counter.ops if count_ops else None, "peak_gib": peak_gib(device)}
 
 
 def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatch | None, *, method: str,
              batch: int, steps: int | None, warmups: int, warmup_steps: int | None, repeats: int,
-             variant: str = "plain", image_size: int) -> dict:
+             variant: str = "plain", image_size: int, count_ops: bool = True) -> dict:
     """One row: `warmups` untimed runs (at `warmup_steps`), one counted run (icd: its ATen operators), then up to
     `repeats` timed runs (median and min)."""
     name = f"{method} b{batch}" + ("" if variant == "plain" else f" [{variant}]")
@@ -449,7 +482,7 @@ def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatc
     runs: list[dict] = []
     reset_peak(device)  # once per row, before the warm-ups: never between timed runs
     try:
-        graphs0 = compiled_graphs() if variant != "plain" else 0
+        graphs0, breaks0, upcasts0 = compiled_graphs(), graph_breaks(), pipe.model.vae_upcasts
         row["warmup_s"] = []
         for k in range(warmups):
             if watch is not None:
@@ -457,13 +490,14 @@ def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatc
             out = run_once(pipe, inputs, method, warmup_steps, device)
             row["warmup_s"].append(round(out["total_s"], 4))
             clock.log(f"{name}: warm-up {k + 1}/{warmups} ({warmup_steps or 'all'} steps) {out['total_s']:.2f} s")
-        if method == "icd":
+        if method == "icd" and count_ops:
             counter = OpCounter()
             run_once(pipe, inputs, method, steps, device, counter)
             row["aten_ops"] = counter.ops
         if "compile" in variant:
-            graphs1 = compiled_graphs()
+            graphs1, breaks1 = compiled_graphs(), graph_breaks()
             row["graphs_compiled_in_warmup"] = graphs1 - graphs0
+            row["graph_breaks_in_warmup"] = breaks1 - breaks0
         for k in range(repeats):
             if runs and clock.expired():
                 clock.log(f"{name}: stopping after {len(runs)} timed runs (--max-minutes)")
@@ -479,6 +513,8 @@ def edit_row(pipe: Pipeline, device: torch.device, clock: Clock, watch: CallWatc
             clock.log(f"{name}: run {k + 1}/{repeats} {runs[-1]['total_s']:.3f} s")
         if "compile" in variant:
             row["graphs_compiled_while_timed"] = compiled_graphs() - graphs1
+            row["graph_breaks_while_timed"] = graph_breaks() - breaks1
+        row["vae_upcasts"] = pipe.model.vae_upcasts - upcasts0  # VAE batches re-run in fp32 (fp16 overflow)
     except Exception as e:  # a row that fails is reported, the others still run
         row |= {"error": describe_error(e), "peak_gib_at_error": peak_gib(device)}
         clock.log(f"{name}: {row['error']}")
@@ -495,29 +531,53 @@ def with_floor(rows: list[dict], floor: dict) -> None:
     edit = next((r for r in rows if r["method"] == "icd" and r["batch"] == floor["batch"]
                  and r["variant"] == floor["variant"]), None)
     if edit is not None and "total_s" in edit and "total_s" in floor:
-        edit["floor_ratio"] = {"aten_ops": edit.get("aten_ops", 0) / max(floor["aten_ops"], 1),
+        ops = edit.get("aten_ops"), floor.get("aten_ops")
+        edit["floor_ratio"] = {"aten_ops": ops[0] / max(ops[1], 1) if None not in ops else None,
                                "median": edit["total_s"] / floor["total_s"],
                                "min": edit["total_min_s"] / floor["total_min_s"],
                                "cpu_median": edit["cpu_s"] / floor["cpu_s"]}
     rows.append(floor)
 
 
-def plain_rows(pipe: Pipeline, args, device: torch.device, clock: Clock, rows: list[dict], save) -> None:
-    """Append the plain rows to `rows` (icd b1, b8, ddim, npi, nti: the order of importance), `save` after each."""
-    watch = CallWatch(pipe.base().unet, clock, args.progress_every)
-    plan = [("icd", b, None, args.warmups, None, args.repeats) for b in icd_batches(args)]
+def plan_rows(args, *, baselines: bool, warmups: int) -> list[tuple]:
+    """(method, batch, steps, warm-ups, warm-up steps, repeats) of the rows in their order of importance: icd at each
+    batch, then ddim / npi / nti (``--steps`` + ``--steps``, batch 1) unless skipped or not `baselines`."""
+    plan = [("icd", b, None, warmups, None, args.repeats) for b in icd_batches(args)]
     warm = min(args.warmup_steps, args.steps)
-    for method in ("ddim", "npi", "nti"):
+    bw = warmups if args.baseline_warmups is None else args.baseline_warmups
+    for method in ("ddim", "npi", "nti") if baselines else ():
         if method not in args.skip:
-            plan.append((method, 1, args.steps, args.warmups, warm, 1 if method == "nti" else args.baseline_repeats))
+            plan.append((method, 1, args.steps, bw, warm, 1 if method == "nti" else args.baseline_repeats))
+    return plan
+
+
+def run_rows(pipe: Pipeline, plan: list[tuple], args, device: torch.device, clock: Clock, rows: list[dict], save, *,
+             variant: str = "plain", floor_call=None) -> None:
+    """Append the rows of `plan` in `variant` (each icd row followed by its floor in the same mode; a variant row
+    with its speed-up over the plain row of the same method and batch and the largest pixel difference of their
+    edits), `save` after each."""
+    watch = CallWatch(pipe.base().unet, clock, args.progress_every)
     for method, batch, steps, warmups, wsteps, repeats in plan:
-        save(running=f"{method} b{batch}")
-        rows.append(edit_row(pipe, device, clock, watch, method=method, batch=batch, steps=steps, warmups=warmups,
-                             warmup_steps=wsteps, repeats=repeats, image_size=args.image_size))
+        name = f"{method} b{batch}" + ("" if variant == "plain" else f" [{variant}]")
+        save(running=name)
+        # no operator count on a compiled row: under a dispatch mode dynamo runs the UNet eagerly, for good
+        count_ops = not args.no_op_count and "compile" not in variant
+        row = edit_row(pipe, device, clock, watch, method=method, batch=batch, steps=steps, warmups=warmups,
+                       warmup_steps=wsteps, repeats=repeats, variant=variant, image_size=args.image_size,
+                       count_ops=count_ops)
+        plain = next((r for r in rows if r["variant"] == "plain" and r["method"] == method and r["batch"] == batch),
+                     {})
+        if variant != "plain" and "total_s" in row and "total_s" in plain:
+            row["speedup_vs_plain"] = plain["total_s"] / row["total_s"]
+            diff = np.abs(row["_images"].astype(int) - plain["_images"].astype(int))
+            row["max_pixel_diff_vs_plain"] = int(diff.max())  # uint8 levels (0-2: the same computation)
+        rows.append(row)
         if method == "icd":  # its floor in the same run and mode, right after it
-            save(running=f"floor b{batch}")
-            with_floor(rows, floor_row(floors(pipe, args, device, batch), device, clock, batch=batch,
-                                       warmups=args.warmups, repeats=args.repeats))
+            save(running=f"floor b{batch}" + ("" if variant == "plain" else f" [{variant}]"))
+            floor = floors(pipe, args, device, batch)
+            floor.call = floor_call or floor.unet
+            with_floor(rows, floor_row(floor, device, clock, batch=batch, warmups=warmups, repeats=args.repeats,
+                                       variant=variant, count_ops=count_ops))
         save()
     watch.handle.remove()
 
@@ -526,9 +586,10 @@ _FLOORS: dict[int, Floor] = {}
 
 
 def floors(pipe: Pipeline, args, device: torch.device, batch: int) -> Floor:
-    """The floor of `batch` (one plain UNet shared by every batch)."""
+    """The floor of `batch` (one plain UNet shared by every batch; ``--cpu-user``: the original UNet, the same
+    architecture without the guidance projection, so that memory holds one UNet less)."""
     if batch not in _FLOORS:
-        unet = next(iter(_FLOORS.values())).unet if _FLOORS else None
+        unet = next(iter(_FLOORS.values())).unet if _FLOORS else pipe.base().unet if args.cpu_user else None
         _FLOORS[batch] = Floor(pipe, batch, args.image_size, device, unet=unet)
     return _FLOORS[batch]
 
@@ -538,42 +599,62 @@ def icd_batches(args) -> list[int]:
 
 
 def variant_rows(pipe: Pipeline, variant: str, args, device: torch.device, clock: Clock, rows: list[dict],
-                 save) -> None:
-    """Put the icd UNet in `variant` (channels-last / compiled, in place) and append its icd rows to `rows`, each with
-    its speed-up over the plain row of the same batch and the largest pixel difference of their edited images."""
-    batches = icd_batches(args)
-    if "compile" in variant:  # each static batch shape compiles its own graphs
-        batches = [b for b in batches if b in args.compile_batches]
+                 save, *, part: str = "icd") -> None:
+    """Put the UNets in `variant` (channels-last in place; compiled through the library's path) and append the rows
+    of `part`: ``icd`` at each batch (compiled: ``--compile-batches``) with its floor, or ``baselines`` (the ddim /
+    npi / nti rows on the compiled original UNet, ``--compile-baselines``)."""
+    compiled = "compile" in variant
+    warmups = args.compile_warmups if compiled else args.warmups
+    plan = [r for r in plan_rows(args, baselines=part == "baselines", warmups=warmups)
+            if (r[0] == "icd") == (part == "icd")]
+    if compiled:  # each static batch shape compiles its own graphs
+        plan = [r for r in plan if r[0] != "icd" or r[1] in args.compile_batches]
     if clock.expired():
-        rows += [{"method": "icd", "variant": variant, "batch": b, "skipped": "--max-minutes reached before this row"}
-                 for b in batches]
+        rows += [{"method": m, "variant": variant, "batch": b, "skipped": "--max-minutes reached before this row"}
+                 for m, b, *_ in plan]
         save()
         return
     model = pipe.icd_model
-    floor_unet = floors(pipe, args, device, batches[0]).unet if batches else None
-    if "channels_last" in variant:
+    floor_unet = floors(pipe, args, device, plan[0][1]).unet if plan and part == "icd" else None
+    floor_call = None
+    if "channels_last" in variant and part == "icd":
         set_memory_format(model, torch.channels_last)
         if floor_unet is not None:
             floor_unet.to(memory_format=torch.channels_last)
-    if "compile" in variant:
-        compile_unet(model.unet, mode=args.compile, backend=args.compile_backend)
-        if floor_unet is not None:
-            compile_unet(floor_unet, mode=args.compile, backend=args.compile_backend)
-    warmups = args.compile_warmups if "compile" in variant else args.warmups
-    for b in batches:
-        save(running=f"icd b{b} [{variant}]")
-        row = edit_row(pipe, device, clock, None, method="icd", batch=b, steps=None, warmups=warmups,
-                       warmup_steps=None, repeats=args.repeats, variant=variant, image_size=args.image_size)
-        plain = next((r for r in rows if r["variant"] == "plain" and r["method"] == "icd" and r["batch"] == b), {})
-        if "total_s" in row and "total_s" in plain:
-            row["speedup_vs_plain"] = plain["total_s"] / row["total_s"]
-            diff = np.abs(row["_images"].astype(int) - plain["_images"].astype(int))
-            row["max_pixel_diff_vs_plain"] = int(diff.max())  # uint8 levels (0-2: the same computation)
-        rows.append(row)
-        save(running=f"floor b{b} [{variant}]")
-        with_floor(rows, floor_row(floors(pipe, args, device, b), device, clock, batch=b, warmups=warmups,
-                                   repeats=args.repeats, variant=variant))
-        save()
+    if compiled:
+        floor_call = compile_models(pipe, floor_unet, mode=args.compile, backend=args.compile_backend,
+                                    part=part)
+    run_rows(pipe, plan, args, device, clock, rows, save, variant=variant, floor_call=floor_call)
+
+
+def paired_row(pipe: Pipeline, variant: str, pairs: int, device: torch.device, clock: Clock, image_size: int) -> dict:
+    """icd b1 eager and compiled in alternation, `pairs` times (each pair under the same load: a shared machine's
+    load moves the two alike), after the compiled rows built the graphs: the medians of each and of the per-pair
+    ratios, wall and CPU seconds."""
+    model, inputs = pipe.icd_model, edit_inputs(image_size, 1)
+    compiled, out = model.compiled, {"eager": [], "compiled": []}
+    row = {"method": "icd", "variant": f"paired eager / {variant}", "batch": 1, "pairs": pairs, "loadavg": [loadavg()]}
+    graphs0 = compiled_graphs()
+    try:
+        for k in range(pairs):
+            if k and clock.expired():
+                break
+            for name in ("eager", "compiled"):
+                model.compiled = compiled if name == "compiled" else None
+                r = run_once(pipe, inputs, "icd", None, device)
+                out[name].append((r["total_s"], r["cpu_s"]))
+    finally:
+        model.compiled = compiled
+    row["loadavg"].append(loadavg())
+    for name, runs in out.items():
+        row[f"{name}_s"] = statistics.median(t for t, _ in runs)
+        row[f"{name}_cpu_s"] = statistics.median(c for _, c in runs)
+    row["speedup_median_of_pairs"] = statistics.median(e[0] / c[0] for e, c in zip(out["eager"], out["compiled"]))
+    row["cpu_speedup_median_of_pairs"] = statistics.median(e[1] / c[1] for e, c in zip(out["eager"], out["compiled"]))
+    row["graphs_compiled_while_timed"] = compiled_graphs() - graphs0
+    clock.log(f"paired: eager {row['eager_s']:.4f} s, compiled {row['compiled_s']:.4f} s, "
+              f"x{row['speedup_median_of_pairs']:.3f} (CPU x{row['cpu_speedup_median_of_pairs']:.3f})")
+    return row
 
 
 def ratios(rows: list[dict], steps: int) -> dict:
@@ -648,7 +729,8 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true", help="sdxl: the same topology at width 32 (CPU smoke)")
     ap.add_argument("--image-size", type=int, default=None, help="default: the family's native size (512 / 1024)")
     ap.add_argument("--build", default="memory", choices=["memory", "disk"], help="see the module docstring")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per icd / floor row (after --warmups)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per icd / floor row (after --warmups; default 5, --cpu-user 3)")
     ap.add_argument("--warmups", type=int, default=1, help="untimed runs before each row (0: a CPU test)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM / NPI / NTI steps (inversion and edit each)")
     ap.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of ddim / npi (nti: always 1)")
@@ -660,6 +742,18 @@ def parse_args(argv):
     ap.add_argument("--compile-warmups", type=int, default=2, help="untimed runs of a compiled row (compilation)")
     ap.add_argument("--compile-batches", default="1", help="comma list: the icd batches of the compiled rows (each "
                     "batch size compiles its own static-shape graphs)")
+    ap.add_argument("--compile-pairs", type=int, default=0, metavar="N",
+                    help="after the compiled rows, N alternating eager / compiled icd b1 runs (paired: the same load)")
+    ap.add_argument("--compile-baselines", action="store_true",
+                    help="compiled rows of ddim / npi / nti too (the original UNet compiled: more graphs to build)")
+    ap.add_argument("--baseline-warmups", type=int, default=None,
+                    help="untimed --warmup-steps runs before a baseline row (default: --warmups)")
+    ap.add_argument("--no-op-count", action="store_true",
+                    help="no ATen-operator counting run (it is one more untimed run per icd / floor row)")
+    ap.add_argument("--cpu-user", action="store_true",
+                    help="what a CPU-only user waits: SD 1.5 at 512x512 (or --image-size) on this CPU, iCD 4+4 P2P "
+                    "and its floor, DDIM --steps+--steps P2P once; seconds and peak resident memory (sets --device "
+                    "cpu --family sd15 --skip b8,npi,nti,train --no-op-count --warmup-steps 1; --repeats default 3)")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=5, help="timed training steps per setting (after 2 warm-ups)")
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
@@ -667,6 +761,11 @@ def parse_args(argv):
     ap.add_argument("--progress-every", type=int, default=100, help="a progress line every N baseline UNet calls")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
+    if args.cpu_user:
+        args.device, args.family, args.no_op_count, args.warmup_steps = "cpu", "sd15", True, 1
+        args.skip = ",".join(sorted(set(args.skip.split(",")) - {""} | {"b8", "npi", "nti", "train"}))
+        args.repeats = 3 if args.repeats is None else args.repeats
+    args.repeats = 5 if args.repeats is None else args.repeats
     args.skip = [s for s in args.skip.split(",") if s]
     args.compile_batches = [int(b) for b in args.compile_batches.split(",") if b]
     unknown = set(args.skip) - set(PARTS)
@@ -687,7 +786,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"family": args.family, "device": describe_device(device), "torch": torch.__version__,
               "diffusers": diffusers.__version__, "image_size": args.image_size, "inference_dtype": str(dtype)[6:],
               "scale": args.scale, "tiny": args.tiny, "build": args.build, "weights": "random",
-              "max_minutes": args.max_minutes}
+              "max_minutes": args.max_minutes, "threads": torch.get_num_threads(), "cpu_user": args.cpu_user,
+              "compile": args.compile, "loadavg_start": loadavg()}
 
     def save(running: str | None = None) -> None:
         report["running"] = running  # set while a row runs: a run killed from outside shows which
@@ -716,12 +816,21 @@ def main(argv: list[str] | None = None) -> dict:
         if "edit" not in args.skip:
             pipe = build(Path(tmp))
             report["edit"] = rows = []
-            plain_rows(pipe, args, device, clock, rows, save)
+            plan = plan_rows(args, baselines=True, warmups=args.warmups)
+            # the order of importance: icd (plain, channels-last, compiled: on top of channels-last when that ran),
+            # then the baselines (plain, then on the compiled original UNet with --compile-baselines)
+            run_rows(pipe, [r for r in plan if r[0] == "icd"], args, device, clock, rows, save)
             if args.channels_last:
                 variant_rows(pipe, "channels_last", args, device, clock, rows, save)
-            if args.compile:  # on top of channels-last when that ran: the least predictable rows, last but training
-                variant = ("compile+channels_last" if args.channels_last else "compile") + f":{args.compile}"
+            variant = ("compile+channels_last" if args.channels_last else "compile") + f":{args.compile}"
+            if args.compile:
                 variant_rows(pipe, variant, args, device, clock, rows, save)
+                if args.compile_pairs and 1 in args.compile_batches and not clock.expired():
+                    rows.append(paired_row(pipe, variant, args.compile_pairs, device, clock, args.image_size))
+                    save()
+            run_rows(pipe, [r for r in plan if r[0] != "icd"], args, device, clock, rows, save)
+            if args.compile and args.compile_baselines:
+                variant_rows(pipe, f"compile:{args.compile}", args, device, clock, rows, save, part="baselines")
             del pipe
             gc.collect()
             reset_peak(device)

@@ -126,6 +126,27 @@ def test_flow_teacher_trains_resumes_exactly_and_saves_a_flux_folder(tmp_path):
         export_checkpoint(FlowTeacherConfig(out_dir=str(tmp_path / "none"), **base))
 
 
+def test_flow_teacher_starts_from_a_folders_weights_and_refuses_another_size(tmp_path, folder):
+    """init_from: a run continues from an exported / shipped folder (its step 0 is that folder's weights); a folder
+    of another size is a ConfigError naming the component."""
+    from diffusers import FluxTransformer2DModel
+
+    from icd.train.config import ConfigError
+    from icd.train.flow_teacher import FlowTeacherConfig, _load_weights
+
+    parts = fe.build_parts(tmp_path / "tok", world.vocabulary(), fe.FluxSize(1, 1, 2, 16, (4, 6, 6)))
+    _load_weights(parts, folder)
+    source = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    for (k, a), b in zip(parts.transformer.state_dict().items(), source.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    other = fe.build_parts(tmp_path / "tok2", world.vocabulary(), fe.FluxSize(1, 2, 2, 16, (4, 6, 6)))
+    with pytest.raises(ConfigError, match="transformer does not match"):
+        _load_weights(other, folder)
+    with pytest.raises(ConfigError, match="no transformer/"):
+        _load_weights(other, tmp_path)
+    assert FlowTeacherConfig(init_from=str(folder)).init_from == str(folder)
+
+
 @pytest.mark.parametrize(("key", "value"), [("caption_dropout", 1.0), ("shift", -1.0), ("logit_std", 0.0),
                                             ("attention_head_dim", 9), ("offset_noise", -0.1)])
 def test_flow_teacher_config_names_the_bad_field(key, value):

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from icd import world
@@ -46,11 +47,16 @@ def case():
 
 def test_every_builtin_method_is_registered_once_in_menu_order():
     reverse_only = ["renoise", "renoise-4call", "gnri", "gnri-4call"]  # the reverse model inverted alone
-    assert REGISTRY.names() == ["icd", "gddim", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only]
-    assert REGISTRY.names("edit") == ["icd", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only]
-    assert REGISTRY.names("reconstruct") == ["icd", "gddim", "ddim", *reverse_only]
+    flow = ["flow-ode", "rf-inversion", "flowedit", "fireflow"]  # a rectified-flow model's baselines
+    assert REGISTRY.names() == ["icd", "gddim", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only,
+                                *flow]
+    assert REGISTRY.names("edit") == ["icd", "ddim", "npi", "nti", "sdedit", "sdedit-icd", "ip2p", *reverse_only,
+                                      *flow]
+    assert REGISTRY.names("reconstruct") == ["icd", "gddim", "ddim", *reverse_only, "flow-ode", "rf-inversion",
+                                             "fireflow"]
     assert REGISTRY.names("generate") == ["icd", "gddim", "ddim"]
     assert REGISTRY.names(strength=True) == ["sdedit", "sdedit-icd"]
+    assert REGISTRY.names(attention_control=False) == ["sdedit", "sdedit-icd", "ip2p", "rf-inversion", "flowedit"]
     assert REGISTRY.names(option="instruction") == ["ip2p"]
 
 
@@ -104,8 +110,10 @@ def test_a_toy_method_runs_through_the_pipeline_cli_bench_and_web(toy, pipe, cas
     # `icd edit`: the --method choices read the registry, --json prints the resolved settings
     src = tmp_path / "source.png"
     Image.fromarray(case.source).save(src)
+    threads = str(torch.get_num_threads())  # the API's count: the CLI's default follows the load average, and
+    # another summation order may move a pixel by one grey level
     code = main(["edit", str(src), "--source", case.source_prompt, "--target", case.target_prompt, "--method",
-                 "toyddim", "-o", str(tmp_path / "edit.png"), "--json"])
+                 "toyddim", "-o", str(tmp_path / "edit.png"), "--json", "--threads", threads])
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (report["method"], report["nfe_invert"], report["nfe_edit"]) == ("toyddim", 3, 3)

@@ -104,6 +104,9 @@ def test_catalog_equals_the_library():
     assert set(catalog.BENCH) >= {f.name for f in dataclasses.fields(BenchOptions)} - {
         "task", "out", "adapters", "export_checkpoint", "force", "progress"}
     assert catalog.TRAINERS == tuple(TRAINERS)
+    from icd.models.compiled import MODES
+
+    assert catalog.COMPILE_MODES == MODES
 
 
 def test_the_menus_answer_from_the_live_registry():

@@ -161,9 +161,10 @@ def save_image(image: Image.Image | np.ndarray, path: str | Path) -> Path:
 
 
 def to_uint8(x) -> np.ndarray:
-    """float tensor [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3]."""
-    arr = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return np.ascontiguousarray(arr)
+    """float tensor [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3]. Converted where the tensor lives (on a GPU: a quarter
+    of the bytes cross to the host, in NHWC already); the same fp32 arithmetic on every device."""
+    arr = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).contiguous()
+    return np.ascontiguousarray(arr.cpu().numpy())
 
 
 def to_tensor(images: np.ndarray):

@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 EMBEDDED = "embedded"  # the name that selects the shipped model
+EMBEDDED_FLOW = "embedded-flow"  # the name that selects the shipped flow model (FLUX-shaped; docs/flow.md)
 
 
 def assets_dir() -> Path:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from icd.boundaries import Boundaries
 from icd.editing import ip2p
 from icd.editing.arguments import check_edit_arguments, check_fits, check_inversion_type, generation_shape
-from icd.editing.attention import AttentionLayers
+from icd.editing.attention import AttentionLayers, attention_layers
 from icd.editing.edit import EditControls
 from icd.editing.inversion import Inversion, model_record
 from icd.imageio import to_uint8
@@ -69,6 +69,16 @@ class Pipeline:
         # a Stable Diffusion family's own guidance codes (`Method.guidance_default`); a bare Pipeline(...) of test
         # models keeps the embedded world's
         self.family_defaults = base_path is not None if family_defaults is None else family_defaults
+        self._compile: str | bool | None = None  # the compile mode of every UNet, the lazy one too (`compile`)
+        self._vae_spec: str | Path | None = None  # a user-given VAE (`from_pretrained(vae=...)`)
+
+    def compile(self, mode: str | bool | None = "auto") -> Pipeline:
+        """Run every UNet's sampling calls through ``torch.compile`` (`icd.models.compiled`: ``auto`` is
+        reduce-overhead with CUDA graphs on CUDA; None: eager again); the baselines' UNet when it loads."""
+        self._compile = mode
+        for m in {id(m): m for m in (self.icd_model, self._base) if m is not None}.values():
+            m.compile(mode)
+        return self
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "embedded", *, unet: str | Path | None = None,
@@ -76,7 +86,8 @@ class Pipeline:
                         lora_reverse: str | Path | None = None, boundaries: Boundaries | str | None = None,
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         vae_tiling: bool = False, vae_slicing: bool = False, fuse: bool = True,
-                        ip2p: str | Path | None = None) -> Pipeline:
+                        ip2p: str | Path | None = None, vae: str | Path | None = None,
+                        compile: str | bool | None = None) -> Pipeline:
         """The embedded model by default; any SD 1.5 / SDXL pipeline folder or hub id (`icd.models.loading`).
 
         unet: the guidance-distilled UNet (folder, hub id or state-dict file; default ``<model>/unet_guidance``).
@@ -85,7 +96,9 @@ class Pipeline:
         fp32 on a CPU. vae_tiling / vae_slicing: decode large images / batches in tiles / one image at a time.
         fuse: fold each adapter into its own copy of the weights (fast; two extra copies of the adapted weights);
         False keeps peft's LoRA branches (no extra copies, each call runs the low-rank branches too). ip2p: the
-        InstructPix2Pix weights folder (default ``<model>/ip2p``), loaded when method ip2p first runs.
+        InstructPix2Pix weights folder (default ``<model>/ip2p``), loaded when method ip2p first runs. vae: a VAE
+        folder or hub id replacing the pipeline's (an fp16-safe SDXL VAE: `icd.models.vae`). compile: a
+        `torch.compile` mode for the UNets' sampling calls (`compile`; None: eager).
         The baselines' original UNet loads lazily, sharing text encoder and VAE; without a distilled UNet or
         adapters the pipeline serves the baselines only."""
         path = resolve_model_path(name_or_path)
@@ -104,7 +117,12 @@ class Pipeline:
             pipe.model.vae.enable_tiling()
         if vae_slicing:
             pipe.model.vae.enable_slicing()
-        return pipe
+        if vae is not None:
+            from icd.models.vae import load_vae, use_vae  # diffusers' VAE class: only when one is given
+
+            use_vae(pipe.model, load_vae(vae, dtype=dtype, device=device))
+            pipe._vae_spec = vae
+        return pipe.compile(compile) if compile else pipe
 
     @classmethod
     def from_diffusers(cls, pipe, *, unet=None, lora_forward: str | Path | None = None,
@@ -128,7 +146,8 @@ class Pipeline:
         if self._base_path is None:
             raise ValueError("with_adapters needs a pipeline made by Pipeline.from_pretrained")
         return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device,
-                                        dtype=self.model.dtype, ip2p=self._ip2p_path)
+                                        dtype=self.model.dtype, ip2p=self._ip2p_path, vae=self._vae_spec,
+                                        compile=self._compile)
 
     # ------------------------------------------------------------------ the models the methods run on
     @property
@@ -142,6 +161,8 @@ class Pipeline:
                 raise ModelError("this pipeline has no original UNet for the baselines (build it with both models)")
             m = self.icd_model
             self._base = m.with_unet(base_unet(self._base_path, dtype=m.dtype, device=m.device))
+            if self._compile:
+                self._base.compile(self._compile)
         return self._base
 
     def ip2p_model(self) -> ip2p.IP2PModel:
@@ -163,7 +184,7 @@ class Pipeline:
     def attention(self, model: LatentDiffusion) -> AttentionLayers:
         """The attention layers of `model`'s UNet, found on first use."""
         if id(model.unet) not in self._layers:
-            self._layers[id(model.unet)] = AttentionLayers(model.unet)
+            self._layers[id(model.unet)] = attention_layers(model.unet)
         return self._layers[id(model.unet)]
 
     def method(self, name: str, task: str | None = None) -> Method:

@@ -105,14 +105,14 @@ def _raise_first_nonfinite(jumped: list[torch.Tensor], timesteps: Sequence[int])
                                 f"rows {rows}")
 
 
-def inversion_timesteps(steps: int) -> list[int]:
-    """DDIM inversion's grid 0 -> g_0 -> ... -> g_{n-1} (n = `steps` UNet calls)."""
-    return [0, *ddim_grid(steps)]
+def inversion_timesteps(steps: int, schedule: NoiseSchedule | None = None) -> list[int]:
+    """DDIM inversion's grid 0 -> g_0 -> ... -> g_{n-1} (n = `steps` UNet calls; g: `schedule.grid`, default DDIM's)."""
+    return [0, *(ddim_grid(steps) if schedule is None else schedule.grid(steps))]
 
 
-def generation_timesteps(steps: int) -> list[int]:
-    """DDIM sampling's grid g_{n-1} -> ... -> g_0 -> 0."""
-    return [*reversed(ddim_grid(steps)), 0]
+def generation_timesteps(steps: int, schedule: NoiseSchedule | None = None) -> list[int]:
+    """DDIM sampling's grid g_{n-1} -> ... -> g_0 -> 0 (g: `schedule.grid`, default DDIM's)."""
+    return [*reversed(ddim_grid(steps) if schedule is None else schedule.grid(steps)), 0]
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def ddim_invert(eps: EpsFn, z0: torch.Tensor, cond: Cond, *, steps: int, schedul
                 rule: str = "reference") -> tuple[list[int], list[torch.Tensor]]:
     """Deterministic DDIM inversion from clean latents (run it unguided): (timesteps, visited latents). `rule`: the
     noise's timestep label on each step (`DDIM_RULES`; module docstring)."""
-    timesteps = inversion_timesteps(steps)
+    timesteps = inversion_timesteps(steps, schedule)
     return timesteps, ddim_loop(eps, z0, cond, timesteps, schedule=schedule, label=rule).visited
 
 

@@ -74,6 +74,10 @@ class NoiseSchedule:
             sigma = torch.where(zero, torch.zeros_like(sigma), sigma)
         return alpha, sigma
 
+    def grid(self, num_steps: int) -> list[int]:
+        """The ascending n-step sampling grid of this schedule: DDIM's (`ddim_grid`)."""
+        return ddim_grid(num_steps, self.num_timesteps)
+
     def snr(self, t: torch.Tensor | int) -> torch.Tensor:
         abar = self._abar(t)
         return abar / (1.0 - abar)
@@ -133,6 +137,72 @@ class FlowSchedule:
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
         """x_s = (1 - s) x0 + s eps, per sample (s: float or [B]); diffusers' ``scale_noise``."""
         alpha, sigma = self.alpha_sigma(s)
+        return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+
+
+FLOW_TOP = 1.0 - 1e-5  # the integer grid's top noise level (docs/flow.md §1): s = 1 would make alpha = 0
+
+
+@dataclass(frozen=True)
+class DiscreteFlowSchedule:
+    """The rectified-flow path on the integer times t = 0..T-1 every sampler, jump and boundary set uses, so the VP
+    code runs a flow model unchanged (docs/flow.md §1):
+
+        s_t = shift_sigmas((t + 1) / T, shift) (t < T - 1),  s_{T-1} = FLOW_TOP,  (alpha_t, sigma_t) = (1 - s_t, s_t)
+
+    Its n-step grid (`grid`) is FLUX's Euler grid ``linspace(1, 1/n, n)`` shifted by `shift` (`flow_grid`), and
+    `ddim_jump` on it is the Euler step (`icd.solver.euler_step`). The top is 1 - 1e-5
+    rather than 1: the epsilon form x0 = (x - sigma eps) / alpha of the jump needs alpha > 0; a flow model's epsilon
+    is computed in float64 (`icd.models.flow`), so the division costs < 1e-10. With `hard_zero`, t = 0 is clean
+    data (alpha = 1, sigma = 0), as for `NoiseSchedule`. Same interface as `NoiseSchedule`."""
+
+    sigmas: torch.Tensor  # float64 [T]: s_t, increasing
+    shift: float = 1.0
+
+    @classmethod
+    def shifted(cls, shift: float = 1.0, num_timesteps: int = NUM_TIMESTEPS) -> DiscreteFlowSchedule:
+        """The table for a grid shift (FLUX: e^mu of its image-token count, `flux_mu`; SD3: its config's shift)."""
+        base = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        sigmas = shift_sigmas(base, shift)
+        sigmas[-1] = FLOW_TOP
+        return cls(sigmas, float(shift))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def noise_level(self, t: torch.Tensor | int) -> torch.Tensor:
+        """s_t (float64) for integer or [B] timesteps: the transformer's time input (diffusers passes 1000 s_t)."""
+        return self.sigmas[torch.as_tensor(t, dtype=torch.long).cpu()]
+
+    def grid(self, num_steps: int) -> list[int]:
+        """The ascending n-step grid t_k = round(T (k + 1) / n) - 1: FLUX's Euler grid ``linspace(1, 1/n, n)`` (shifted
+        here by the table) to the nearest integer time, exactly where n divides T (then `ddim_grid`'s)."""
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"num_steps must be in 1..{self.num_timesteps}, got {num_steps}")
+        return [round(self.num_timesteps * (k + 1) / num_steps) - 1 for k in range(num_steps)]
+
+    def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
+        return 1.0 - self.noise_level(t)
+
+    def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+        return self.noise_level(t)
+
+    def alpha_sigma(self, t: torch.Tensor | int, *, hard_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - s_t, s_t) as float64; with `hard_zero`, t = 0 is clean data (1, 0)."""
+        t = torch.as_tensor(t, dtype=torch.long).cpu()
+        s = self.sigmas[t]
+        if hard_zero:
+            s = torch.where(t == 0, torch.zeros_like(s), s)
+        return 1.0 - s, s
+
+    def snr(self, t: torch.Tensor | int) -> torch.Tensor:
+        s = self.noise_level(t)
+        return ((1.0 - s) / s) ** 2
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x_t = (1 - s_t) x0 + s_t eps, per sample (t: int or [B])."""
+        alpha, sigma = self.alpha_sigma(t, hard_zero=False)
         return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
 
 
@@ -206,3 +276,18 @@ def logit_normal_sigmas(n: int, *, mean: float = 0.0, std: float = 1.0, shift: f
         raise ValueError(f"std must be positive, got {std}")
     u = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
     return shift_sigmas(torch.sigmoid(u), shift).float()
+
+
+def eps_to_velocity(x_s: torch.Tensor, eps: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """v = (eps_hat - x_s) / (1 - s): the velocity behind a flow model's epsilon (`velocity_to_eps` solved for v; the
+    `EpsFn` of `icd.models.flow` is eps_hat = x_s + (1 - s) v), exact for s < 1 (the integer grid's top is
+    `FLOW_TOP`). `s` is the level the network read (float or per-sample [B]); computed in eps' dtype (float64 for a
+    flow model) at least float32."""
+    s = _flow_sigma(s)
+    if s.numel() and bool((s >= 1).any()):
+        raise ValueError(f"eps_to_velocity needs s < 1 (the epsilon form holds no velocity at pure noise), got "
+                         f"{s.tolist()}")
+    dtype = torch.promote_types(torch.promote_types(x_s.dtype, eps.dtype), torch.float32)
+    e = eps.to(dtype)
+    return (e - x_s.to(dtype)) / _bcast(1.0 - s, e)
+

@@ -27,9 +27,10 @@ def ddim_jump(
     x0_hat = (x_t - sigma_t eps) / alpha_t, then x_s = alpha_s x0_hat + sigma_s eps.
     With `hard_zero`, time 0 is clean data (alpha = 1, sigma = 0): a jump to 0 returns x0_hat and a jump from 0 treats
     x as x0. For t_from == t_to > 0 the jump is the identity for any eps (the boundary condition). Computed in fp32
-    (at least) whatever the dtype of the inputs; returned in x_t's dtype.
+    (at least; float64 where eps is, as a flow model's is near s = 1) whatever the dtype of the inputs; returned in
+    x_t's dtype.
     """
-    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)
     x, e = x_t.to(dtype), eps.to(dtype)
     a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=hard_zero)
     a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=hard_zero)

@@ -187,9 +187,9 @@ def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase
             t["seconds_bare"] = bare_network_seconds(pipe, case)
         return t
 
-    return timed_runs(ctx.shards, cases, run)
+    return timed_runs(ctx.shards, cases, run, warm_all=ctx.warm_all)
 
 
-TASK = BenchTask("editing", method_task="edit",
+TASK = BenchTask("editing", method_task="edit", flow_methods="flow-ode50,flow-ode4,fireflow8,rf-inversion28,flowedit28",
                  default_methods="icd,ddim50,ddim4,npi50,nti50", default_guidance=1.0, measure_quality=measure_quality,
                  measure_speed=measure_speed, optional_metrics=("lpips", "clip_t", "clip_i", "dino"), uses_judge=True)

@@ -81,7 +81,7 @@ def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase
         return {"seconds": time.perf_counter() - t0, "nfe": model.counter.calls,
                 "unet_rows": sum(model.counter.batch_sizes)}
 
-    return timed_runs(ctx.shards, cases, run)
+    return timed_runs(ctx.shards, cases, run, warm_all=ctx.warm_all)
 
 
 TASK = BenchTask("generation", method_task="generate", default_methods="icd,gddim50,ddim50",

@@ -82,7 +82,7 @@ def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase
         sync(student.device)
         return {"seconds": time.perf_counter() - t0, "nfe": student.counter.calls}
 
-    return timed_runs(ctx.shards, cases, run)
+    return timed_runs(ctx.shards, cases, run, warm_all=ctx.warm_all)
 
 
 TASK = BenchTask("guidance", method_task=None, extra_methods=("gddim",), default_methods="gddim", default_guidance=1.0,

@@ -33,6 +33,7 @@ from icd.io import folder_problem, write_text_atomic
 from icd.judge import JudgeScorer
 from icd.methods import DEFAULT_DDIM_RULE, DEFAULT_RENOISE
 from icd.methods import REGISTRY as METHODS
+from icd.models.loading import model_kind
 from icd.pipeline import Pipeline
 from icd.samplers import DDIM_RULES
 
@@ -68,6 +69,7 @@ class BenchOptions:
     clip: str | None = None
     dino: str | None = None
     device: str = "auto"
+    compile: str | None = None  # torch.compile mode of the UNets (icd.models.compiled; None: eager)
     force: bool = False
     progress: bool = True
 
@@ -141,13 +143,14 @@ def run_bench(opts: BenchOptions) -> dict:
         raise ValueError(f"--out {out}: {problem}")
     if not opts.force and any((out / f).exists() for f in RESULT_FILES):
         raise FileExistsError(f"{out} already holds results; pass --force to replace them")
-    names = task.default_methods if opts.methods is None else opts.methods  # "" is an error, not the default
+    default = task.flow_methods if task.flow_methods and model_kind(opts.model) == "flow" else task.default_methods
+    names = default if opts.methods is None else opts.methods  # "" is an error, not the default
     methods = parse_methods(names, steps_list=parse_steps_list(opts.steps_list),
                             allowed=task.methods, adapters=opts.adapters, stepped=task.stepped)
     shards = Shards(opts.device)
     adapters = {name: _adapters_folder(opts, path, name, shards) for name, path in opts.adapters.items()}
     guidance = opts.guidance if opts.guidance is not None else task.default_guidance
-    pipe = Pipeline.from_pretrained(opts.model, device=shards.device, ip2p=opts.ip2p)
+    pipe = Pipeline.from_pretrained(opts.model, device=shards.device, ip2p=opts.ip2p, compile=opts.compile)
     for name in dict.fromkeys(m.method for m in methods if m.method in METHODS):
         METHODS.get(name).prepare(pipe)  # e.g. IP2P's weights: a missing folder fails before any method runs
     pipes = {m.name: pipe if m.adapters is None else pipe.with_adapters(adapters[m.adapters]) for m in methods}
@@ -170,12 +173,13 @@ def run_bench(opts: BenchOptions) -> dict:
     renoise = _renoise(opts)
     ctx = RunContext(guidance=guidance, tau=opts.tau, shards=shards, renoise=renoise, batch=opts.batch,
                      examples=opts.examples, progress=opts.progress and shards.is_main, judge=judge, metrics=metrics,
-                     ddim_rule=opts.ddim_rule)
+                     ddim_rule=opts.ddim_rule, warm_all=bool(opts.compile))
     timed = timing_cases(cases, opts.n_timing)
     results = {"schema_version": SCHEMA_VERSION, "task": opts.task, "device": describe_device(shards.device),
                "torch": torch.__version__, "icd": _version(), "model": opts.model, "n": opts.n, "seed_start": seed,
                "cases": source, "kinds": kinds, "guidance": guidance, "tau": opts.tau, "renoise": renoise,
-               "ddim_rule": opts.ddim_rule, "processes": shards.group.world, "skipped_metrics": skipped, "methods": {}}
+               "ddim_rule": opts.ddim_rule, "compile": opts.compile, "processes": shards.group.world,
+               "skipped_metrics": skipped, "methods": {}}
     shown: dict[str, list] = {}
     for m in methods:
         records, timings = task.measure(pipes[m.name], m, cases, timed=timed, ctx=ctx)

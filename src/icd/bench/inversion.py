@@ -69,9 +69,10 @@ def measure_quality(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCa
 
 def measure_speed(pipe: Pipeline, method: BenchMethod, cases: Sequence[BenchCase], ctx: RunContext) -> list[dict]:
     return timed_runs(ctx.shards, cases,
-                      lambda c: reconstruct(pipe, method, c.source[None], [c.source_prompt], ctx=ctx)[1])
+                      lambda c: reconstruct(pipe, method, c.source[None], [c.source_prompt], ctx=ctx)[1],
+                      warm_all=ctx.warm_all)
 
 
 TASK = BenchTask("inversion", method_task="reconstruct", extra_methods=("vae",), default_methods="icd,ddim50,ddim4",
-                 default_guidance=0.0, measure_quality=measure_quality, measure_speed=measure_speed,
-                 optional_metrics=("lpips",))
+                 flow_methods="flow-ode50,flow-ode4,fireflow8,rf-inversion28", default_guidance=0.0,
+                 measure_quality=measure_quality, measure_speed=measure_speed, optional_metrics=("lpips",))

@@ -5,7 +5,7 @@ Top level::
     {"schema_version": 1, "task": "editing" | "inversion" | "generation", "device": "cpu (…, 2 threads)",
      "torch": "2.13.0+cpu", "icd": "0.1.0", "model": "embedded", "n": 100, "seed_start": 1000500000,
      "cases": "world" | "pie-bench:PATH", "kinds": [...], "guidance": 1.0, "tau": null, "renoise": 0.0,
-     "ddim_rule": "reference", "processes": 1, "skipped_metrics": [{"metric": "lpips", "reason": "…"}],
+     "ddim_rule": "reference", "compile": null, "processes": 1, "skipped_metrics": [{"metric": "lpips", "reason": "…"}],
      "methods": {NAME: METHOD, ...}}
 
 METHOD holds ``nfe`` (UNet calls per image, counted by the model's NFE counter), ``seconds_per_image`` (median

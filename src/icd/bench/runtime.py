@@ -30,12 +30,16 @@ def describe_device(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def timed_runs(shards: Shards, cases: Sequence[T], run: Callable[[T], dict]) -> list[dict]:
-    """`run` on this process's share of `cases` after one untimed warm-up run (lazy loading, kernel selection)."""
+def timed_runs(shards: Shards, cases: Sequence[T], run: Callable[[T], dict], *, warm_all: bool = False
+               ) -> list[dict]:
+    """`run` on this process's share of `cases` after one untimed warm-up run (lazy loading, kernel selection), or
+    with `warm_all` one untimed run of every case (a compiled UNet compiles each case's graphs there, not while
+    timed)."""
     mine = shards.mine(list(cases))
     if not mine:
         return []
-    run(mine[0])
+    for c in mine if warm_all else mine[:1]:
+        run(c)
     return [run(c) for c in mine]
 
 

@@ -23,6 +23,7 @@ class RunContext:
     progress: bool = True
     judge: object | None = None  # the world judge (editing, generation) where it can read the prompts
     metrics: dict = field(default_factory=dict)  # optional weight-based metrics (icd.bench.optional_metrics)
+    warm_all: bool = False  # time only after an untimed run of every timed case (compiled UNets: every graph built)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class BenchTask:
     uses_judge: bool = False
     stepped: bool = True  # method names carry a step count (False: no sampler runs)
     extra_methods: tuple[str, ...] = ()  # rows beyond the registry's task (the bench's own ``vae``)
+    flow_methods: str = ""  # the default methods on a rectified-flow model ("": default_methods)
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from icd import world
 from icd.cli import catalog
-from icd.cli.common import CLIError, add_threads, start_compute
+from icd.cli.common import CLIError, add_compile, add_threads, start_compute
 
 EPILOG = """examples:
   icd bench editing --n 20 --methods icd,ddim50 --out out/bench/edit20
@@ -49,7 +49,8 @@ def cmd_bench(args) -> None:
                             renoise=args.renoise,
                             batch=args.batch, n_timing=args.n_timing, examples=args.examples,
                             pie_bench=args.pie_bench, lpips=args.lpips, clip=args.clip, dino=args.dino,
-                            device=args.device, ddim_rule=args.ddim_rule, force=args.force, progress=not args.quiet,
+                            device=args.device, ddim_rule=args.ddim_rule, compile=args.compile, force=args.force,
+                            progress=not args.quiet,
                             export_checkpoint=export_checkpoint)
         results = run_bench(opts)
     except (ValueError, FileExistsError) as e:  # bad options, unknown kinds or methods, a malformed PIE-Bench folder
@@ -107,5 +108,6 @@ def add_parser(sub) -> None:
                    "or its start time")
     b.add_argument("--force", action="store_true", help="replace results already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+    add_compile(b)
     add_threads(b)
     b.set_defaults(func=cmd_bench)

@@ -22,7 +22,8 @@ EDIT = dict(guidance=None, tau=None)  # icd.editing.edit.EditControls
 BENCH_TASKS = ("inversion", "editing", "generation", "guidance")  # icd.bench.TASKS
 BENCH = dict(n=20, methods=None, seed_start=None, kinds=None, steps_list=None, model="embedded", ip2p=None,
              guidance=None, tau=None, renoise=None, ddim_rule="reference", batch=50, n_timing=5, examples=2,
-             pie_bench=None, lpips=None, clip=None, dino=None, device="auto")  # icd.bench.BenchOptions
+             pie_bench=None, lpips=None, clip=None, dino=None, device="auto", compile=None)  # icd.bench.BenchOptions
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # compiled.MODES
 TRAINERS = ("vae", "judge", "teacher", "guidance", "icd", "ip2p", "flow_teacher")  # icd.cli.train.trainers()
 
 

@@ -160,7 +160,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The model options of generate, invert and edit (`load_pipeline` reads them), --threads, --json, --force."""
     m = parser.add_argument_group("model (docs/stable-diffusion.md)")
     m.add_argument("--model", default="embedded", metavar="PATH_OR_HUB_ID",
-                   help="'embedded', a diffusers SD 1.5 / SDXL pipeline folder, or a hub id")
+                   help="'embedded', 'embedded-flow' (the FLUX-shaped flow model), a diffusers SD 1.5 / SDXL / FLUX "
+                        "pipeline folder, or a hub id")
     m.add_argument("--unet", default=None, metavar="PATH_OR_HUB_ID",
                    help="guidance-distilled UNet: a diffusers UNet folder, hub id, or state-dict file "
                    "(default: <model>/unet_guidance)")
@@ -180,9 +181,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     m.add_argument("--no-fuse", action="store_true",
                    help="keep the LoRA branches unfused: no extra weight copies (about 2 UNets less memory), slower")
+    m.add_argument("--vae", default=None, metavar="PATH_OR_HUB_ID",
+                   help="a VAE folder replacing the model's, e.g. an fp16-safe SDXL VAE (madebyollin/sdxl-vae-"
+                   "fp16-fix; without one SDXL's VAE runs in fp16 and an overflowing batch again in fp32)")
+    add_compile(m)
     add_threads(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def add_compile(parser) -> None:
+    """--compile [MODE], the one declaration (edit, generate, invert, bench, serve)."""
+    parser.add_argument("--compile", nargs="?", const="auto", default=None, choices=catalog.COMPILE_MODES,
+                        metavar="MODE", help="torch.compile the UNets (MODE: auto = reduce-overhead / CUDA graphs on "
+                        "CUDA, default on a CPU; or " + ", ".join(catalog.COMPILE_MODES[1:]) + "); the first edit of "
+                        "each shape compiles (minutes on a CPU), later ones reuse the graphs")
 
 
 def load_pipeline(args, **overrides):
@@ -196,7 +209,8 @@ def load_pipeline(args, **overrides):
         device = "cuda" if args.device == "auto" and _cuda() else "cpu" if args.device == "auto" else args.device
         options = dict(unet=args.unet, adapters=args.adapters, lora_forward=args.lora_forward,
                        lora_reverse=args.lora_reverse, boundaries=args.boundaries, device=device, dtype=args.dtype,
-                       vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing, fuse=not args.no_fuse)
+                       vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing, fuse=not args.no_fuse,
+                       vae=getattr(args, "vae", None), compile=getattr(args, "compile", None))
         return Pipeline.from_pretrained(args.model, **(options | overrides))
 
 

@@ -7,7 +7,7 @@ import math
 import socket
 import sys
 
-from icd.cli.common import CLIError, add_threads, start_compute
+from icd.cli.common import CLIError, add_compile, add_threads, start_compute
 from icd.web.uploads import DEFAULT_MAX_MB, DEFAULT_MAX_SIDE, Limits
 
 MAX_UPLOAD_MB = 10_000.0  # an upload limit above 10 GB is a typo (and inf / NaN cannot become a byte count)
@@ -48,7 +48,8 @@ def cmd_serve(args) -> None:
     from icd.web.engine import Engine  # heavy via icd.pipeline, as above
 
     print(f"icd serve: loading the model {args.model!r} …", flush=True)  # stdout: stderr holds only errors
-    engine = Engine(Pipeline.from_pretrained(args.model))
+    # the page edits on worker threads and CUDA-graph trees are per thread: `auto` compiles without CUDA graphs here
+    engine = Engine(Pipeline.from_pretrained(args.model, compile="default" if args.compile == "auto" else args.compile))
     if not _is_loopback(args.host):
         print(f"icd serve: warning: listening on {args.host}, reachable from other machines; the page has no "
               "authentication", file=sys.stderr, flush=True)
@@ -65,9 +66,10 @@ def add_parser(sub) -> None:
                        "cached, so a new target costs only the reverse steps.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
-    s.add_argument("--model", default="embedded", help="'embedded' or a diffusers pipeline folder")
+    s.add_argument("--model", default="embedded", help="'embedded', 'embedded-flow' or a diffusers pipeline folder")
     s.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, help="upload size limit in MB (default %(default)s)")
     s.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                    help="largest image side in pixels (default %(default)s)")
+    add_compile(s)
     add_threads(s)
     s.set_defaults(func=cmd_serve)

@@ -128,6 +128,11 @@ class AttentionLayers:
         if set(self.modules) != set(self.infos):
             raise RuntimeError("attention modules and processor names of this UNet disagree")
 
+    @property
+    def mutual_start(self) -> int:
+        """MasaCtrl's default first layer: the decoder's first transformer block."""
+        return min(i.index for i in self.infos.values() if i.place == "up")
+
     def install(self, controller) -> dict:
         """Route every attention layer through `controller`; returns the processors to restore."""
         saved = {name: m.processor for name, m in self.modules.items()}
@@ -138,6 +143,16 @@ class AttentionLayers:
     def restore(self, saved: dict) -> None:
         for name, m in self.modules.items():
             m.set_processor(saved[name])
+
+
+def attention_layers(network):
+    """The attention layers of a denoising network: `AttentionLayers` for a UNet, the joint attention layers of an
+    MM-DiT (`icd.editing.joint_attention.JointAttentionLayers`) for a FLUX transformer."""
+    if type(network).__name__ == "FluxTransformer2DModel":
+        from icd.editing.joint_attention import JointAttentionLayers  # FLUX only: a UNet edit never loads it
+
+        return JointAttentionLayers(network)
+    return AttentionLayers(network)
 
 
 @contextlib.contextmanager

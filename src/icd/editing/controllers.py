@@ -12,7 +12,13 @@ reverse step i at timestep t, the attention hooks during it, ``on_latents(x)`` o
 Attention: `Controller.attend(q, k, v, mask, scale, info, tokens)` returns a layer's output. Every control runs as
 fused SDPA on mixed rows (`icd.editing.attention`); probabilities are materialised only for P2P's local-blend maps
 (at most `BLEND_MAX_TOKENS` queries, no copy) or where a subclass's `needs_probs` asks for them. Row indices live
-on the device, built once per batch layout (`Controller.rows`).
+on the device, built once per batch layout (`Controller.rows`), before the loop (`Controller.prepare`).
+
+Compiled UNets (`icd.models.compiled`): what the hooks read inside a UNet call decides which graph runs, so they read
+booleans set once per step in `begin_step` (P2P's ``cross_on`` / ``self_on``, MasaCtrl's ``mutual_on``), never the
+step number or timestep, and only index tensors `prepare` built: an edit compiles a handful of graphs, not one per step.
+
+Joint attention (an MM-DiT's): `Controller.attend_joint(q, k, v, mask, info)`, the math `icd.editing.joint_attention`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from icd.editing import joint_attention as joint
 from icd.editing import tokens as tok
 from icd.editing.attention import LayerInfo, attention_probs, sdpa
 
@@ -60,6 +67,19 @@ class Controller:
         self.cond_offset = batch - self.num_rows
 
     # -- lifecycle
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the device tensors of both layouts a UNet call can have ([sources, targets], and after an
+        unconditional half) before the loop, so that the attention hooks only read them (a compiled UNet then creates
+        no tensor it must hand back, and fills no cache while it runs)."""
+        for batch in (self.num_rows, 2 * self.num_rows):
+            self.layout(batch)
+            self.prepare_layout(batch, device, dtype)
+        self.cond_offset = 0
+
+    def prepare_layout(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """The tensors of the current layout (`prepare`): the row indices; subclasses add their constants."""
+        self.rows(batch, device)
+
     def begin_step(self, i: int, t: int) -> None:
         self.step, self.t = i, int(t)
 
@@ -78,6 +98,14 @@ class Controller:
             probs = self.attention(attention_probs(query, key, mask, scale), info, tokens)
             return probs.to(value.dtype) @ value
         return sdpa(query, key, value, mask=mask, scale=scale)
+
+    def attend_joint(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask, info) -> torch.Tensor:
+        """One joint attention layer's output from its RoPE-applied q, k, v [B, heads, L + N, d] over [text; image]:
+        mutual attention where `mutual_self_attention` asks (`icd.editing.joint_attention`), else fused SDPA."""
+        if not self.mutual_self_attention(info, query.shape[2] - info.text_length):
+            return sdpa(query, key, value, mask=mask, scale=None)
+        return joint.mutual_attention(query, key, value, mask=mask, text=info.text_length,
+                                      shared=self.rows(query.shape[0], query.device)["shared"])
 
     def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
         return False
@@ -127,6 +155,7 @@ class P2PControls:
     -REWEIGHT_MAX..REWEIGHT_MAX (negative: less attention); with `reweight_new_words` the target's new words
     (tokens.changed_words) get that factor. blend_words are (source words, target words) for local blend, shared by
     all targets, or a list with one such pair per target; `mask` is a user mask [H, W] in [0, 1] (latent or image size).
+    blocks: a transformer's controlled joint-attention blocks (`icd.editing.joint_attention.check_blocks`; UNets: None).
     """
 
     cross_replace: float = 0.3
@@ -138,8 +167,10 @@ class P2PControls:
     blend_words: tuple | list | None = None  # (source words, target words), or a list of them per target
     blend_threshold: float = 0.3
     mask: torch.Tensor | None = None
+    blocks: str | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "blocks", joint.check_blocks(self.blocks))
         for name in ("cross_replace", "self_replace"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -206,14 +237,23 @@ class PromptToPrompt(Controller):
         self.cross_steps = math.floor(controls.cross_replace * (num_steps + 1))
         self.self_steps = math.floor(controls.self_replace * num_steps)
         self.max_self_tokens = controls.max_self_tokens or (self.latent_shape[0] * self.latent_shape[1]) // 4
+        self.begin_step(0, self.t)
+
+    def begin_step(self, i: int, t: int) -> None:
+        super().begin_step(i, t)
+        self.cross_on, self.self_on = i < self.cross_steps, i < self.self_steps  # what the hooks read
+
+    def prepare_layout(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().prepare_layout(batch, device, dtype)
+        self.constants(batch, torch.empty(0, device=device, dtype=dtype))
 
     def cross_control(self, info: LayerInfo, tokens: int) -> bool:
         """This cross-attention layer mixes the target's map with its source's at this step."""
-        return info.is_cross and self.step < self.cross_steps
+        return info.is_cross and self.cross_on
 
     def self_injection(self, info: LayerInfo, tokens: int) -> bool:
         """This self-attention layer gives the targets their sources' maps at this step."""
-        return not info.is_cross and self.step < self.self_steps and tokens <= self.max_self_tokens
+        return not info.is_cross and self.self_on and tokens <= self.max_self_tokens
 
     def needs_probs(self, info: LayerInfo, tokens: int) -> bool:
         """Only local blend reads maps: cross-attention layers with at most `BLEND_MAX_TOKENS` queries."""
@@ -232,6 +272,30 @@ class PromptToPrompt(Controller):
         if self.cross_control(info, tokens):
             return self._mixed_cross(query, key, value, mask=mask, scale=scale)
         return sdpa(query, key, value, mask=mask, scale=scale)
+
+    def joint_control(self, info) -> tuple[bool, bool, bool]:
+        """(image->text control, image->image injection, blend maps) in this joint block at this step."""
+        chosen = joint.chosen(info, self.c.blocks)
+        return self.cross_on and chosen, self.self_on and chosen, self.blend is not None and chosen
+
+    def attend_joint(self, query, key, value, *, mask, info):
+        """Target rows' image queries attend with the mixed joint map (`icd.editing.joint_attention.prompt_to_prompt`);
+        local blend records the controlled rows' image->text maps."""
+        text, k = info.text_length, self.mappers.shape[-1]
+        cross, inject, blend = self.joint_control(info)
+        if not (cross or inject or blend):
+            return sdpa(query, key, value, mask=mask, scale=None)
+        if text > k:
+            raise ValueError(f"the joint attention has {text} text tokens; the prompts were aligned on {k}")
+        batch = query.shape[0]
+        out, maps = joint.prompt_to_prompt(
+            query, key, value, mask=mask, text=text, rows=self.rows(batch, query.device),
+            block=slice(self.cond_offset, self.cond_offset + self.num_rows), inject=inject,
+            constants=self.constants(batch, query) if cross else None)
+        if blend:  # [rows, N, K] summed over layers and steps, as a UNet's maps
+            tokens = query.shape[2] - text
+            self.maps[tokens] = self.maps.get(tokens, 0) + F.pad(maps.mean(dim=1).detach().float(), (0, k - text))
+        return out
 
     def constants(self, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-target mixing constants on `like`'s device and dtype, built once per layout: ``mappers``
@@ -275,6 +339,8 @@ class PromptToPrompt(Controller):
         return probs
 
     def on_latents(self, x: torch.Tensor) -> torch.Tensor:
+        for tokens in self.maps:  # out of the UNet call's memory (a CUDA-graph replay reuses it), same dict
+            self.maps[tokens] = self.maps[tokens].clone()
         mask = self.blend_mask(tuple(x.shape[-2:]))
         if mask is None:
             return x
@@ -344,7 +410,8 @@ def _blend_positions(tokenizer, source_prompts, target_prompts, source_of, *, bl
 @dataclass(frozen=True)
 class MasaCtrlControls:
     """MasaCtrl settings: mutual self-attention at timesteps t <= start_t (default 920, i.e. step 4 of 50) and in
-    transformer blocks with index >= start_layer (None: the decoder's first block, as L = 10 of 16 in SD1.x)."""
+    transformer blocks with index >= start_layer (None: the decoder's first block, as L = 10 of 16 in SD1.x; on FLUX:
+    `icd.editing.joint_attention.JointAttentionLayers.mutual_start`, blocks counted double-stream first)."""
 
     start_t: int = 920
     start_layer: int | None = None
@@ -365,9 +432,14 @@ class MasaCtrl(Controller):
         super().__init__(source_of, num_steps)
         self.c = controls
         self.start_layer = first_decoder_layer if controls.start_layer is None else controls.start_layer
+        self.begin_step(0, self.t)
+
+    def begin_step(self, i: int, t: int) -> None:
+        super().begin_step(i, t)
+        self.mutual_on = self.t <= self.c.start_t  # what the hook reads
 
     def mutual_self_attention(self, info: LayerInfo, tokens: int) -> bool:
-        return self.t <= self.c.start_t and info.index >= self.start_layer
+        return self.mutual_on and info.index >= self.start_layer
 
     def shared_rows(self, batch: int) -> torch.Tensor:
         """Within each half of the batch (both halves under two-pass CFG), targets read their sources' rows."""

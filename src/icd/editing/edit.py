@@ -59,17 +59,22 @@ def make_controller(model: LatentDiffusion, layers: AttentionLayers, *, sources:
     """The controller of `controls` for one edit of `num_steps` reverse steps on latents of `latent_shape` (h, w;
     default: the model's native square)."""
     latent_shape = latent_shape or model.latent_shape()[1:]
+    joint = getattr(layers, "joint", False)  # an MM-DiT's joint attention (icd.editing.joint_attention)
+    last = max(i.index for i in layers.infos.values())
     if controls.p2p is not None:
-        return PromptToPrompt(model.tokenizer, sources, targets, source_of, num_steps=num_steps,
+        blocks = controls.p2p.blocks
+        if blocks is not None and not joint:
+            raise ValueError("P2P blocks choose among a transformer's joint-attention blocks; this UNet has none")
+        if isinstance(blocks, tuple) and max(blocks) > last:
+            raise ValueError(f"P2P blocks must lie in 0..{last} for this transformer, got {blocks}")
+        return PromptToPrompt(model.attention_tokenizer, sources, targets, source_of, num_steps=num_steps,
                               controls=controls.p2p, latent_shape=latent_shape)
     if controls.masactrl is not None:
-        first_up = min(i.index for i in layers.infos.values() if i.place == "up")
-        last = max(i.index for i in layers.infos.values())
         start = controls.masactrl.start_layer
         if start is not None and not 0 <= start <= last:
-            raise ValueError(f"MasaCtrl start layer (--masactrl-layer) must lie in 0..{last} for this UNet, got "
-                             f"{start}")
-        return MasaCtrl(source_of, num_steps, controls.masactrl, first_decoder_layer=first_up)
+            raise ValueError(f"MasaCtrl start layer (--masactrl-layer) must lie in 0..{last} for this "
+                             f"{'transformer' if joint else 'UNet'}, got {start}")
+        return MasaCtrl(source_of, num_steps, controls.masactrl, first_decoder_layer=layers.mutual_start)
     return Controller(source_of, num_steps)
 
 
@@ -95,6 +100,7 @@ def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond
         controller.begin_step(steps.index(t), t)
         return eps(x, t, swapped if swap_tau is not None and t / 1000.0 > swap_tau else c)
 
+    controller.prepare(noise.device, model.dtype)  # index tensors built before the loop (compiled UNets read them)
     with controlled(model.unet, controller, layers):
         return ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=model.schedule,
                          callback=lambda i, t0, t1, x: controller.on_latents(x)).final

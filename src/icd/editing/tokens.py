@@ -1,9 +1,10 @@
 """Token alignment for Prompt-to-Prompt (docs/baselines.md §5): word positions, the replace mapper, the refine
 alignment, and "new words" for reweighting.
 
-Positions index the text encoder's token sequence: BOS at 0, the prompt's tokens from 1, then EOS and padding up to
-the tokenizer's maximum length. A word may tokenize into several tokens (SD's CLIP BPE); the embedded model's
-tokenizer gives one token per world word.
+Positions index the text encoder's token sequence: BOS at 0 where the tokenizer adds one (CLIP), the prompt's tokens
+from there (1 for CLIP, 0 for T5, which adds no BOS: `prefix`), then EOS and padding up to the tokenizer's maximum
+length. A word may tokenize into several tokens (SD's CLIP BPE); the embedded models' tokenizers give one token per
+world word.
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ def words(prompt: str) -> list[str]:
     return prompt.lower().split()
 
 
+def prefix(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a prompt's tokens: 1 (BOS) for CLIP, 0 for T5."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos is not None and tokenizer("").input_ids[:1] == [bos])
+
+
 def word_spans(tokenizer, prompt: str) -> list[range]:
-    """Token positions of each word of `prompt` (BOS is position 0; truncated words get shortened spans)."""
+    """Token positions of each word of `prompt` (after BOS where the tokenizer adds one; truncated words get
+    shortened spans)."""
     limit = tokenizer.model_max_length - 1  # the last position is EOS at best
-    spans, pos = [], 1
+    spans, pos = [], prefix(tokenizer)
     for word in words(prompt):
         n = len(tokenizer(word, add_special_tokens=False).input_ids)
         spans.append(range(min(pos, limit), min(pos + n, limit)))
@@ -47,20 +55,20 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     """[K, K] matrix M with target_maps = source_maps @ M for a word swap (same number of words).
 
     Word i's target tokens each receive the mean of word i's source tokens, so words that tokenize differently
-    spread their attention mass evenly. BOS maps to BOS; EOS and padding map positionally.
+    spread their attention mass evenly. BOS (if any) maps to BOS; EOS and padding map positionally.
     """
     src, tgt = word_spans(tokenizer, source), word_spans(tokenizer, target)
     if len(src) != len(tgt):
         raise AlignmentError(f"word replace needs prompts with the same number of words ({len(src)} vs {len(tgt)})")
-    length = tokenizer.model_max_length
+    length, start = tokenizer.model_max_length, prefix(tokenizer)
     mapper = torch.zeros(length, length)
-    mapper[0, 0] = 1.0
+    mapper[range(start), range(start)] = 1.0
     for s, t in zip(src, tgt):
         for j in t:
             for i in s:
                 mapper[i, j] = 1.0 / len(s)
-    n_src = src[-1].stop if src else 1
-    n_tgt = tgt[-1].stop if tgt else 1
+    n_src = src[-1].stop if src else start
+    n_tgt = tgt[-1].stop if tgt else start
     for i, j in _tail(n_src, n_tgt, length):
         mapper[i, j] = 1.0
     return mapper
@@ -96,19 +104,19 @@ def _global_alignment(a: Sequence[int], b: Sequence[int], *, gap: int = -1, matc
 
 def refine_alignment(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(index [K], alpha [K]): target position j takes source position index[j] where alpha[j] = 1 (aligned,
-    unchanged tokens); new tokens (alpha 0) keep their own maps. BOS, EOS and padding align positionally."""
-    limit = tokenizer.model_max_length
-    ids_src = tokenizer(source, add_special_tokens=False, truncation=True, max_length=limit - 2).input_ids
-    ids_tgt = tokenizer(target, add_special_tokens=False, truncation=True, max_length=limit - 2).input_ids
+    unchanged tokens); new tokens (alpha 0) keep their own maps. BOS (if any), EOS and padding align positionally."""
+    limit, start = tokenizer.model_max_length, prefix(tokenizer)
+    ids_src = tokenizer(source, add_special_tokens=False, truncation=True, max_length=limit - 1 - start).input_ids
+    ids_tgt = tokenizer(target, add_special_tokens=False, truncation=True, max_length=limit - 1 - start).input_ids
     aligned = _global_alignment(ids_src, ids_tgt)
     index = torch.arange(limit)
     alpha = torch.ones(limit)
     for j, i in enumerate(aligned):
         if i is None:
-            alpha[j + 1] = 0.0
+            alpha[j + start] = 0.0
         else:
-            index[j + 1] = i + 1
-    for i, j in _tail(len(ids_src) + 1, len(ids_tgt) + 1, limit):
+            index[j + start] = i + start
+    for i, j in _tail(len(ids_src) + start, len(ids_tgt) + start, limit):
         index[j] = i
     return index, alpha
 

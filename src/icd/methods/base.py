@@ -27,7 +27,7 @@ from icd.editing.edit import EditControls, edit_latents, flatten_targets, make_c
 from icd.editing.inversion import Inversion
 from icd.guidance import check_guidance, check_tau
 from icd.imageio import to_uint8
-from icd.methods.registry import MENU, REGISTRY, TASKS, entry_of
+from icd.methods.registry import MENU, MODEL_KINDS, REGISTRY, TASKS, entry_of
 from icd.models.base import Cond, EpsFn, LatentDiffusion, check_prompts
 from icd.models.loading import family_of
 from icd.samplers import StopFn, ddim_loop, generation_timesteps, stoppable
@@ -132,6 +132,7 @@ class Method:
     takes_strength: ClassVar[bool] = False  # takes SDEdit's strength S
     options: ClassVar[tuple[str, ...]] = ()  # its own request fields (e.g. IP2P's instruction, image_guidance)
     weights: ClassVar[str | None] = None  # the option naming weights of its own (IP2P: ``ip2p``, `--ip2p DIR`)
+    models: ClassVar[tuple[str, ...]] = MODEL_KINDS  # the model kinds it runs on (`LatentDiffusion.kind`)
     controls_type: ClassVar[type] = EditControls  # what `Pipeline.edit` takes as controls
     bench_guidance: ClassVar[bool] = True  # a benchmark runs it at the run's guidance code (False: its own scales)
     p2p_defaults: ClassVar[dict] = dict(cross_replace=0.2, self_replace=0.5, reweight_new_words=3.0)  # the
@@ -155,8 +156,14 @@ class Method:
 
     # ------------------------------------------------------------------ settings
     def model(self, host: Host) -> LatentDiffusion:
-        """The model serving this method (its UNet, the pipeline's text encoder and VAE)."""
-        return host.unet_model(self.unet, self.name)
+        """The model serving this method (its UNet, the pipeline's text encoder and VAE); ValueError when the model
+        is of a kind the method does not run on (`models`)."""
+        model = host.unet_model(self.unet, self.name)
+        if model.kind not in self.models:
+            needs = ("a rectified-flow model such as --model embedded-flow" if self.models == ("flow",) else
+                     "an epsilon-prediction (Stable Diffusion family) model such as --model embedded")
+            raise ValueError(f"method {self.name} needs {needs}; {model.name} is a {model.family} {model.kind} model")
+        return model
 
     def resolve_steps(self, host: Host, steps: int | None) -> int:
         """The step count of a run: `steps`, else `default_steps`."""
@@ -331,7 +338,8 @@ class Method:
                          ) -> torch.Tensor:
         """Clean latents sampled with `eps` (`decoder_eps`) from `noise()`'s first draw
         (`icd.samplers.SeededNoise`): DDIM down the grid of `st.steps`."""
-        return ddim_loop(eps, noise(), cond, generation_timesteps(st.steps), schedule=model.schedule).final
+        return ddim_loop(eps, noise(), cond, generation_timesteps(st.steps, model.schedule),
+                         schedule=model.schedule).final
 
 
 def with_extra(st: Settings, **extra) -> Settings:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
+MODEL_KINDS = ("vp", "flow")  # epsilon-prediction (VP) models and rectified-flow models (`LatentDiffusion.kind`)
 TASKS = ("invert", "reconstruct", "edit", "generate")  # what a method may serve (reconstruct: invert + decode as a
 # round trip; edit: invert + decode source and targets; generate: from noise)
 
@@ -33,6 +34,7 @@ class Entry:
     takes_strength: bool = False  # takes SDEdit's strength S
     options: tuple[str, ...] = ()  # its own request fields (e.g. IP2P's instruction, image_guidance)
     weights: str | None = None  # the option naming weights of its own (IP2P: ``ip2p``, `--ip2p DIR`)
+    models: tuple[str, ...] = MODEL_KINDS  # the model kinds it runs on (`LatentDiffusion.kind`: vp, flow)
 
     def menu(self) -> dict[str, Any]:
         """The attributes a method class takes from its entry."""
@@ -77,6 +79,8 @@ class Registry:
         if not method.name or method.name[-1].isdigit() or any(c in method.name for c in ":@, "):
             raise ValueError(f"method name {method.name!r} must be non-empty, not end in a digit (bench names add a "
                              "step count) and hold no ':', '@', ',' or space")
+        if not method.models or any(k not in MODEL_KINDS for k in method.models):
+            raise ValueError(f"method {method.name!r}: models must be some of {', '.join(MODEL_KINDS)}")
         bad = [t for t in method.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"method {method.name!r}: unknown task(s) {', '.join(bad)}; choose from "
@@ -107,12 +111,13 @@ class Registry:
         return [m for m in self._methods.values() if task is None or task in m.tasks]
 
     def names(self, task: str | None = None, *, strength: bool | None = None, option: str | None = None,
-              attention_control: bool | None = None) -> list[str]:
+              attention_control: bool | None = None, model: str | None = None) -> list[str]:
         """Names of the methods serving `task` (all: None), optionally only those that take a strength, an
-        option or attention control."""
+        option or attention control, or run on a model kind (`MODEL_KINDS`)."""
         return [m.name for m in self.menu(task) if (strength is None or m.takes_strength == strength)
                 and (option is None or option in m.options)
-                and (attention_control is None or m.attention_control == attention_control)]
+                and (attention_control is None or m.attention_control == attention_control)
+                and (model is None or model in m.models)]
 
     def lookup(self, name: str, task: str | None = None):
         """The menu of method `name` (serving `task`); ValueError listing the valid names otherwise."""

@@ -69,7 +69,7 @@ class SDEdit(Method):
 
     def full_schedule(self, model: LatentDiffusion, steps: int) -> list[int]:
         """The whole descending schedule SDEdit runs the tail of: the teacher's DDIM grid of `steps`."""
-        return generation_timesteps(steps)
+        return generation_timesteps(steps, model.schedule)
 
     def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
                guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:

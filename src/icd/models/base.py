@@ -127,6 +127,7 @@ class LatentDiffusion:
     """A latent diffusion model behind the `EpsFn` convention (epsilon prediction only)."""
 
     family = "sd15"  # the model family (icd.models.sd15 / icd.models.sdxl); subclasses override
+    kind = "vp"  # epsilon prediction on a VP schedule; "flow": a rectified-flow model (icd.models.flow)
 
     def __init__(self, *, tokenizer, text_encoder, vae, unet, schedule: NoiseSchedule, name: str,
                  image_size: int, vocabulary: Sequence[str] | None = None, size_multiple: int | None = None):
@@ -146,6 +147,10 @@ class LatentDiffusion:
         # would freeze the inactive one; `icd.models.lora.use`)
         self._empty: dict[tuple[int, str], Cond] = {}  # encoded empty prompts by batch size (a cache)
         self._device_cache: dict = {}  # per-call UNet inputs built once on the device (timesteps, e(w), size ids)
+        self.compiled = None  # an `icd.models.compiled.CompiledUNet` of `unet` (`compile`): the no-grad calls' path
+        # a half-precision VAE whose output overflowed is re-run in fp32 (`vae_call`); shared by `with_unet` copies
+        self.vae_upcast = False  # SDXL's VAE in fp16 without an fp16-safe VAE (`icd.models.sdxl`)
+        self._vae_state: dict = {"upcasts": 0}  # the fp32 copy (made on the first overflow) and the re-runs counted
 
     # ------------------------------------------------------------------ properties
     @property
@@ -180,8 +185,20 @@ class LatentDiffusion:
         other = copy.copy(self)
         other.unet = unet.eval().requires_grad_(False)
         other.icd, other.fused, other.trainable_adapters = None, None, ()
-        other._empty, other._device_cache = {}, {}
+        other._empty, other._device_cache, other.compiled = {}, {}, None
         return other
+
+    def compile(self, mode: str | bool | None = "auto", *, backend: str = "inductor") -> None:
+        """Run the UNet's no-grad calls through ``torch.compile`` (`icd.models.compiled`; mode None: eager again)."""
+        from icd.models.compiled import CompiledUNet, resolve_mode  # torch.compile machinery: only when asked
+
+        mode = resolve_mode(mode, self.device)
+        self.compiled = None if mode is None else CompiledUNet(self.unet, mode, backend=backend)
+
+    @property
+    def attention_tokenizer(self):
+        """The tokenizer of the text tokens the network's attention reads (Prompt-to-Prompt's word positions)."""
+        return self.tokenizer
 
     @property
     def guidance_distilled(self) -> bool:
@@ -237,13 +254,30 @@ class LatentDiffusion:
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
         """Images -> clean latents z0 = posterior mean x scaling factor (docs/method.md §8.1)."""
-        x = self.preprocess(images).to(self.vae.dtype)
-        return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+        x = self.preprocess(images)
+        return self.vae_call(lambda vae, v: vae.encode(v).latent_dist.mean, x) * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z0: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images, float [N,3,H,W] in [-1, 1]."""
-        return self.vae.decode(z0.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
+        return self.vae_call(lambda vae, z: vae.decode(z / self.scaling_factor).sample, z0).float().clamp(-1, 1)
+
+    def vae_call(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn(vae, x)`` in the VAE's dtype; with `vae_upcast` and a half-precision VAE, a batch whose output holds
+        NaN / Inf (fp16 overflow: SDXL's VAE) is computed again by an fp32 copy of the VAE (made once, kept)."""
+        out = fn(self.vae, x.to(self.vae.dtype))
+        if self.vae_upcast and self.vae.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+            state = self._vae_state
+            if state.get("vae") is not self.vae:  # the fp32 copy of this VAE (weights upcast exactly)
+                state["vae"], state["fp32"] = self.vae, copy.deepcopy(self.vae).to(torch.float32)
+            state["upcasts"] += 1
+            out = fn(state["fp32"], x.to(torch.float32))
+        return out
+
+    @property
+    def vae_upcasts(self) -> int:
+        """VAE batches re-run in fp32 so far (`vae_call`)."""
+        return self._vae_state["upcasts"]
 
     def empty_cond(self, n: int) -> Cond:
         """The empty prompt's conditioning for `n` rows (encoded once per batch size)."""
@@ -313,6 +347,8 @@ class LatentDiffusion:
                              "guided_eps)")
         self._activate(adapter)
         self.counter.record(n)
+        if self.compiled is not None and not torch.is_grad_enabled():  # gradients (NTI, training): eager
+            return self.compiled(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).to(x_t.dtype)
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).sample
         return out.to(x_t.dtype)
 

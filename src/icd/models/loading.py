@@ -29,18 +29,19 @@ from safetensors.torch import load_file
 
 from icd.boundaries import PRESETS, Boundaries
 from icd.io import read_json
-from icd.models import lora, sd15, sdxl
+from icd.models import flux, lora, sd15, sdxl
 from icd.models.base import ICDSpec, LatentDiffusion
 from icd.models.released import ReleasedLoraError, load_released
 from icd.models.tiny import VOCABULARY_FILE
-from icd.paths import EMBEDDED, embedded_model_path
+from icd.paths import EMBEDDED, EMBEDDED_FLOW, embedded_flow_model_path, embedded_model_path
 from icd.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 GUIDANCE_UNET = "unet_guidance"  # subfolder of the guidance-distilled UNet (docs/method.md §6)
 ADAPTERS_SUBFOLDER = "icd"  # subfolder of the iCD adapters inside a pipeline folder
-FAMILIES = {sd15.PIPELINE_CLASS: sd15, sdxl.PIPELINE_CLASS: sdxl}
+FAMILIES = {sd15.PIPELINE_CLASS: sd15, sdxl.PIPELINE_CLASS: sdxl, flux.PIPELINE_CLASS: flux}
+UNET_COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")  # a family without its own list
 BOUNDARY_TAU = {"4step-1": 0.8, "4step-2": 0.7, "3step": 0.7}  # τ released with each boundary set (docs/method.md §3)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -75,18 +76,23 @@ def resolve_hub(name: str, *, what: str) -> Path:
                          f"are online (`hf download {name}`) and pass its folder") from None
 
 
+SHIPPED = {EMBEDDED: embedded_model_path, EMBEDDED_FLOW: embedded_flow_model_path}  # names of the shipped models
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """The pipeline folder of "embedded", a local diffusers folder, or a hub id; ModelError if it is not one."""
+    """The pipeline folder of "embedded" / "embedded-flow", a local diffusers folder, or a hub id; ModelError if it
+    is not one (or lacks a component its family needs)."""
     name = str(name_or_path)
-    path = embedded_model_path() if name == EMBEDDED else Path(name_or_path)
-    if not path.exists() and name != EMBEDDED and _HUB_ID.match(name):
+    path = SHIPPED[name]() if name in SHIPPED else Path(name_or_path)
+    if not path.exists() and name not in SHIPPED and _HUB_ID.match(name):
         path = resolve_hub(name, what="model")
     if not path.is_dir():
-        hint = " (the embedded model is missing from this installation)" if name == EMBEDDED else ""
+        hint = f" (the {name} model is missing from this installation)" if name in SHIPPED else ""
         raise ModelError(f"model folder not found: {path}{hint}")
     if not (path / "model_index.json").is_file():
         raise ModelError(f"not a diffusers pipeline folder (no model_index.json): {path}")
-    missing = [c for c in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (path / c).is_dir()]
+    components = getattr(family_of_folder(path), "COMPONENTS", UNET_COMPONENTS)
+    missing = [c for c in components if not (path / c).is_dir()]
     if missing:
         raise ModelError(f"model folder {path} lacks component(s): {', '.join(missing)}")
     return path
@@ -105,9 +111,20 @@ def _index(path: Path) -> dict:
     return index
 
 
+def family_of_folder(path: Path):
+    """The family module of a pipeline folder, from its ``model_index.json`` (ModelError for another pipeline)."""
+    return FAMILIES[_index(path)["_class_name"]]
+
+
+def model_kind(name_or_path: str | Path) -> str:
+    """The kind ("vp" or "flow") of the model a name or folder selects, read from its ``model_index.json`` (no
+    weights loaded)."""
+    return getattr(family_of_folder(resolve_model_path(name_or_path)), "KIND", "vp")
+
+
 def family_of(model: LatentDiffusion):
-    """The family module (`icd.models.sd15` or `icd.models.sdxl`) of a loaded model (`LatentDiffusion.family`)."""
-    return sdxl if model.family == "sdxl" else sd15
+    """The family module (`icd.models.sd15`, `sdxl` or `flux`) of a loaded model (`LatentDiffusion.family`)."""
+    return {"sdxl": sdxl, "flux": flux}.get(model.family, sd15)
 
 
 # ---------------------------------------------------------------------------------------------- UNets
@@ -213,8 +230,20 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
                dtype: torch.dtype = torch.float32, unet_subfolder: str = "unet") -> LatentDiffusion:
     """A latent diffusion model from a diffusers folder or hub id ("embedded" = the shipped tiny model)."""
     path = resolve_model_path(name_or_path)
+    if family_of_folder(path) is flux:
+        return _build_flux(path, dtype=dtype, device=device, name=str(name_or_path))
     unet = unet_folder(path / unet_subfolder, dtype=dtype)
     return _build(path, unet, dtype=dtype, device=device, name=str(name_or_path))
+
+
+def _build_flux(path: Path, *, dtype: torch.dtype, device, name: str) -> LatentDiffusion:
+    try:
+        model = flux.load(path, dtype=dtype, name=name)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
+    for module in (model.text_encoder, model.text_encoder_2, model.vae, model.unet):
+        module.to(device)
+    return model
 
 
 def base_unet(path: Path, *, dtype: torch.dtype, device) -> UNet2DConditionModel:

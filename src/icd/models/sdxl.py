@@ -9,8 +9,10 @@ What differs from SD 1.5 (docs/stable-diffusion.md; docs/method.md §8.3), and l
 - **Size ids.** The UNet also reads ``time_ids`` = (original size, crop top-left, target size). They follow the
   latents being denoised: (H, W, 0, 0, H, W) in pixels for a latent of H / 8 x W / 8, so any photo size conditions
   as a full, uncropped image.
-- **Native size** 1024² with sides a multiple of 64; boundaries "4step-2" with τ = 0.7; VAE scaling 0.13025, the
-  VAE kept in fp32 where its config says ``force_upcast`` (SDXL's VAE overflows in fp16).
+- **Native size** 1024² with sides a multiple of 64; boundaries "4step-2" with τ = 0.7; VAE scaling 0.13025. SDXL's
+  VAE overflows in fp16 (its config says ``force_upcast``): it runs in the model's dtype and a batch whose output
+  holds NaN / Inf is computed again in fp32 (`LatentDiffusion.vae_call`); an fp16-safe VAE given by the user
+  (`icd.models.vae`, ``--vae``) runs in fp16 with no check.
 
 `SDXLDiffusion` is a `LatentDiffusion`: editing, inversion, the baselines, attention control and the bench see no
 difference. `unet_config` / `random_models` give SDXL's published architecture (or a same-topology reduced width) with
@@ -92,9 +94,7 @@ def load(path: Path, *, dtype: torch.dtype, unet: UNet2DConditionModel, index: d
          name: str) -> SDXLDiffusion:
     """The SDXL pipeline folder `path` (diffusers layout) around `unet`, safetensors only."""
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
-    if getattr(vae.config, "force_upcast", False) and dtype == torch.float16:
-        vae = vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers upcasts it the same way)
-    return SDXLDiffusion(
+    model = SDXLDiffusion(
         tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2"),
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, use_safetensors=True),
@@ -103,6 +103,9 @@ def load(path: Path, *, dtype: torch.dtype, unet: UNet2DConditionModel, index: d
         vae=vae, unet=unet, schedule=schedule, name=name,
         image_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
         size_multiple=SIZE_MULTIPLE, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    # SDXL's VAE overflows in fp16: run it in `dtype`, an overflowing batch again in fp32 (diffusers upcasts it whole)
+    model.vae_upcast = bool(getattr(vae.config, "force_upcast", False))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- random models

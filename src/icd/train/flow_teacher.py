@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from icd import world
 from icd.io import atomic_directory
@@ -146,9 +147,6 @@ def _load_weights(parts: fe.FluxParts, folder: str | Path) -> None:
     """Copy the transformer's and both text encoders' weights of the `FluxPipeline` folder `folder` into `parts`
     (continuing a run whose checkpoints are gone from its exported or shipped weights). `ConfigError` when a
     component is missing or its shapes differ from the configured size."""
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
-
     folder = Path(folder)
     sources = {"transformer": FluxTransformer2DModel, "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
     for name, cls in sources.items():

@@ -16,7 +16,7 @@ plug-in registers an object for a while with ``with REGISTRY.registered(MyMethod
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -113,6 +113,19 @@ class InversionRun:
     settings: Settings
     nfe: int
     seconds: float
+
+
+class EditInputs(NamedTuple):
+    """What `Method.edit_inputs` resolves for an edit (unpacked by the methods' `edit`)."""
+
+    controls: Any
+    model: LatentDiffusion
+    st: Settings
+    sources: list[str]
+    targets: list[str]
+    source_of: torch.Tensor  # the source row of each target
+    cond_src: Cond
+    cond_tgt: Cond
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -307,10 +320,9 @@ class Method:
         """The unconditional rows of a two-pass edit: None, the empty prompt."""
         return None
 
-    def edit(self, host: Host, inversion: Inversion, target_prompts, controls, *, should_stop: StopFn | None
-             ) -> tuple[np.ndarray, np.ndarray, Settings]:
-        """uint8 (edits [T, H, W, 3], reconstructions [S, H, W, 3], the settings it ran with): [sources, targets]
-        decoded from `inversion` in one batch per step under `controls`' attention control."""
+    def edit_inputs(self, host: Host, inversion: Inversion, target_prompts, controls) -> EditInputs:
+        """What every edit starts from: the checked controls, the model, the resolved settings, the flat targets
+        with their source rows, and both prompts encoded once."""
         controls = self.check_controls(controls)
         model = self.model(host)
         st = self.settings(host, "edit", guidance=controls.guidance, tau=controls.tau,
@@ -319,7 +331,15 @@ class Method:
         sources = list(inversion.prompts)
         targets, source_of = flatten_targets(target_prompts, len(sources))
         check_prompts(model, targets)
-        cond_src, cond_tgt = model.encode_prompt(sources), model.encode_prompt(targets)
+        return EditInputs(controls, model, st, sources, targets, source_of, model.encode_prompt(sources),
+                          model.encode_prompt(targets))
+
+    def edit(self, host: Host, inversion: Inversion, target_prompts, controls, *, should_stop: StopFn | None
+             ) -> tuple[np.ndarray, np.ndarray, Settings]:
+        """uint8 (edits [T, H, W, 3], reconstructions [S, H, W, 3], the settings it ran with): [sources, targets]
+        decoded from `inversion` in one batch per step under `controls`' attention control."""
+        controls, model, st, sources, targets, source_of, cond_src, cond_tgt = self.edit_inputs(
+            host, inversion, target_prompts, controls)
         timesteps = self.decode_timesteps(model, inversion)
         layers = host.attention(model)
         controller = make_controller(model, layers, sources=sources, targets=targets, source_of=source_of,

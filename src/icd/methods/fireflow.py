@@ -28,13 +28,13 @@ from dataclasses import replace
 import torch
 
 from icd.editing.attention import controlled
-from icd.editing.edit import flatten_targets, make_controller
+from icd.editing.edit import make_controller
 from icd.editing.inversion import Inversion
 from icd.imageio import to_uint8
 from icd.methods.base import Host, Settings, with_extra
 from icd.methods.ddim import DDIM
 from icd.methods.flow_ode import FlowMethod, check_finite, flow_times, level, velocity
-from icd.models.base import Cond, EpsFn, LatentDiffusion, check_prompts
+from icd.models.base import Cond, EpsFn, LatentDiffusion
 from icd.samplers import StopFn, stoppable
 from icd.schedule import DiscreteFlowSchedule
 
@@ -119,14 +119,8 @@ class FireFlow(FlowMethod, DDIM):
         """`Method.edit` with FireFlow's solver in place of the DDIM loop: [sources, targets] in one batch per call
         under the attention controller (its step clock advances per solver step, both calls of step 0 and each
         midpoint call reading their own time)."""
-        controls = self.check_controls(controls)
-        model = self.model(host)
-        st = self.settings(host, "edit", guidance=controls.guidance, tau=controls.tau,
-                           steps=self.inversion_steps(inversion), seed=inversion.settings.get("seed"))
-        sources = list(inversion.prompts)
-        targets, source_of = flatten_targets(target_prompts, len(sources))
-        check_prompts(model, targets)
-        cond_src, cond_tgt = model.encode_prompt(sources), model.encode_prompt(targets)
+        controls, model, st, sources, targets, source_of, cond_src, cond_tgt = self.edit_inputs(
+            host, inversion, target_prompts, controls)
         timesteps = self.decode_timesteps(model, inversion)
         layers = host.attention(model)
         controller = make_controller(model, layers, sources=sources, targets=targets, source_of=source_of,

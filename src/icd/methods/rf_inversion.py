@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import torch
 
-from icd.editing.edit import flatten_targets
 from icd.editing.inversion import Inversion
 from icd.imageio import to_uint8
 from icd.methods.base import Host, Method, Settings, with_extra
 from icd.methods.flow_ode import FlowMethod, euler_path, flow_times
-from icd.models.base import Cond, EpsFn, LatentDiffusion, check_prompts
+from icd.models.base import Cond, EpsFn, LatentDiffusion
 from icd.samplers import StopFn, initial_noise, stoppable
 
 DEFAULTS = dict(gamma=0.5, eta=0.9, start=0.0, stop=0.25, source_prompt=False)
@@ -129,14 +128,8 @@ class RFInversion(FlowMethod, Method):
     def edit(self, host: Host, inversion: Inversion, target_prompts, controls, *, should_stop: StopFn | None):
         """[sources, targets] down the controlled reverse ODE in one batch per step, each row towards its source's
         y_0; the source rows are the reconstructions."""
-        controls = self.check_controls(controls)
-        model = self.model(host)
-        st = self.settings(host, "edit", guidance=controls.guidance, tau=controls.tau,
-                           steps=self.inversion_steps(inversion), seed=inversion.settings.get("seed"))
-        sources = list(inversion.prompts)
-        targets, source_of = flatten_targets(target_prompts, len(sources))
-        check_prompts(model, targets)
-        cond_src, cond_tgt = model.encode_prompt(sources), model.encode_prompt(targets)
+        _, model, st, sources, targets, source_of, cond_src, cond_tgt = self.edit_inputs(
+            host, inversion, target_prompts, controls)
         eps = self.edit_eps(model, inversion, st, cond_src=cond_src, source_of=source_of, n_targets=len(targets))
         rows = torch.cat([torch.arange(len(sources)), source_of]).to(inversion.noise.device)
         z0 = self.reverse(stoppable(eps, should_stop), inversion.noise[rows].contiguous(),

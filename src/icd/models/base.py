@@ -341,16 +341,21 @@ class LatentDiffusion:
         kwargs = self.unet_kwargs(cond, x_t)
         if self.guidance_distilled:
             kwargs["timestep_cond"] = self._guidance_rows(0.0 if guidance is None else guidance, n, x_t.device)
-        elif guidance is not None and (guidance != 0 if isinstance(guidance, float) else
-                                       bool(torch.any(guidance != 0))):
-            raise ValueError("this UNet is not guidance-distilled; guidance needs two passes (icd.models.base."
-                             "guided_eps)")
+        else:
+            self._refuse_guidance(guidance)
         self._activate(adapter)
         self.counter.record(n)
         if self.compiled is not None and not torch.is_grad_enabled():  # gradients (NTI, training): eager
             return self.compiled(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).to(x_t.dtype)
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.tokens, **kwargs).sample
         return out.to(x_t.dtype)
+
+    @staticmethod
+    def _refuse_guidance(guidance: torch.Tensor | float | None) -> None:
+        """ValueError for a non-zero guidance code on a network without a guidance input (two passes instead)."""
+        if guidance is not None and (guidance != 0 if isinstance(guidance, float) else bool(torch.any(guidance != 0))):
+            raise ValueError("this network (UNet or transformer) is not guidance-distilled; guidance needs two passes "
+                             "(icd.models.base.guided_eps)")
 
     def _timesteps(self, t: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
         """`t` as the UNet's [n] timestep tensor on `device`; integers are cached (at most 1000 per batch size)."""

@@ -69,10 +69,8 @@ class FlowDiffusion(LatentDiffusion):
         g = None
         if self.guidance_distilled:
             g = self.guidance_scale(0.0 if guidance is None else guidance, n, x_t.device)
-        elif guidance is not None and (guidance != 0 if isinstance(guidance, float) else
-                                       bool(torch.any(guidance != 0))):
-            raise ValueError("this transformer is not guidance-distilled; guidance needs two passes (icd.models."
-                             "base.guided_eps)")
+        else:
+            self._refuse_guidance(guidance)
         self._activate(adapter)
         self.counter.record(n)
         v = self.velocity(x_t.to(self.dtype), s, cond, guidance=g)

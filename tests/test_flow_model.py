@@ -86,6 +86,37 @@ def test_our_euler_cfg_loop_reproduces_flux_pipeline(pipe):
     torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_a_two_level_vae_gives_a_16x16_token_grid_that_flux_pipeline_and_our_model_agree_on(tmp_path):
+    """The finer-grid variant (32x32x4 latents, 256 packed tokens): FluxPipeline's plain call generates 64x64 from the
+    folder, the training velocity (`fe.velocity`) is the pipeline transformer's call on the 16x16 grid's RoPE ids,
+    and `icd`'s loader reads the latent size and the schedule's shift (e^mu of 256 tokens) from the VAE."""
+    from diffusers import FluxPipeline
+
+    from icd.models.loading import load_model
+
+    folder = fe.build_random_pipeline(tmp_path / "pipe", vocabulary=world.vocabulary(),
+                                      size=fe.FluxSize(1, 1, 2, 16, (4, 6, 6)), vae_levels=2)
+    pipe = FluxPipeline.from_pretrained(folder)
+    assert pipe.vae_scale_factor == 2
+    out = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    pooled, tokens = torch.randn(1, 64), torch.randn(1, fe.TEXT_LENGTH, fe.T5_DIM)
+    s = torch.tensor([0.5])
+    with torch.no_grad():
+        ours = fe.velocity(pipe.transformer, fe.pack(x), s, pooled=pooled, tokens=tokens, latent_size=32)
+        ref = pipe.transformer(hidden_states=FluxPipeline._pack_latents(x, 1, 4, 32, 32), timestep=s,
+                               guidance=None, pooled_projections=pooled, encoder_hidden_states=tokens,
+                               txt_ids=torch.zeros(fe.TEXT_LENGTH, 3),
+                               img_ids=FluxPipeline._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32),
+                               return_dict=False)[0]
+    torch.testing.assert_close(ours, ref)
+    model = load_model(str(folder))
+    assert model.latent_shape()[-2:] == (32, 32)
+    assert model.schedule.shift == pytest.approx(math.exp(flux_mu(256)))
+
+
 def test_t5_tied_embeddings_are_checkpointed_once(tmp_path):
     from icd.train.flow_teacher import _TiedView
 
@@ -157,11 +188,13 @@ def test_flow_teacher_config_names_the_bad_field(key, value):
         FlowTeacherConfig(**{key: value})
 
 
-def test_default_training_shift_is_fluxs_for_64_tokens():
+def test_default_training_shift_is_fluxs_for_the_image_token_count():
     from icd.train.flow_teacher import FlowTeacherConfig
 
     cfg = FlowTeacherConfig()
-    assert cfg.training_shift() == pytest.approx(math.exp(flux_mu(64))) == pytest.approx(1.596, abs=1e-3)
+    assert cfg.training_shift(16) == pytest.approx(math.exp(flux_mu(64))) == pytest.approx(1.596, abs=1e-3)
+    assert cfg.training_shift(32) == pytest.approx(math.exp(flux_mu(256))) == pytest.approx(math.exp(0.5))
+    assert FlowTeacherConfig(shift=3.0).training_shift(32) == 3.0
     assert cfg.size().axes_dims_rope == (8, 12, 12)
 
 

@@ -251,6 +251,25 @@ def test_corrupt_upload_shows_an_error_and_the_next_request_works(page, tmp_path
     assert page.image("#out-edit").shape == case.source.shape
 
 
+def test_the_page_offers_both_built_in_models_each_with_its_methods(page):
+    from selenium.webdriver.support.ui import Select
+
+    model, method = Select(page.el("#model")), Select(page.el("#method"))
+    assert [o.text for o in model.options] == ["embedded", "embedded-flow"]
+    assert model.first_selected_option.text == "embedded" and method.first_selected_option.text == "icd"
+    model.select_by_visible_text("embedded-flow")
+    flow = [o.text for o in method.options]
+    assert "icd" not in flow and {"flow-ode", "fireflow"} <= set(flow)
+    page.el("#examples button").click()
+    method.select_by_visible_text("flow-ode")
+    page.fill(steps="2")
+    page.click_edit()
+    assert page.state == "done", page.error()
+    assert "embedded-flow" in page.el("#stats").text and page.el("#nfe").text == "4"
+    model.select_by_visible_text("embedded")
+    assert "icd" in [o.text for o in method.options] and "flow-ode" not in [o.text for o in method.options]
+
+
 def test_unknown_words_and_empty_prompts_are_pointed_out(page):
     page.el("#examples button").click()
     assert page.el("#source").get_attribute("value")  # an example fills in the prompts

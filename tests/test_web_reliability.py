@@ -80,7 +80,7 @@ def test_the_three_reported_fields(client):
 GARBAGE = ["abc", "nan", "inf", "-1", "1e309", "10^23", str(10**30), "1e30", "\x00", "é" * 300, "x" * 5000,
            "=", ",,,", "1,5"]
 FIELDS = ["source", "target", "method", "steps", "seed", "guidance", "tau", "cross_replace", "self_replace", "blend",
-          "reweight", "masactrl", "fit", "example"]
+          "reweight", "masactrl", "fit", "example", "model"]
 
 
 @pytest.mark.parametrize("name", FIELDS)
@@ -234,3 +234,25 @@ def test_a_request_whose_client_left_before_its_turn_never_runs(engine):
     finally:
         engine.lock.release()
     assert status == CLIENT_CLOSED and counter.calls == c0
+
+
+def test_two_models_each_with_its_own_menu_and_inversion_cache(engine):
+    """The page offers both built-in models: each has the methods that run on it (no iCD on the flow model, which
+    has no adapters; the flow methods only there); a request names its model; an inversion is cached per model."""
+    from icd.pipeline import Pipeline
+
+    both = Engine({"embedded": engine.pipe, "embedded-flow": Pipeline.from_pretrained("embedded-flow")})
+    client = TestClient(create_app(both), raise_server_exceptions=False)
+    cfg = client.get("/api/config").json()
+    menus = {m["name"]: m for m in cfg["models"]}
+    assert cfg["model"] == "embedded" and cfg["methods"] == menus["embedded"]["methods"]
+    assert "icd" in menus["embedded"]["methods"] and "flow-ode" not in menus["embedded"]["methods"]
+    assert "icd" not in menus["embedded-flow"]["methods"] and "flow-ode" in menus["embedded-flow"]["methods"]
+    assert menus["embedded-flow"]["kind"] == "flow" and menus["embedded-flow"]["image_size"] == 64
+    out = _refused(client, {**GOOD, "model": "embedded-flow"})  # method icd, the form's default
+    assert out["field"] == "method" and "does not run" in out["error"] and "flow-ode" in out["error"]
+    fields = {**GOOD, "method": "ddim", "steps": "2"}
+    runs = [client.post("/api/edit", data={**fields, "model": m}).json() for m in ("embedded-flow", "", "embedded")]
+    assert [r["model"] for r in runs] == ["embedded-flow", "embedded", "embedded"]
+    assert [r["cached"] for r in runs] == [False, False, True] and runs[0]["nfe"] == 4
+    assert runs[0]["edit"] != runs[1]["edit"]

@@ -191,6 +191,16 @@ class Pipeline:
         """The registered method `name` (serving `task`): ValueError listing the valid names otherwise."""
         return REGISTRY.get(name, task)
 
+    def offers(self, method: str) -> bool:
+        """Whether `method` runs on this pipeline: on its model kind (`Entry.models`), and with the
+        guidance-distilled UNet / iCD adapters it needs (`unet_model`) loaded; never loads a model."""
+        m = REGISTRY.get(method)
+        if self.model.kind not in m.models:
+            return False
+        if m.unet == "base":
+            return self._base is not None or self._base_path is not None
+        return self.icd_model is not None and (m.unet != "icd" or self.icd_model.icd is not None)
+
     def model_for(self, method: str) -> LatentDiffusion:
         """The model serving `method` (its UNet, whose counter counts its calls)."""
         return REGISTRY.get(method).model(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import math
 import socket
@@ -10,6 +11,7 @@ import sys
 from icd.cli.common import CLIError, add_compile, add_threads, start_compute
 from icd.web.uploads import DEFAULT_MAX_MB, DEFAULT_MAX_SIDE, Limits
 
+BUILT_IN = ("embedded", "embedded-flow")  # what the page offers when no --model is given (the first: default)
 MAX_UPLOAD_MB = 10_000.0  # an upload limit above 10 GB is a typo (and inf / NaN cannot become a byte count)
 
 
@@ -47,9 +49,13 @@ def cmd_serve(args) -> None:
     from icd.web.app import serve  # imports fastapi: only once the extra is known to be there
     from icd.web.engine import Engine  # heavy via icd.pipeline, as above
 
-    print(f"icd serve: loading the model {args.model!r} …", flush=True)  # stdout: stderr holds only errors
-    # the page edits on worker threads and CUDA-graph trees are per thread: `auto` compiles without CUDA graphs here
-    engine = Engine(Pipeline.from_pretrained(args.model, compile="default" if args.compile == "auto" else args.compile))
+    names = list(dict.fromkeys(args.model or BUILT_IN))  # repeated names served once, in the order given
+    pipes = {}
+    for name in names:
+        print(f"icd serve: loading the model {name!r} …", flush=True)  # stdout: stderr holds only errors
+        # the page edits on worker threads and CUDA-graph trees are per thread: `auto` compiles without CUDA graphs
+        pipes[name] = Pipeline.from_pretrained(name, compile="default" if args.compile == "auto" else args.compile)
+    engine = Engine(pipes)
     if not _is_loopback(args.host):
         print(f"icd serve: warning: listening on {args.host}, reachable from other machines; the page has no "
               "authentication", file=sys.stderr, flush=True)
@@ -63,10 +69,18 @@ def add_parser(sub) -> None:
                        description="Serve a web page to upload an image (or pick a world example), set the source "
                        "and target prompts and the method's controls, and see source | reconstruction | edit with "
                        "the counted UNet calls and seconds. The inversion of an unchanged image and source prompt is "
-                       "cached, so a new target costs only the reverse steps.")
+                       "cached, so a new target costs only the reverse steps. With no --model the page offers both "
+                       "built-in models (the SD-shaped 'embedded', the default, and the rectified-flow "
+                       "'embedded-flow'), each with the methods that run on it.",
+                       epilog="examples:\n  icd serve                                  # both built-in models\n"
+                       "  icd serve --model embedded-flow            # one model\n"
+                       "  icd serve --model ./my-sd15 --model embedded --port 8000",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
-    s.add_argument("--model", default="embedded", help="'embedded', 'embedded-flow' or a diffusers pipeline folder")
+    s.add_argument("--model", action="append", metavar="PATH_OR_NAME",
+                   help="'embedded', 'embedded-flow' or a diffusers pipeline folder; repeat to offer several (the "
+                   "first is the page's default; default: both built-in models)")
     s.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, help="upload size limit in MB (default %(default)s)")
     s.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                    help="largest image side in pixels (default %(default)s)")

@@ -7,7 +7,8 @@ tokenizer       `CLIPTokenizer` of the SD-shaped embedded model (one token per w
 text_encoder    `CLIPTextModel`, hidden 64, 2 layers, 4 heads: FLUX reads only its pooled output
 tokenizer_2     `T5TokenizerFast` over a word-level vocabulary (one token per world word, then ``</s>``)
 text_encoder_2  `T5EncoderModel`, d_model 64, 2 layers, 4 heads: the token sequence of the joint attention
-vae             the SD-shaped model's `AutoencoderKL` (64x64x3 <-> 16x16x4), with ``shift_factor = 0``
+vae             the SD-shaped model's `AutoencoderKL` (64x64x3 <-> 16x16x4), with ``shift_factor = 0``; or one of
+                2 levels (64x64x3 <-> 32x32x4, `tiny.vae_config(2)`) for a 16x16 token grid
 transformer     `FluxTransformer2DModel`: 2x2-packed latents (16 channels, 8x8 = 64 image tokens), double-stream
                 (MM-DiT) blocks then single-stream blocks, head dim 32, RoPE axes (8, 12, 12), no guidance embedding
 scheduler       `FlowMatchEulerDiscreteScheduler` with FLUX's dynamic (resolution-dependent) shift
@@ -35,7 +36,7 @@ TEXT_LENGTH = 20  # T5 tokens per caption (padded): a 3-object caption is 18 wor
 T5_DIM = 64
 PATCH = 2  # FluxPipeline packs 2x2 latent patches into one token
 PACKED_CHANNELS = tiny.LATENT_CHANNELS * PATCH * PATCH  # 16
-IMAGE_TOKENS = (tiny.LATENT_SIZE // PATCH) ** 2  # 64
+IMAGE_TOKENS = (tiny.LATENT_SIZE // PATCH) ** 2  # 64 over the SD-shaped model's VAE
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 TEXT_LENGTH_FILE = "text_length.json"  # the T5 length the transformer was trained with
 
@@ -172,13 +173,14 @@ def encode_text(parts: FluxParts, clip_ids: torch.Tensor, t5_ids: torch.Tensor) 
 
 
 def velocity(transformer: FluxTransformer2DModel, x_packed: torch.Tensor, s: torch.Tensor, *, pooled: torch.Tensor,
-             tokens: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-    """v_theta(x_s, s, c) on packed latents; `s` is the noise level in [0, 1] per sample (the pipeline passes
-    timestep / 1000 = s; the model multiplies by 1000)."""
+             tokens: torch.Tensor, guidance: torch.Tensor | None = None,
+             latent_size: int = tiny.LATENT_SIZE) -> torch.Tensor:
+    """v_theta(x_s, s, c) on packed `latent_size`² latents; `s` is the noise level in [0, 1] per sample (the
+    pipeline passes timestep / 1000 = s; the model multiplies by 1000)."""
     txt_ids = torch.zeros(tokens.shape[1], 3, dtype=x_packed.dtype, device=x_packed.device)
     return transformer(hidden_states=x_packed, timestep=s.to(x_packed.dtype), guidance=guidance,
                        pooled_projections=pooled, encoder_hidden_states=tokens, txt_ids=txt_ids,
-                       img_ids=image_ids().to(x_packed), return_dict=False)[0]
+                       img_ids=image_ids(latent_size, latent_size).to(x_packed), return_dict=False)[0]
 
 
 # ------------------------------------------------------------------------------------------------------- the folder
@@ -198,11 +200,12 @@ def save_pipeline(directory: str | Path, *, parts: FluxParts, vae: AutoencoderKL
 
 
 def build_random_pipeline(directory: str | Path, *, vocabulary: Sequence[str], size: FluxSize = FluxSize(),
-                          seed: int = 0) -> Path:
-    """A randomly initialised embedded-flow pipeline folder (for tests; no training, no download)."""
+                          seed: int = 0, vae_levels: int = len(tiny.VAE_CHANNELS)) -> Path:
+    """A randomly initialised embedded-flow pipeline folder (for tests; no training, no download); `vae_levels` 2
+    gives 32x32 latents, a 16x16 token grid."""
     directory = Path(directory)
     torch.manual_seed(seed)
     parts = build_parts(directory / "_tokenizers", vocabulary, size)
-    out = save_pipeline(directory, parts=parts, vae=tiny.build_vae(), vocabulary=vocabulary)
+    out = save_pipeline(directory, parts=parts, vae=tiny.build_vae(vae_levels), vocabulary=vocabulary)
     shutil.rmtree(directory / "_tokenizers")
     return out

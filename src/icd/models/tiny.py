@@ -47,13 +47,20 @@ def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -
     )
 
 
-def vae_config() -> dict:
+VAE_CHANNELS = (32, 64, 64)  # one entry per resolution level; each level after the first halves the image
+
+
+def vae_config(levels: int = len(VAE_CHANNELS)) -> dict:
+    """The embedded `AutoencoderKL`: 3 levels give 64x64x3 <-> 16x16x4 (the SD-shaped model's); 2 levels give
+    32x32x4 latents (4x the positions, for a transformer over 2x2-packed latents that needs a finer token grid)."""
+    if not 1 <= levels <= len(VAE_CHANNELS):
+        raise ValueError(f"levels must lie in [1, {len(VAE_CHANNELS)}], got {levels}")
     return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(VAE_CHANNELS[:levels]),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=32,
@@ -110,8 +117,8 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def build_vae():
-    return AutoencoderKL(**vae_config())
+def build_vae(levels: int = len(VAE_CHANNELS)):
+    return AutoencoderKL(**vae_config(levels))
 
 
 def build_unet(*, time_cond_proj_dim: int | None = None):

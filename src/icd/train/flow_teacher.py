@@ -105,8 +105,9 @@ class FlowTeacherConfig(RunConfig):
         return fe.FluxSize(self.num_layers, self.num_single_layers, self.num_attention_heads, d,
                            (d - 2 * rest, rest, rest))
 
-    def training_shift(self) -> float:
-        return self.shift or math.exp(flux_mu(fe.IMAGE_TOKENS))
+    def training_shift(self, latent_size: int) -> float:
+        """`shift`, or FLUX's e^mu for the packed image tokens of `latent_size`² latents."""
+        return self.shift or math.exp(flux_mu((latent_size // fe.PATCH) ** 2))
 
 
 def flow_loss(parts: fe.FluxParts, z0: torch.Tensor, clip_ids: torch.Tensor, t5_ids: torch.Tensor, *,
@@ -114,7 +115,7 @@ def flow_loss(parts: fe.FluxParts, z0: torch.Tensor, clip_ids: torch.Tensor, t5_
     """E || v_theta(x_s, s, c) - (eps - z0) ||^2 on packed latents, x_s = (1 - s) z0 + s eps (module docstring)."""
     x_s = FlowSchedule().add_noise(z0, eps, s.double())
     pooled, tokens = fe.encode_text(parts, clip_ids, t5_ids)
-    pred = fe.velocity(parts.transformer, fe.pack(x_s), s, pooled=pooled, tokens=tokens)
+    pred = fe.velocity(parts.transformer, fe.pack(x_s), s, pooled=pooled, tokens=tokens, latent_size=z0.shape[-1])
     mse = F.mse_loss(pred, fe.pack(velocity_target(z0, eps)))
     return {"loss": mse}
 
@@ -179,9 +180,9 @@ def train_flow_teacher(cfg: FlowTeacherConfig, *, resume: bool = True) -> Path:
         _load_weights(parts, cfg.init_from)
     clip_all, t5_all = _ids(parts.tokenizer, captions), _ids(parts.tokenizer_2, captions)
     clip_empty, t5_empty = _ids(parts.tokenizer, [""]), _ids(parts.tokenizer_2, [""])
-    shift = cfg.training_shift()
-    log.info("flow teacher: %d images, transformer %.2f M params, training shift %.4f", len(z_all),
-             sum(p.numel() for p in parts.transformer.parameters()) / 1e6, shift)
+    shift = cfg.training_shift(z_all.shape[-1])
+    log.info("flow teacher: %d images, %dx%d latents, transformer %.2f M params, training shift %.4f", len(z_all),
+             z_all.shape[-2], z_all.shape[-1], sum(p.numel() for p in parts.transformer.parameters()) / 1e6, shift)
 
     trained = {"transformer": parts.transformer, "text_encoder": parts.text_encoder,
                "text_encoder_2": parts.text_encoder_2}

@@ -37,9 +37,12 @@ class VAEConfig(RunConfig):
     kl_weight: float = 1e-6
     n_images: int = 20000  # training renders: world seeds 0..n_images-1
     n_scale_images: int = 2000  # held-out renders used to measure the latent scaling factor
+    levels: int = len(tiny.VAE_CHANNELS)  # resolution levels: 3 -> 16x16x4 latents, 2 -> 32x32x4
 
     def __post_init__(self):
         super().__post_init__()
+        if not 1 <= self.levels <= len(tiny.VAE_CHANNELS):
+            raise ConfigError(f"VAEConfig.levels must lie in [1, {len(tiny.VAE_CHANNELS)}], got {self.levels}")
         if self.n_scale_images <= 0:
             raise ConfigError(f"VAEConfig.n_scale_images must be positive, got {self.n_scale_images}")
 
@@ -68,7 +71,7 @@ class VAETrainer(Trainer):
         self.images, _ = world_dataset(self.cfg.n_images, cache_dir=self.out / CACHE)
 
     def build(self) -> Parts:
-        self.vae = tiny.build_vae()
+        self.vae = tiny.build_vae(self.cfg.levels)
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         return Parts({"vae": self.vae}, [Update("vae", opt, list(self.vae.parameters()))])
 

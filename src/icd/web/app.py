@@ -7,11 +7,10 @@ import math
 import threading
 from importlib import resources
 
-from icd.methods import REGISTRY
 from icd.requests import parse_reweight
 from icd.samplers import Cancelled
 from icd.solver import NumericsError
-from icd.web.engine import EditRequest, Engine, FieldError, public_message, web_methods
+from icd.web.engine import EditRequest, Engine, FieldError, public_message
 from icd.web.examples import examples
 from icd.web.uploads import Limits, UploadError, check_size, decode_upload
 
@@ -79,7 +78,7 @@ def parse_form(form, image) -> EditRequest:
                        tau=_number(form, "tau"), cross_replace=_number(form, "cross_replace", default=0.3),
                        self_replace=_number(form, "self_replace", default=0.6),
                        blend=tuple(_text(form, "blend").replace(",", " ").split()), reweight=reweight,
-                       masactrl=FLAGS[masactrl], fit=_text(form, "fit") or "resize")
+                       masactrl=FLAGS[masactrl], fit=_text(form, "fit") or "resize", model=_text(form, "model"))
 
 
 async def run_until_disconnected(request, engine: Engine, req: EditRequest) -> dict:
@@ -121,11 +120,11 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
     @app.get("/api/config")
     def config():
-        methods = web_methods()
-        return {"methods": methods, "summaries": {m: REGISTRY.get(m).summary for m in methods},
-                "fits": list(engine.fits), "image_size": engine.image_size,
-                "max_mb": limits.max_mb, "max_side": limits.max_side,
-                "vocabulary": list(engine.pipe.model.vocabulary or [])}
+        """Every served model's menus (`Engine.menus`), the default model's also at the top level."""
+        menus = engine.menus()
+        default = next(m for m in menus if m["name"] == engine.default_model)
+        return {**{k: v for k, v in default.items() if k != "name"}, "model": engine.default_model,
+                "models": menus, "max_mb": limits.max_mb, "max_side": limits.max_side}
 
     @app.get("/api/examples")
     def list_examples():

@@ -1,4 +1,8 @@
-"""The model behind the page: one call at a time (a lock; later requests queue), the inversion cache, progress.
+"""The models behind the page: one call at a time (a lock; later requests queue), the inversion cache, progress.
+
+The engine serves one or more pipelines by name (`icd serve` with no ``--model``: both built-in models, the
+SD-shaped ``embedded`` and the rectified-flow ``embedded-flow``); each request names its model (the first one by
+default), and each model's method menu is the registry's editing methods that run on it (`Engine.methods`).
 
 An inversion is keyed by the fitted image's bytes, the source prompt and what the inversion depends on (method,
 steps, seed; NTI also its guidance), so a new target for an unchanged image and source prompt costs only the reverse
@@ -14,6 +18,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -83,6 +88,7 @@ class EditRequest:
     reweight: dict[str, float] = dataclass_field(default_factory=dict)
     masactrl: bool = False
     fit: str = "resize"
+    model: str = ""  # a name the engine serves; empty: its first (default) model
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -106,10 +112,15 @@ def web_methods() -> list[str]:
 
 
 class Engine:
-    """Runs edits for the page; `run` is thread-safe (serialised by a lock) and `progress` never blocks."""
+    """Runs edits for the page; `run` is thread-safe (serialised by a lock) and `progress` never blocks.
 
-    def __init__(self, pipe: Pipeline, *, cache_size: int = CACHE_SIZE):
-        self.pipe = pipe
+    `pipes`: one pipeline, or several by the name the page shows (the first is the default model)."""
+
+    def __init__(self, pipes: Pipeline | Mapping[str, Pipeline], *, cache_size: int = CACHE_SIZE):
+        self.pipes: dict[str, Pipeline] = dict(pipes) if isinstance(pipes, Mapping) else {pipes.model.name: pipes}
+        if not self.pipes:
+            raise ValueError("pipes: the engine needs at least one model")
+        self.default_model = next(iter(self.pipes))
         self.lock = threading.Lock()
         self.cache: OrderedDict[tuple, object] = OrderedDict()
         self.cache_size = cache_size
@@ -118,19 +129,44 @@ class Engine:
         self._state: dict = {"busy": False}
 
     @property
-    def image_size(self) -> int:
-        return self.pipe.model.image_size
+    def pipe(self) -> Pipeline:
+        """The default model's pipeline."""
+        return self.pipes[self.default_model]
 
-    @property
-    def fits(self) -> tuple[str, ...]:
-        """The fit policies this model takes (``aspect`` only where any image size is accepted)."""
-        return tuple(f for f in FITS if f != "aspect" or self.pipe.model.size_multiple is not None)
+    def pipe_for(self, model: str = "") -> Pipeline:
+        """The pipeline of `model` (empty: the default); `FieldError` naming ``model`` for one not served."""
+        if model and model not in self.pipes:
+            raise FieldError("model", f"unknown model {model[:40]!r}; choose from {', '.join(self.pipes)}")
+        return self.pipes[model or self.default_model]
+
+    def methods(self, model: str = "") -> list[str]:
+        """The method menu of `model`: the page's methods (`web_methods`) that run on it (its model kind, and the
+        iCD adapters where a method needs them)."""
+        pipe = self.pipe_for(model)
+        return [m for m in web_methods() if pipe.offers(m)]
+
+    def image_size(self, model: str = "") -> int:
+        return self.pipe_for(model).model.image_size
+
+    def fits(self, model: str = "") -> tuple[str, ...]:
+        """The fit policies `model` takes (``aspect`` only where any image size is accepted)."""
+        return tuple(f for f in FITS if f != "aspect" or self.pipe_for(model).model.size_multiple is not None)
+
+    def menus(self) -> list[dict]:
+        """What the page shows for each model: its methods (with their summaries), fits, image size, vocabulary."""
+        out = []
+        for name, pipe in self.pipes.items():
+            methods = self.methods(name)
+            out.append({"name": name, "kind": pipe.model.kind, "family": pipe.model.family, "methods": methods,
+                        "summaries": {m: REGISTRY.get(m).summary for m in methods}, "fits": list(self.fits(name)),
+                        "image_size": self.image_size(name), "vocabulary": list(pipe.model.vocabulary or [])})
+        return out
 
     def progress(self) -> dict:
         state = dict(self._state)
         if state.get("busy"):
             state["elapsed"] = round(time.perf_counter() - state.pop("t0"), 2)
-            state["unet_calls"] = self.pipe.model.counter.calls - state.pop("calls0")
+            state["unet_calls"] = state.pop("counter").calls - state.pop("calls0")
         state["queued"] = self._waiting
         return state
 
@@ -142,19 +178,23 @@ class Engine:
 
     def _check(self, req: EditRequest) -> EditControls:
         """Every mistake the user can fix, before any model call: a `FieldError` naming the form field."""
+        pipe = self.pipe_for(req.model)
         for name in ("source", "target"):
             if not getattr(req, name).strip():
                 raise FieldError(name, f"the {name} prompt is empty")
             with field(name):  # unknown words, with the closest known ones
-                self.pipe.model.check_prompts([getattr(req, name)])
-        if req.method not in web_methods():
-            raise FieldError("method", f"unknown method {req.method[:40]!r}; choose from {', '.join(web_methods())}")
-        if req.fit not in self.fits:
-            raise FieldError("fit", f"unknown fit {req.fit[:40]!r}; choose from {', '.join(self.fits)}")
+                pipe.model.check_prompts([getattr(req, name)])
+        methods = self.methods(req.model)
+        if req.method not in methods:
+            known = "unknown method" if req.method not in web_methods() else "the model does not run the method"
+            raise FieldError("method", f"{known} {req.method[:40]!r}; choose from {', '.join(methods)}")
+        fits = self.fits(req.model)
+        if req.fit not in fits:
+            raise FieldError("fit", f"unknown fit {req.fit[:40]!r}; choose from {', '.join(fits)}")
         if not 0 <= req.seed <= MAX_SEED:
             raise FieldError("seed", f"seed must be an integer in 0..2^64-1, got {req.seed}")
         try:
-            self.pipe.settings(req.method, "edit", guidance=req.guidance, tau=req.tau, steps=req.steps)
+            pipe.settings(req.method, "edit", guidance=req.guidance, tau=req.tau, steps=req.steps)
         except ValueError as e:  # the message names the setting it refuses
             raise FieldError(_named(str(e), ("steps", "guidance", "tau")), str(e)) from None
         unknown = [w for w in req.reweight if w not in prompt_words(req.target)]
@@ -166,13 +206,13 @@ class Engine:
             raise FieldError(_named(str(e), ("cross_replace", "self_replace", "reweight", "blend")), str(e)) from None
 
     def _inversion(self, image: np.ndarray, req: EditRequest, should_stop: StopFn | None = None):
-        key = (hashlib.sha256(image.tobytes()).hexdigest(), image.shape, req.source, req.method, req.steps,
-               *REGISTRY.get(req.method).inversion_key(seed=req.seed, guidance=req.guidance))
+        key = (req.model or self.default_model, hashlib.sha256(image.tobytes()).hexdigest(), image.shape, req.source,
+               req.method, req.steps, *REGISTRY.get(req.method).inversion_key(seed=req.seed, guidance=req.guidance))
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key], True
         self._state["stage"] = "inverting"
-        inv = self.pipe.invert(image[None], [req.source], method=req.method, steps=req.steps, seed=req.seed,
+        inv = self.pipe_for(req.model).invert(image[None], [req.source], method=req.method, steps=req.steps, seed=req.seed,
                                guidance=req.guidance, should_stop=should_stop)
         self.cache[key] = inv
         while len(self.cache) > self.cache_size:
@@ -199,14 +239,16 @@ class Engine:
         """Check `req`, wait for the model, invert (or take the cached inversion) and edit. `should_stop`: asked
         while queued and at every sampling step; True raises `icd.samplers.Cancelled` and nothing is cached."""
         controls = self._check(req)
-        model = self.pipe.model
+        pipe = self.pipe_for(req.model)
         with field("image"):
-            image = np.asarray(fit_image(req.image, self.image_size, req.fit, multiple=model.size_multiple or 8))
+            image = np.asarray(fit_image(req.image, pipe.model.image_size, req.fit,
+                                         multiple=pipe.model.size_multiple or 8))
         self._acquire(should_stop)
         try:
             self._state = {"busy": True, "stage": "inverting", "method": req.method, "t0": time.perf_counter(),
-                           "calls0": self.pipe.model.counter.calls}
-            run = run_edit(self.pipe, lambda: self._inversion(image, req, should_stop), [req.target], controls,
+                           "model": req.model or self.default_model, "counter": pipe.model.counter,
+                           "calls0": pipe.model.counter.calls}
+            run = run_edit(pipe, lambda: self._inversion(image, req, should_stop), [req.target], controls,
                            should_stop=should_stop, on_stage=lambda stage: self._state.update(stage=stage))
         finally:
             self._state = {"busy": False}
@@ -214,5 +256,6 @@ class Engine:
         result = run.result
         return {"source": png_data_url(image), "reconstruction": png_data_url(result.reconstructions[0]),
                 "edit": png_data_url(result.images[0]), **run.report(digits=3), "method": req.method,
+                "model": req.model or self.default_model,
                 "control": controls.control, "cached": run.cached,
                 "notice": refine_notice(req.source, req.target, controls)}

@@ -20,11 +20,15 @@ SIZE = fe.FluxSize(1, 2, 2, 16, (4, 6, 6))  # 1 double-stream + 2 single-stream 
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def folder(tmp_path_factory):
+    return fe.build_random_pipeline(tmp_path_factory.mktemp("flux") / "pipe", vocabulary=world.vocabulary(),
+                                    size=SIZE, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
     from icd.pipeline import Pipeline
 
-    folder = fe.build_random_pipeline(tmp_path_factory.mktemp("flux") / "pipe", vocabulary=world.vocabulary(),
-                                      size=SIZE, seed=1)
     return Pipeline.from_pretrained(folder)
 
 
@@ -197,6 +201,37 @@ def test_blocks_choose_the_controlled_layers(pipe, layers):
         make_controller(pipe.model, layers, controls=EditControls(p2p=P2PControls(blocks=(3,))), **kwargs)
     masa = make_controller(pipe.model, layers, controls=EditControls(p2p=None, masactrl=MasaCtrlControls()), **kwargs)
     assert masa.start_layer == layers.mutual_start == 2
+
+
+def test_p2p_blocks_from_the_command_line(folder, tmp_path, capsys):
+    """`icd edit --p2p-blocks`: names and indices choose the controlled blocks (different edits); a bad value, an
+    index past the transformer's blocks or blocks on a UNet is a one-line error, exit 2."""
+    from PIL import Image
+
+    from icd.cli import main
+    from icd.requests import parse_blocks
+
+    assert parse_blocks(" Double ") == "double" and parse_blocks("2, 0 2") == (0, 2) and parse_blocks("") is None
+    case = _case()
+    src = tmp_path / "src.png"
+    Image.fromarray(case.source).save(src)
+    base = ["edit", str(src), "--source", case.source_prompt, "--target", case.target_prompt, "--method", "flow-ode",
+            "--steps", "2", "--threads", "1"]
+    outs = {}
+    for spec in ("double", "single", "0"):
+        out = tmp_path / f"{spec}.png"
+        assert main([*base, "--model", str(folder), "--p2p-blocks", spec, "-o", str(out)]) == 0, capsys.readouterr()
+        outs[spec] = np.asarray(Image.open(out))
+    assert not np.array_equal(outs["double"], outs["single"])
+    np.testing.assert_array_equal(outs["double"], outs["0"])  # block 0 is the one double-stream block
+    capsys.readouterr()
+    for spec, model, needle in (("middle", str(folder), "--p2p-blocks expects"),
+                                ("5", str(folder), "0..2 for this transformer"),
+                                ("double", "embedded", "UNet has none")):
+        code = main([*base[:-4], "--method", "ddim", "--steps", "2", "--model", model, "--p2p-blocks", spec,
+                     "-o", str(tmp_path / "bad.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], (spec, err)
 
 
 def test_pipeline_edits_with_p2p_masactrl_and_swap(pipe):

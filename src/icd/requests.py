@@ -39,6 +39,27 @@ def parse_reweight(items: str | Sequence[str] | None, *, name: str = "reweight")
     return out
 
 
+P2P_BLOCK_NAMES = ("all", "double", "single")  # icd.editing.joint_attention.BLOCK_CHOICES (that module is heavy)
+
+
+def parse_blocks(text: str | None, *, name: str = "p2p_blocks"):
+    """A transformer's P2P blocks as typed: None (the default choice), ``all`` / ``double`` / ``single``, or block
+    indices ``"0,2,5"`` (double-stream blocks first) -> (0, 2, 5); ValueError naming `name` otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip().lower()
+    if text in P2P_BLOCK_NAMES:
+        return text
+    try:
+        blocks = tuple(int(b) for b in text.replace(",", " ").split())
+    except ValueError:
+        blocks = ()
+    if not blocks or min(blocks) < 0:
+        raise ValueError(f"{name} expects {', '.join(P2P_BLOCK_NAMES)} or block indices >= 0 such as 0,2,5; got "
+                         f"{text[:40]!r}")
+    return tuple(sorted(set(blocks)))
+
+
 def blend_words(words: Sequence[str] | None, source: str, target: str):
     """Local-blend words split into (source words, target words), or None; ValueError for a word in neither
     prompt."""
@@ -61,6 +82,7 @@ class AttentionRequest:
     reweight: dict = field(default_factory=dict)
     blend: tuple[str, ...] = ()  # local-blend words from either prompt
     blend_threshold: float = P2PControls.blend_threshold
+    p2p_blocks: str | tuple[int, ...] | None = None  # a transformer's controlled blocks (`parse_blocks`)
     mask: np.ndarray | None = None  # a user mask [H, W] (1 = may change) instead of blend words
     masactrl: bool = False
     masactrl_start_t: int = MasaCtrlControls.start_t
@@ -80,7 +102,8 @@ def edit_controls(method: Method, *, source: str, target: str, guidance: float |
     elif not attention.swap:
         p2p = P2PControls(cross_replace=attention.cross_replace, self_replace=attention.self_replace,
                           reweight=attention.reweight, blend_words=blend_words(attention.blend, source, target),
-                          blend_threshold=attention.blend_threshold, mask=attention.mask)
+                          blend_threshold=attention.blend_threshold, mask=attention.mask,
+                          blocks=attention.p2p_blocks)
     return method.controls(guidance=guidance, tau=tau, p2p=p2p, masactrl=masactrl, **options)
 
 

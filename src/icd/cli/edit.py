@@ -42,6 +42,16 @@ def _reweight(args) -> dict[str, float]:
         raise CLIError(str(e)) from None
 
 
+def _blocks(args):
+    """--p2p-blocks (`icd.requests.parse_blocks`)."""
+    from icd.requests import parse_blocks  # heavy (the controls' module): after the light checks
+
+    try:
+        return parse_blocks(args.p2p_blocks, name="--p2p-blocks")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 _PER_EDIT = ("image", "source", "target", "output")  # what one edit names; --batch's lines name them instead
 _SINGLE_ONLY = ("grid", "save_inversion", "inversion")  # options of a single edit (refused with --batch)
 
@@ -79,7 +89,7 @@ def _check_controls(args) -> None:
 
     with library_errors():
         P2PControls(cross_replace=args.cross_replace, self_replace=args.self_replace,
-                    reweight=_reweight(args), blend_threshold=args.blend_threshold)
+                    reweight=_reweight(args), blend_threshold=args.blend_threshold, blocks=_blocks(args))
         if args.masactrl:
             MasaCtrlControls(start_t=args.masactrl_start_t, start_layer=args.masactrl_layer)
 
@@ -106,7 +116,8 @@ def _check_save_inversion(args) -> None:
 _CONTROL_OPTIONS = (("masactrl", False), ("swap", False), ("blend", None), ("mask", None), ("reweight", None),
                     ("cross_replace", P2P["cross_replace"]), ("self_replace", P2P["self_replace"]),
                     ("blend_threshold", P2P["blend_threshold"]), ("masactrl_start_t", MASACTRL["start_t"]),
-                    ("masactrl_layer", MASACTRL["start_layer"]), ("ddim_rule", catalog.DEFAULT_DDIM_RULE))
+                    ("masactrl_layer", MASACTRL["start_layer"]), ("ddim_rule", catalog.DEFAULT_DDIM_RULE),
+                    ("p2p_blocks", None))
 _OWN_OPTIONS = ("instruction", "image_guidance")  # options of one method (`Method.options`: IP2P's)
 
 
@@ -173,7 +184,7 @@ def _controls(args, mask, name: str, *, notice: bool = True):
     _refuse_for(args, method)  # a saved --inversion: its method is known only now
     attention = AttentionRequest(cross_replace=args.cross_replace, self_replace=args.self_replace,
                                  reweight=_reweight(args), blend=tuple(args.blend or ()),
-                                 blend_threshold=args.blend_threshold,
+                                 blend_threshold=args.blend_threshold, p2p_blocks=_blocks(args),
                                  mask=None if mask is None else mask.astype(np.float32), masactrl=args.masactrl,
                                  masactrl_start_t=args.masactrl_start_t, masactrl_layer=args.masactrl_layer,
                                  swap=args.swap)
@@ -307,6 +318,10 @@ def add_arguments(e) -> None:
                    help="P2P cross-attention window (fraction, default %(default)s)")
     e.add_argument("--self-replace", type=float, default=P2P["self_replace"],
                    help="P2P self-attention window (fraction, default %(default)s)")
+    e.add_argument("--p2p-blocks", default=None, metavar="BLOCKS",
+                   help="flow transformers: the joint-attention blocks P2P controls: all, double (double-stream), "
+                   "single (single-stream) or indices such as 0,2,5 (double-stream first; default: all, docs/flow.md "
+                   "§6)")
     e.add_argument("--blend", nargs="+", metavar="WORD", help="local blend words (from either prompt)")
     e.add_argument("--blend-threshold", type=float, default=P2P["blend_threshold"],
                    help="local blend threshold (default %(default)s)")

@@ -1,13 +1,16 @@
 """DDIM k+k reconstruction (unguided, embedded teacher) several ways, on the held-out inversion images of
 `icd bench inversion` (the same seeds):
 
-- ``reference``: ours with the reference rule (the default): each step's noise labelled with its destination time;
+- ``reference``: ours with the reference rule (the default): each step's noise labelled with its destination time
+  (`icd reconstruct --method ddim`: the model's scheduler-config end points on the trailing grid, docs/baselines.md
+  §2.1);
 - ``start``: ours with the noise labelled with the step's start time (`icd.samplers.DDIM_RULES`);
 - ``diffusers``: diffusers alone, no `icd` code on the path: `StableDiffusionPipeline` loads the model folder, its
   VAE encodes (posterior mean x scaling factor), `DDIMInverseScheduler` inverts and `DDIMScheduler` decodes on the
-  same grid ("trailing" spacing 19, 39, ..., 999; time 0 is clean data: ``set_alpha_to_one``), as `icd` does;
+  same grid ("trailing" spacing 19, 39, ..., 999) with time 0 as clean data (``set_alpha_to_one``), as `icd` did
+  before it followed the config's end points;
 - ``endpoint``: the same loop with the reference code's end points (``set_alpha_to_one=False``: inversion starts
-  from alpha-bar_0, decoding lands on alpha-bar_0), still on the trailing grid: the end points alone;
+  from alpha-bar_0, decoding lands on alpha-bar_0), still on the trailing grid: what `icd` runs now;
 - ``config``: the same loop with both schedulers built from the model's own ``scheduler_config.json`` as it is
   (``set_alpha_to_one=False``, "leading" spacing with ``steps_offset`` 1: 1, 21, ..., 981 at 50 steps), the
   Prompt-to-Prompt / null-text reference code's schedule.

@@ -18,7 +18,7 @@ The schedule is data (a float64 tensor), not scheduler state: every function tak
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,7 +27,16 @@ NUM_TIMESTEPS = 1000
 
 @dataclass(frozen=True)
 class NoiseSchedule:
+    """The VP schedule's table. As iCD's math uses it, time 0 is clean data (`alpha_sigma`'s `hard_zero`).
+    `configured()` is the same table with the end points the model's diffusers scheduler config gives DDIM
+    (docs/baselines.md §2.1): with ``set_alpha_to_one = False`` time 0 is abar_0, not clean data (inversion's first
+    jump starts from abar_0, decoding's last lands on it). Both keep DDIM's trailing grid (`ddim_grid`, ending at
+    T - 1 for every step count; a config's "leading" spacing would stop a 4-step inversion at t = 751 and a 1-step
+    one at t = 1)."""
+
     abar: torch.Tensor  # float64 [T], cumulative product of (1 - beta)
+    set_alpha_to_one: bool = True  # the scheduler config's DDIM end points (used only by `configured()`)
+    follow_config: bool = False  # True: this is `configured()`'s view
 
     @classmethod
     def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = NUM_TIMESTEPS):
@@ -44,11 +53,16 @@ class NoiseSchedule:
             raise ValueError(f"only epsilon-prediction models are supported, got {get('prediction_type')!r}")
         start, end, n = get("beta_start", 0.0001), get("beta_end", 0.02), get("num_train_timesteps", 1000)
         if kind == "scaled_linear":
-            return cls.scaled_linear(start, end, n)
-        if kind == "linear":
-            betas = torch.linspace(start, end, n, dtype=torch.float64)
-            return cls(torch.cumprod(1.0 - betas, dim=0))
-        raise ValueError(f"unsupported beta_schedule {kind!r}; supported: scaled_linear, linear")
+            table = cls.scaled_linear(start, end, n)
+        elif kind == "linear":
+            table = cls(torch.cumprod(1.0 - torch.linspace(start, end, n, dtype=torch.float64), dim=0))
+        else:
+            raise ValueError(f"unsupported beta_schedule {kind!r}; supported: scaled_linear, linear")
+        return replace(table, set_alpha_to_one=bool(get("set_alpha_to_one", True)))
+
+    def configured(self) -> NoiseSchedule:
+        """This table with its scheduler config's DDIM end points (class docstring)."""
+        return replace(self, follow_config=True)
 
     @property
     def num_timesteps(self) -> int:
@@ -65,10 +79,11 @@ class NoiseSchedule:
         return (1.0 - self._abar(t)).sqrt()
 
     def alpha_sigma(self, t: torch.Tensor | int, *, hard_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) as float64; with `hard_zero`, t = 0 means clean data: alpha = 1, sigma = 0 (§2)."""
+        """(alpha_t, sigma_t) as float64; with `hard_zero`, t = 0 means clean data: alpha = 1, sigma = 0 (§2) (in
+        the `configured()` view only where the config sets ``set_alpha_to_one``)."""
         t = torch.as_tensor(t, dtype=torch.long).cpu()
         alpha, sigma = self.alpha(t), self.sigma(t)
-        if hard_zero:
+        if hard_zero and (self.set_alpha_to_one or not self.follow_config):
             zero = t == 0
             alpha = torch.where(zero, torch.ones_like(alpha), alpha)
             sigma = torch.where(zero, torch.zeros_like(sigma), sigma)
@@ -170,6 +185,10 @@ class DiscreteFlowSchedule:
     @property
     def num_timesteps(self) -> int:
         return self.sigmas.shape[0]
+
+    def configured(self) -> DiscreteFlowSchedule:
+        """The same (a flow scheduler config has no other DDIM end points or spacing: time 0 is clean data)."""
+        return self
 
     def noise_level(self, t: torch.Tensor | int) -> torch.Tensor:
         """s_t (float64) for integer or [B] timesteps: the transformer's time input (diffusers passes 1000 s_t)."""

@@ -88,8 +88,9 @@ def _rows(x_sources: torch.Tensor, source_of: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond, *, model: LatentDiffusion,
                  layers: AttentionLayers, controller: Controller, timesteps: Sequence[int],
-                 swap_tau: float | None = None) -> torch.Tensor:
-    """Clean latents [S + T] decoded from `noise` [S] down `timesteps` with `controller` in `model`'s attention."""
+                 swap_tau: float | None = None, schedule=None) -> torch.Tensor:
+    """Clean latents [S + T] decoded from `noise` [S] down `timesteps` with `controller` in `model`'s attention
+    (`schedule`: the method's, default `model.schedule`)."""
     source_of = controller.source_of
     cond = Cond.cat([cond_src, cond_tgt])
     # prompt swap: target rows read their source's token embeddings; SDXL's pooled embedding stays the target's
@@ -102,6 +103,6 @@ def edit_latents(eps: EpsFn, noise: torch.Tensor, cond_src: Cond, cond_tgt: Cond
 
     controller.prepare(noise.device, model.dtype)  # index tensors built before the loop (compiled UNets read them)
     with controlled(model.unet, controller, layers):
-        return ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=model.schedule,
+        return ddim_loop(step, _rows(noise, source_of), cond, steps, schedule=schedule or model.schedule,
                          callback=lambda i, t0, t1, x: controller.on_latents(x)).final
 

@@ -25,8 +25,8 @@ def nti_threshold(i: int) -> float:
 
 
 def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond, *, guidance: float,
-                       inner_steps: int = 10, progress: bool = False,
-                       should_stop: StopFn | None = None) -> list[torch.Tensor]:
+                       inner_steps: int = 10, progress: bool = False, should_stop: StopFn | None = None,
+                       schedule=None) -> list[torch.Tensor]:
     """One unconditional token embedding [S, L, D] per reverse step of `inversion` (a DDIM inversion).
 
     Step i goes from the pivot at timesteps[-1 - i] to timesteps[-2 - i]: starting from the previous step's
@@ -35,7 +35,9 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
     image if the loss it stepped on was below `nti_threshold(i)` (so every image takes at least one step per
     timestep); then x advances with the optimised embedding. A batch gives the same embeddings as inverting its
     images one by one. `should_stop()` is asked before each Adam iteration; True raises `icd.samplers.Cancelled`.
+    `schedule`: the one the inversion was made on (default `model.schedule`).
     """
+    schedule = schedule or model.schedule
     timesteps = list(reversed(inversion.timesteps))
     pivots = list(reversed(inversion.latents))
     # optimised in fp32 whatever the model's dtype: Adam on fp16 parameters under- and overflows (NaN in a few steps)
@@ -57,7 +59,7 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
                 raise Cancelled("cancelled: should_stop() returned True")
             with torch.enable_grad():
                 eps_u = eps(x, t, replace(empty, tokens=emb.to(model.dtype)))
-                x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
+                x_next = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=schedule)
                 per_image = ((x_next - pivots[i + 1]) ** 2).flatten(1).mean(dim=1)
             opt.zero_grad(set_to_none=True)
             per_image[active].sum().backward()  # rows are independent: a batch runs like separate images
@@ -73,5 +75,5 @@ def null_text_optimize(model: LatentDiffusion, inversion: Inversion, cond: Cond,
         out.append(uncond.to(model.dtype))
         with torch.no_grad():
             eps_u = eps(x, t, replace(empty, tokens=out[-1]))
-            x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=model.schedule)
+            x = ddim_jump(x, cfg_combine(eps_c, eps_u, w), t, t_next, schedule=schedule)
     return out

@@ -178,6 +178,11 @@ class Method:
             raise ValueError(f"method {self.name} needs {needs}; {model.name} is a {model.family} {model.kind} model")
         return model
 
+    def schedule(self, model: LatentDiffusion):
+        """The schedule this method steps on: the model's as iCD's math uses it (time 0 is clean data, DDIM's trailing
+        grid; `icd.schedule.NoiseSchedule`)."""
+        return model.schedule
+
     def resolve_steps(self, host: Host, steps: int | None) -> int:
         """The step count of a run: `steps`, else `default_steps`."""
         return self.default_steps if steps is None else steps
@@ -277,7 +282,7 @@ class Method:
         cond = model.encode_prompt(inversion.prompts)
         eps = stoppable(self.decoder_eps(model, guidance=st.guidance, tau=st.tau), should_stop)
         return ddim_loop(eps, inversion.noise, cond, self.decode_timesteps(model, inversion),
-                         schedule=model.schedule).final
+                         schedule=self.schedule(model)).final
 
     # ------------------------------------------------------------------ editing
     def check_controls(self, controls):
@@ -348,7 +353,8 @@ class Method:
         eps = self.edit_eps(model, inversion, st, cond_src=cond_src, source_of=source_of, n_targets=len(targets))
         swap_tau = st.tau if controls.control == "swap" and self.attention_control else None
         z0 = edit_latents(stoppable(eps, should_stop), inversion.noise, cond_src, cond_tgt, model=model,
-                          layers=layers, controller=controller, timesteps=timesteps, swap_tau=swap_tau)
+                          layers=layers, controller=controller, timesteps=timesteps, swap_tau=swap_tau,
+                          schedule=self.schedule(model))
         images = to_uint8(model.decode_latents(z0))  # the loop raises NumericsError naming the step of a NaN/Inf
         control = controls.control if self.attention_control else "none"
         return images[len(sources):], images[:len(sources)], with_extra(st, control=control)
@@ -358,8 +364,8 @@ class Method:
                          ) -> torch.Tensor:
         """Clean latents sampled with `eps` (`decoder_eps`) from `noise()`'s first draw
         (`icd.samplers.SeededNoise`): DDIM down the grid of `st.steps`."""
-        return ddim_loop(eps, noise(), cond, generation_timesteps(st.steps, model.schedule),
-                         schedule=model.schedule).final
+        schedule = self.schedule(model)
+        return ddim_loop(eps, noise(), cond, generation_timesteps(st.steps, schedule), schedule=schedule).final
 
 
 def with_extra(st: Settings, **extra) -> Settings:

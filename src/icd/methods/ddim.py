@@ -13,12 +13,17 @@ from icd.samplers import StopFn, ddim_invert, stoppable
 
 
 class DDIM(Method):
+    def schedule(self, model: LatentDiffusion):
+        """The model's schedule as its scheduler config runs DDIM: its end points (``set_alpha_to_one``) and grid
+        spacing, as the Prompt-to-Prompt / null-text reference code (docs/baselines.md §2.1)."""
+        return model.schedule.configured()
+
     def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
                guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:
         """Unguided DDIM inversion up the grid of `st.steps` (`ddim_rule`: the noise's timestep label)."""
         cond = model.encode_prompt(prompts)
         timesteps, latents = ddim_invert(stoppable(self.encoder_eps(model), should_stop), z0, cond, steps=st.steps,
-                                         schedule=model.schedule, rule=ddim_rule)
+                                         schedule=self.schedule(model), rule=ddim_rule)
         return Inversion(latents=latents, timesteps=timesteps, prompts=prompts, method=self.name,
                          settings={"ddim_rule": ddim_rule})
 

@@ -26,7 +26,8 @@ class NTI(DDIM):
                              progress=progress, should_stop=should_stop)
         w = self.guidance_default(host, "edit") if guidance is None else guidance
         inv.null_embeddings = null_text_optimize(model, inv, model.encode_prompt(prompts), guidance=w,
-                                                 progress=progress, should_stop=should_stop)
+                                                 progress=progress, should_stop=should_stop,
+                                                 schedule=self.schedule(model))
         inv.settings["guidance"] = w
         return inv
 

@@ -62,6 +62,11 @@ def sdedit_noised(z0: torch.Tensor, noise: torch.Tensor, t: int, *, schedule: No
 
 
 class SDEdit(Method):
+    def schedule(self, model: LatentDiffusion):
+        """The teacher's DDIM sampler: the model's scheduler-config end points, as the DDIM methods
+        (`icd.methods.ddim.DDIM.schedule`), so strength 1 from pure noise is DDIM generation."""
+        return model.schedule.configured()
+
     def resolve_strength(self, strength: float | None) -> float:
         strength = DEFAULT_STRENGTH if strength is None else strength
         check_strength(strength)
@@ -113,6 +118,10 @@ class SDEdit(Method):
 class SDEditICD(SDEdit, AdapterMethod):
     unet = "icd"
     own_steps = True
+
+    def schedule(self, model: LatentDiffusion):
+        """iCD's: time 0 is clean data (the adapters' last boundary)."""
+        return model.schedule
 
     def full_schedule(self, model: LatentDiffusion, steps: int) -> list[int]:
         """The iCD reverse jumps T-1 -> E_R[-1] -> ... -> 0 of `model`'s adapters."""

@@ -147,9 +147,9 @@ class AttentionLayers:
 
 def attention_layers(network):
     """The attention layers of a denoising network: `AttentionLayers` for a UNet, the joint attention layers of an
-    MM-DiT (`icd.editing.joint_attention.JointAttentionLayers`) for a FLUX transformer."""
-    if type(network).__name__ == "FluxTransformer2DModel":
-        from icd.editing.joint_attention import JointAttentionLayers  # FLUX only: a UNet edit never loads it
+    MM-DiT (`icd.editing.joint_attention.JointAttentionLayers`) for a FLUX or SD3 transformer."""
+    if type(network).__name__ in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+        from icd.editing.joint_attention import JointAttentionLayers  # MM-DiTs only: a UNet edit never loads it
 
         return JointAttentionLayers(network)
     return AttentionLayers(network)

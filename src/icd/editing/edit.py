@@ -62,6 +62,8 @@ def make_controller(model: LatentDiffusion, layers: AttentionLayers, *, sources:
     joint = getattr(layers, "joint", False)  # an MM-DiT's joint attention (icd.editing.joint_attention)
     last = max(i.index for i in layers.infos.values())
     if controls.p2p is not None:
+        if getattr(layers, "p2p_refused", None):  # SD3's joint attention (icd.editing.joint_attention.SD3_P2P)
+            raise ValueError(layers.p2p_refused)
         blocks = controls.p2p.blocks
         if blocks is not None and not joint:
             raise ValueError("P2P blocks choose among a transformer's joint-attention blocks; this UNet has none")

@@ -260,6 +260,45 @@ class JointAttnProcessor:
         return out
 
 
+class SD3JointAttnProcessor(JointAttnProcessor):
+    """diffusers' `JointAttnProcessor2_0` (SD3 / SD3.5's `JointTransformerBlock.attn`: separate image and text
+    projections, optional QK norms, no RoPE) with the attention handed to a controller; with ``controller=None`` it
+    computes that processor's output. diffusers attends over [image; text]; this processor orders the joint sequence
+    [text; image] as FLUX's (the controllers' layout; a softmax over the same keys, so the same attention), and
+    splits it back. A ``context_pre_only`` block (SD3's last) drops the text output's projection, as diffusers does."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        def heads(x, norm=None):  # [B, N, heads * d] -> [B, N, heads, d], normed over d as diffusers does
+            x = x.unflatten(-1, (attn.heads, -1))
+            return x if norm is None else norm(x)
+
+        query, key = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k)
+        value, text = heads(attn.to_v(hidden_states)), 0
+        if encoder_hidden_states is not None:  # the joint sequence [text; image]
+            text = encoder_hidden_states.shape[1]
+            query = torch.cat([heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q), query], dim=1)
+            key = torch.cat([heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k), key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if self.controller is None or encoder_hidden_states is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False)
+        else:
+            self.controller.layout(query.shape[0])
+            out = self.controller.attend_joint(query, key, value, mask=attention_mask, info=self.layer_info(text))
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        e_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        if encoder_hidden_states is None:
+            return out
+        return out, e_out if attn.context_pre_only else attn.to_add_out(e_out.contiguous())
+
+
+SD3_P2P = ("Prompt-to-Prompt is not supported on SD3's joint attention (its text is [CLIP; T5] tokens, which no one "
+           "tokenizer aligns); use MasaCtrl (--masactrl) or swap")
+
+
 @dataclass
 class Installed:
     """What `JointAttentionLayers.install` replaced: the previous processors and the text-length hook."""
@@ -269,8 +308,10 @@ class Installed:
 
 
 class JointAttentionLayers:
-    """The joint attention modules of one FLUX transformer with their `JointLayerInfo` (same interface as
-    `icd.editing.attention.AttentionLayers`: ``infos``, ``modules``, ``install``, ``restore``)."""
+    """The joint attention modules of one FLUX or SD3 transformer with their `JointLayerInfo` (same interface as
+    `icd.editing.attention.AttentionLayers`: ``infos``, ``modules``, ``install``, ``restore``). SD3's
+    `JointTransformerBlock`s are all double-stream; SD3.5-medium's image-only second attention (``attn2``) keeps its
+    own processor. ``p2p_refused``: why Prompt-to-Prompt cannot run here (SD3), else None."""
 
     joint = True
 
@@ -278,14 +319,17 @@ class JointAttentionLayers:
         self.transformer = transformer
         self.infos: dict[str, JointLayerInfo] = {}
         self.modules: dict = {}
+        sd3 = not hasattr(transformer, "single_transformer_blocks")
+        self.processor, self.p2p_refused = (SD3JointAttnProcessor, SD3_P2P) if sd3 else (JointAttnProcessor, None)
         index = 0
         for stream, attr in zip(STREAMS, ("transformer_blocks", "single_transformer_blocks")):
-            for b, block in enumerate(getattr(transformer, attr)):
+            for b, block in enumerate(getattr(transformer, attr, ())):
                 name = f"{attr}.{b}.attn.processor"
                 self.infos[name] = JointLayerInfo(name, stream, b, index)
                 self.modules[name] = block.attn
                 index += 1
-        if set(self.modules) != set(transformer.attn_processors):
+        others = set(transformer.attn_processors) - set(self.modules)
+        if not set(self.modules) <= set(transformer.attn_processors) or any(".attn2." not in n for n in others):
             raise RuntimeError("attention modules and processor names of this transformer disagree")
 
     @property
@@ -295,8 +339,10 @@ class JointAttentionLayers:
     @property
     def mutual_start(self) -> int:
         """MasaCtrl's default first block: the first of the second half of the single-stream blocks, D + floor(S/2)
-        (4 of the embedded model's 2 + 4, 38 of FLUX.1's 19 + 38; measured on the embedded model: docs/flow.md §6)."""
-        return self.num_double + (len(self.infos) - self.num_double) // 2
+        (4 of the embedded model's 2 + 4, 38 of FLUX.1's 19 + 38; measured on the embedded model: docs/flow.md §6);
+        without single-stream blocks (SD3) the first of the second half of the blocks, floor(D / 2)."""
+        single = len(self.infos) - self.num_double
+        return self.num_double + single // 2 if single else self.num_double // 2
 
     def install(self, controller) -> Installed:
         """Route every joint attention through `controller`; returns what `restore` puts back."""
@@ -304,7 +350,7 @@ class JointAttentionLayers:
         saved = {name: m.processor for name, m in self.modules.items()}
         hook = self.transformer.register_forward_pre_hook(text.read, with_kwargs=True)
         for name, m in self.modules.items():
-            m.set_processor(JointAttnProcessor(controller, self.infos[name], text))
+            m.set_processor(self.processor(controller, self.infos[name], text))
         return Installed(saved, hook)
 
     def restore(self, saved: Installed) -> None:

@@ -166,6 +166,11 @@ class LatentDiffusion:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def shift_factor(self) -> float:
+        """The VAE config's latent shift (SD3's and FLUX.1's VAEs; 0 where None or absent, as for SD)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
     def vae_factor(self) -> int:
         """Image pixels per latent pixel along a side (8 for Stable Diffusion)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -253,14 +258,17 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
-        """Images -> clean latents z0 = posterior mean x scaling factor (docs/method.md §8.1)."""
+        """Images -> clean latents z0 = (posterior mean - shift factor) x scaling factor (docs/method.md §8.1)."""
         x = self.preprocess(images)
-        return self.vae_call(lambda vae, v: vae.encode(v).latent_dist.mean, x) * self.scaling_factor
+        mean = self.vae_call(lambda vae, v: vae.encode(v).latent_dist.mean, x)
+        return (mean - self.shift_factor) * self.scaling_factor if self.shift_factor else mean * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z0: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images, float [N,3,H,W] in [-1, 1]."""
-        return self.vae_call(lambda vae, z: vae.decode(z / self.scaling_factor).sample, z0).float().clamp(-1, 1)
+        shift = self.shift_factor
+        return self.vae_call(lambda vae, z: vae.decode(z / self.scaling_factor + shift).sample, z0
+                             ).float().clamp(-1, 1)
 
     def vae_call(self, fn, x: torch.Tensor) -> torch.Tensor:
         """``fn(vae, x)`` in the VAE's dtype; with `vae_upcast` and a half-precision VAE, a batch whose output holds

@@ -1,8 +1,9 @@
 """Loading models: the embedded tiny model, a diffusers pipeline folder or hub id of either family, a guidance-
 distilled UNet, and iCD adapters in our format or the authors' released one.
 
-- `load_model(model)`: the pipeline with its original UNet (the DDIM / NPI / NTI baselines). The family (SD 1.5 or
-  SDXL, `icd.models.sd15` / `icd.models.sdxl`) comes from ``model_index.json``.
+- `load_model(model)`: the pipeline with its original UNet (the DDIM / NPI / NTI baselines). The family (SD 1.5,
+  SDXL, FLUX or SD3: `icd.models.sd15` / `sdxl` / `flux` / `sd3`) comes from ``model_index.json``; a flow family
+  (``KIND = "flow"``) loads through its module's own `load`.
 - `load_icd_model(model, unet=..., lora_forward=..., lora_reverse=... | adapters=...)`: the same pipeline around the
   guidance-distilled UNet (``--unet``, default ``<model>/unet_guidance``) with both iCD adapters; ``model.icd`` holds
   their boundaries and τ. Our adapters are ``<model>/icd`` (``rev_cd.safetensors``, ``fwd_cd.safetensors``,
@@ -29,7 +30,7 @@ from safetensors.torch import load_file
 
 from icd.boundaries import PRESETS, Boundaries
 from icd.io import read_json
-from icd.models import flux, lora, sd15, sdxl
+from icd.models import flux, lora, sd3, sd15, sdxl
 from icd.models.base import ICDSpec, LatentDiffusion
 from icd.models.released import ReleasedLoraError, load_released
 from icd.models.tiny import VOCABULARY_FILE
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 GUIDANCE_UNET = "unet_guidance"  # subfolder of the guidance-distilled UNet (docs/method.md §6)
 ADAPTERS_SUBFOLDER = "icd"  # subfolder of the iCD adapters inside a pipeline folder
-FAMILIES = {sd15.PIPELINE_CLASS: sd15, sdxl.PIPELINE_CLASS: sdxl, flux.PIPELINE_CLASS: flux}
+FAMILIES = {sd15.PIPELINE_CLASS: sd15, sdxl.PIPELINE_CLASS: sdxl, flux.PIPELINE_CLASS: flux, sd3.PIPELINE_CLASS: sd3}
 UNET_COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")  # a family without its own list
 BOUNDARY_TAU = {"4step-1": 0.8, "4step-2": 0.7, "3step": 0.7}  # τ released with each boundary set (docs/method.md §3)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -123,8 +124,8 @@ def model_kind(name_or_path: str | Path) -> str:
 
 
 def family_of(model: LatentDiffusion):
-    """The family module (`icd.models.sd15`, `sdxl` or `flux`) of a loaded model (`LatentDiffusion.family`)."""
-    return {"sdxl": sdxl, "flux": flux}.get(model.family, sd15)
+    """The family module (`icd.models.sd15`, `sdxl`, `flux` or `sd3`) of a loaded model (`LatentDiffusion.family`)."""
+    return {"sdxl": sdxl, "flux": flux, "sd3": sd3}.get(model.family, sd15)
 
 
 # ---------------------------------------------------------------------------------------------- UNets
@@ -230,19 +231,23 @@ def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.devic
                dtype: torch.dtype = torch.float32, unet_subfolder: str = "unet") -> LatentDiffusion:
     """A latent diffusion model from a diffusers folder or hub id ("embedded" = the shipped tiny model)."""
     path = resolve_model_path(name_or_path)
-    if family_of_folder(path) is flux:
-        return _build_flux(path, dtype=dtype, device=device, name=str(name_or_path))
+    family = family_of_folder(path)
+    if getattr(family, "KIND", "vp") == "flow":  # a flow family (FLUX, SD3) loads through its own `load`
+        return _build_flow(family, path, dtype=dtype, device=device, name=str(name_or_path))
     unet = unet_folder(path / unet_subfolder, dtype=dtype)
     return _build(path, unet, dtype=dtype, device=device, name=str(name_or_path))
 
 
-def _build_flux(path: Path, *, dtype: torch.dtype, device, name: str) -> LatentDiffusion:
+def _build_flow(family, path: Path, *, dtype: torch.dtype, device, name: str) -> LatentDiffusion:
+    """A flow family's model (`family.load`: `icd.models.flux`, `icd.models.sd3`) on `device`."""
     try:
-        model = flux.load(path, dtype=dtype, name=name)
+        model = family.load(path, dtype=dtype, name=name)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
-    for module in (model.text_encoder, model.text_encoder_2, model.vae, model.unet):
-        module.to(device)
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "unet"):
+        module = getattr(model, attr, None)  # SD3 without T5: None
+        if module is not None:
+            module.to(device)
     return model
 
 

@@ -51,8 +51,9 @@ def held_out_prompts(n: int) -> list[Prompt]:
     return out
 
 
-def noise_for(seeds: list[int]) -> torch.Tensor:
-    return torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def noise_for(seeds: list[int], size: int = 16) -> torch.Tensor:
+    """Seeded starting noise [N, 4, size, size] (size: the latent side, 64 / the VAE factor)."""
+    return torch.stack([torch.randn(4, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def run_rows(pipe, judge, cases, *, w: float, steps: int, batch: int, text_lengt
     images, t0 = [], time.perf_counter()
     for i in range(0, len(cases), batch):
         part = cases[i : i + batch]
-        noise = noise_for([c.seed for c in part])
+        noise = noise_for([c.seed for c in part], 64 // pipe.vae_scale_factor)
         if noise_fn is not None:
             noise = noise_fn(noise, part)
         images.append(generate(pipe, [c.source_prompt for c in part], noise, w=w, steps=steps,

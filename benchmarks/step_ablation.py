@@ -36,12 +36,14 @@ KEPT = {"nfe", *(key for key, _, _ in (*INVERSION, *EDITING))}  # what a record 
 
 
 def load(folder: str) -> dict:
-    """The methods of one `icd bench` run folder, each kept to its NFE, the table's columns and its source."""
+    """The iCD and DDIM methods of one `icd bench` run folder (a run may hold others, e.g. gddim or npi rows), each
+    kept to its NFE, the table's columns and its source."""
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise SystemExit(f"{folder}: no results.json (not an `icd bench` run folder)")
     methods = json.loads(path.read_text())["methods"]
-    return {name: {**{k: v for k, v in m.items() if k in KEPT}, "source": str(path)} for name, m in methods.items()}
+    return {name: {**{k: v for k, v in m.items() if k in KEPT}, "source": str(path)} for name, m in methods.items()
+            if family(name) in ("icd", "ddim")}
 
 
 def load_record(path: str | None) -> tuple[dict, dict]:

@@ -38,9 +38,15 @@ def test_config_validation_in_post_init():
 ROOT = Path(__file__).resolve().parents[1]
 # the shipped configs, and the rows of each study beside its write-up (docs/experiments/<study>.toml)
 CONFIG_FILES = sorted(ROOT.glob("configs/*.toml")) + sorted(ROOT.glob("docs/experiments/*.toml"))
-# a section named after a trainer (`icd train NAME` reads [NAME] by default) builds that trainer's config; every other
-# section (ablation and study rows) is an ICDConfig
+# a section named after a trainer (`icd train NAME` reads [NAME] by default), or NAME_<variant> (`--section`, e.g.
+# flow_teacher_16), builds that trainer's config; every other section (ablation and study rows) is an ICDConfig
 COMPONENTS = {name: cls for name, (cls, _) in TRAINERS.items()}
+
+
+def section_class(section: str):
+    """The config class of a section: its trainer's (longest matching trainer name), else ICDConfig."""
+    names = [n for n in COMPONENTS if section == n or section.startswith(n + "_")]
+    return COMPONENTS[max(names, key=len)] if names else ICDConfig
 
 
 def test_the_config_files_are_found():
@@ -55,7 +61,7 @@ def test_every_shipped_config_section_builds_its_typed_config(path):
     sections = tomllib.loads(path.read_text())
     assert sections
     for section in sections:
-        cls = COMPONENTS.get(section, ICDConfig)
+        cls = section_class(section)
         config = load_config(cls, path, section)
         assert isinstance(config, cls), section
 

@@ -68,8 +68,6 @@ SKIP = {
     "icd serve": "a server until Ctrl+C: tests/test_web.py starts it and drives the page",
     "icd serve --port 8000 --model path/to/pipeline --max-mb 20 --max-side 4096": "placeholder path; server",
     "icd serve --port 7860": "a server until Ctrl+C: tests/test_web.py",
-    "icd serve --model embedded-flow": "a server until Ctrl+C: tests/test_web.py serves both built-in models",
-    "icd serve --model ./my-sd15 --model embedded --port 8000": "placeholder path; server",
     "icd bench editing --n 100 --methods icd,ip2p100,ip2p8 --ip2p runs/ip2p-long/final --out out/bench/ip2p":
         "a trained IP2P folder (~75 min of icd train ip2p): tests/test_ip2p.py runs the bench on a 3-step one",
 }

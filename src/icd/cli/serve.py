@@ -73,8 +73,7 @@ def add_parser(sub) -> None:
                        "built-in models (the SD-shaped 'embedded', the default, and the rectified-flow "
                        "'embedded-flow'), each with the methods that run on it.",
                        epilog="examples:\n  icd serve                                  # both built-in models\n"
-                       "  icd serve --model embedded-flow            # one model\n"
-                       "  icd serve --model ./my-sd15 --model embedded --port 8000",
+                       "  icd serve --port 8000 --model path/to/pipeline --max-mb 20 --max-side 4096   # one model",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")

@@ -77,3 +77,22 @@ def random_icd_dir(tmp_path_factory, random_distilled_dir):
                     checkpoint_every=1, log_every=1)
     shutil.copytree(train_icd(cfg), out / "icd")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory):
+    """A randomly initialised embedded-flow (FLUX-shaped) pipeline folder: 1 double-stream + 1 single-stream block,
+    2 heads x 16, seed 0 (`icd.models.flux_embedded.build_random_pipeline`; no training, no download)."""
+    from icd import world
+    from icd.models import flux_embedded as fe
+
+    return fe.build_random_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipe", vocabulary=world.vocabulary(),
+                                    size=fe.FluxSize(1, 1, 2, 16, (4, 6, 6)))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipe(tiny_flux_folder):
+    """`tiny_flux_folder` loaded as an `icd.pipeline.Pipeline` (shared: a test that changes it must undo that)."""
+    from icd.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(tiny_flux_folder)

@@ -35,14 +35,9 @@ needs_joint_attention = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return fe.build_random_pipeline(tmp_path_factory.mktemp("flow-methods") / "pipe", vocabulary=world.vocabulary(),
-                                    size=fe.FluxSize(1, 1, 2, 16, (4, 6, 6)))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return Pipeline.from_pretrained(folder)
+def pipe(tiny_flux_pipe):
+    """The shared tiny FLUX pipeline (conftest)."""
+    return tiny_flux_pipe
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +152,7 @@ def test_each_flow_method_refuses_an_epsilon_model_in_one_line(random_model_dir,
 
 
 # ---------------------------------------------------------------------------------------------- flow-ode
-def test_flow_ode_decoding_is_diffusers_euler_on_the_same_velocities(pipe, folder, case, monkeypatch):
+def test_flow_ode_decoding_is_diffusers_euler_on_the_same_velocities(pipe, tiny_flux_folder, case, monkeypatch):
     """8 Euler steps down our grid = FlowMatchEulerDiscreteScheduler's steps on FluxPipeline's sigmas (the top is
     1 - 1e-5 here, 1 there), fed the velocities our decoding used (v = (eps - x) / (1 - s_t) of each call)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -175,7 +170,7 @@ def test_flow_ode_decoding_is_diffusers_euler_on_the_same_velocities(pipe, folde
 
     monkeypatch.setattr(model, "_unet", recorded)
     ours = pipe.decode(inv)
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux_folder / "scheduler")
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=flux_mu(fe.IMAGE_TOKENS))
     np.testing.assert_allclose([s for s, _, _ in seen], sched.sigmas[:-1].numpy(), atol=2e-5)
     np.testing.assert_allclose(sched.sigmas.numpy(), flow_grid(8, shift=math.exp(flux_mu(fe.IMAGE_TOKENS))),

@@ -30,7 +30,7 @@ from icd.imageio import to_uint8
 from icd.methods.registry import MENU, MODEL_KINDS, REGISTRY, TASKS, entry_of
 from icd.models.base import Cond, EpsFn, LatentDiffusion, check_prompts
 from icd.models.loading import family_of
-from icd.samplers import StopFn, ddim_loop, generation_timesteps, stoppable
+from icd.samplers import StopFn, ddim_loop, generation_timesteps, inversion_timesteps, stoppable
 from icd.schedule import check_steps
 
 DEFAULT_GUIDANCE = {"invert": 0.0, "edit": 1.0, "generate": 1.0}  # code w = CFG - 1 (1 is best on the embedded model;
@@ -246,8 +246,28 @@ class Method:
 
     def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
                guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:
-        """The record of clean latents `z0` [N, 4, h, w] with their `prompts`."""
-        raise NotImplementedError(f"{type(self).__name__}.invert")
+        """The record of clean latents `z0` [N, 4, h, w] with their `prompts`: unguided (`encoder_eps`) with the
+        source prompt up the grid of `st.steps` on `schedule` (`icd.samplers.inversion_timesteps`), stepped by
+        `invert_path` (DDIM; `ddim_rule`: the noise's timestep label)."""
+        cond = model.encode_prompt(prompts)
+        schedule = self.schedule(model)
+        times = inversion_timesteps(st.steps, schedule)
+        with torch.no_grad():
+            latents = self.invert_path(stoppable(self.encoder_eps(model), should_stop), z0, cond, times,
+                                       schedule=schedule, ddim_rule=ddim_rule)
+        return Inversion(latents=latents, timesteps=times, prompts=prompts, method=self.name,
+                         settings=self.path_settings(ddim_rule))
+
+    def invert_path(self, eps: EpsFn, z0: torch.Tensor, cond: Cond, timesteps: list[int], *, schedule,
+                    ddim_rule: str) -> list[torch.Tensor]:
+        """The sampling loop of the default `invert`, the hook a method with another solver overrides (the flow
+        methods' Euler / FireFlow paths): every latent visited from `z0` up the ascending `timesteps`, the start
+        included. DDIM's jumps, the noise labelled by `ddim_rule`."""
+        return ddim_loop(eps, z0, cond, timesteps, schedule=schedule, label=ddim_rule).visited
+
+    def path_settings(self, ddim_rule: str) -> dict:
+        """What the default `invert`'s record keeps of how `invert_path` ran (DDIM: its rule)."""
+        return {"ddim_rule": ddim_rule}
 
     def run_settings(self, st: Settings, inversion: Inversion) -> Settings:
         """What an inversion ran with: `st` and what its record adds (DDIM's rule)."""
@@ -277,12 +297,19 @@ class Method:
     @torch.no_grad()
     def decode(self, host: Host, inversion: Inversion, st: Settings, *, should_stop: StopFn | None
                ) -> torch.Tensor:
-        """Clean latents decoded from `inversion` with its own prompts (a reconstruction)."""
+        """Clean latents decoded from `inversion` with its own prompts (a reconstruction): `decoder_eps` at the
+        run's guidance down `decode_timesteps` on `schedule`, stepped by `decode_path`."""
         model = self.model(host)
         cond = model.encode_prompt(inversion.prompts)
         eps = stoppable(self.decoder_eps(model, guidance=st.guidance, tau=st.tau), should_stop)
-        return ddim_loop(eps, inversion.noise, cond, self.decode_timesteps(model, inversion),
-                         schedule=self.schedule(model)).final
+        return self.decode_path(eps, inversion.noise, cond, self.decode_timesteps(model, inversion),
+                                schedule=self.schedule(model))
+
+    def decode_path(self, eps: EpsFn, noise: torch.Tensor, cond: Cond, timesteps: list[int], *, schedule
+                    ) -> torch.Tensor:
+        """The sampling loop of `decode`, the hook a method with another solver overrides (FireFlow's midpoint
+        path): the clean latents reached from `noise` down the descending `timesteps`. DDIM's jumps."""
+        return ddim_loop(eps, noise, cond, timesteps, schedule=schedule).final
 
     # ------------------------------------------------------------------ editing
     def check_controls(self, controls):

@@ -31,10 +31,9 @@ from icd.editing.attention import controlled
 from icd.editing.edit import make_controller
 from icd.editing.inversion import Inversion
 from icd.imageio import to_uint8
-from icd.methods.base import Host, Settings, with_extra
-from icd.methods.ddim import DDIM
-from icd.methods.flow_ode import FlowMethod, check_finite, flow_times, level, velocity
-from icd.models.base import Cond, EpsFn, LatentDiffusion
+from icd.methods.base import Host, with_extra
+from icd.methods.flow_ode import FlowODE, check_finite, level, velocity
+from icd.models.base import Cond, EpsFn
 from icd.samplers import StopFn, stoppable
 from icd.schedule import DiscreteFlowSchedule
 
@@ -83,7 +82,10 @@ def fireflow_path(eps: EpsFn, x: torch.Tensor, cond: Cond, times: Sequence[int],
     return visited
 
 
-class FireFlow(FlowMethod, DDIM):
+class FireFlow(FlowODE):
+    """`FlowODE` with FireFlow's midpoint solver as the loop of inversion, decoding and editing."""
+
+    solver = "fireflow"  # what the record keeps as its path
     default_steps = 8
     max_steps = 250  # a midpoint needs an integer time strictly inside every step (the last ends at 0)
 
@@ -91,28 +93,13 @@ class FireFlow(FlowMethod, DDIM):
         """Network calls of one inversion or one decoding of `steps` steps."""
         return steps + 1
 
-    def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
-               guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:
-        cond = model.encode_prompt(prompts)
-        times = flow_times(model.schedule, st.steps)
-        with torch.no_grad():
-            latents = fireflow_path(stoppable(self.encoder_eps(model), should_stop), z0, cond, times,
-                                    schedule=model.schedule, method=self.name)
-        return Inversion(latents=latents, timesteps=times, prompts=prompts, method=self.name,
-                         settings={"solver": "fireflow"})
+    def invert_path(self, eps: EpsFn, z0: torch.Tensor, cond: Cond, timesteps: list[int], *, schedule,
+                    ddim_rule: str) -> list[torch.Tensor]:
+        return fireflow_path(eps, z0, cond, timesteps, schedule=schedule, method=self.name)
 
-    def check_inversion(self, model: LatentDiffusion, inversion: Inversion) -> None:
-        self.check_grid(model, inversion)
-        super().check_inversion(model, inversion)
-
-    @torch.no_grad()
-    def decode(self, host: Host, inversion: Inversion, st: Settings, *, should_stop: StopFn | None
-               ) -> torch.Tensor:
-        model = self.model(host)
-        cond = model.encode_prompt(inversion.prompts)
-        eps = stoppable(self.decoder_eps(model, guidance=st.guidance, tau=st.tau), should_stop)
-        return fireflow_path(eps, inversion.noise, cond, self.decode_timesteps(model, inversion),
-                             schedule=model.schedule, method=self.name)[-1]
+    def decode_path(self, eps: EpsFn, noise: torch.Tensor, cond: Cond, timesteps: list[int], *, schedule
+                    ) -> torch.Tensor:
+        return fireflow_path(eps, noise, cond, timesteps, schedule=schedule, method=self.name)[-1]
 
     @torch.no_grad()
     def edit(self, host: Host, inversion: Inversion, target_prompts, controls, *, should_stop: StopFn | None):

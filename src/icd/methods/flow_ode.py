@@ -33,7 +33,6 @@ from icd.editing.inversion import Inversion
 from icd.methods.base import Host, Settings
 from icd.methods.ddim import DDIM
 from icd.models.base import Cond, EpsFn, LatentDiffusion
-from icd.samplers import StopFn, stoppable
 from icd.schedule import DiscreteFlowSchedule, eps_to_velocity
 from icd.solver import NumericsError
 
@@ -114,17 +113,18 @@ def euler_path(eps: EpsFn, x: torch.Tensor, cond: Cond, times: Sequence[int], *,
 
 # ---------------------------------------------------------------------------------------------- flow-ode
 class FlowODE(FlowMethod, DDIM):
-    def invert(self, host: Host, model: LatentDiffusion, z0: torch.Tensor, prompts: list[str], *, st: Settings,
-               guidance: float | None, ddim_rule: str, progress: bool, should_stop: StopFn | None) -> Inversion:
-        """Unguided forward Euler up the flow grid of `st.steps` with the source prompt (`ddim_rule` does not
-        apply: the flow-correct rule is the step's start)."""
-        cond = model.encode_prompt(prompts)
-        times = flow_times(model.schedule, st.steps)
-        with torch.no_grad():
-            latents = euler_path(stoppable(self.encoder_eps(model), should_stop), z0, cond, times,
-                                 schedule=model.schedule, method=self.name)
-        return Inversion(latents=latents, timesteps=times, prompts=prompts, method=self.name,
-                         settings={"solver": "euler"})
+    """`Method.invert`'s preamble (unguided, the source prompt, up the flow grid of `st.steps`: the schedule's
+    `inversion_timesteps` are `flow_times`) with forward Euler as its loop (`ddim_rule` does not apply: the
+    flow-correct rule is the step's start); decoding is DDIM's, the Euler step going down (module docstring)."""
+
+    solver = "euler"  # what the record keeps as its path (`path_settings`)
+
+    def invert_path(self, eps: EpsFn, z0: torch.Tensor, cond: Cond, timesteps: list[int], *, schedule,
+                    ddim_rule: str) -> list[torch.Tensor]:
+        return euler_path(eps, z0, cond, timesteps, schedule=schedule, method=self.name)
+
+    def path_settings(self, ddim_rule: str) -> dict:
+        return {"solver": self.solver}
 
     def check_inversion(self, model: LatentDiffusion, inversion: Inversion) -> None:
         self.check_grid(model, inversion)

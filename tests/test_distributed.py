@@ -62,8 +62,9 @@ def test_two_processes_match_one(tmp_path, random_distilled_dir):
 def test_two_processes_match_one_on_real_data(tmp_path):
     """The guidance stage on an image folder with a tiny SD1.5-shaped pipeline: the data stream splits each global
     batch by rows, so two processes train on exactly the rows one process does."""
+    from icd.models.loading import GUIDANCE_UNET as GUIDANCE_SUBFOLDER
     from icd.models.synthetic import write_pipeline
-    from icd.train.guidance import GUIDANCE_SUBFOLDER, GuidanceConfig, train_guidance
+    from icd.train.guidance import GuidanceConfig, train_guidance
     from test_real_data_training import VOCAB, _image_folder
 
     torchrun = Path(sys.executable).with_name("torchrun")

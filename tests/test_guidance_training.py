@@ -1,7 +1,8 @@
 import torch
 
+from icd.models.loading import GUIDANCE_UNET as GUIDANCE_SUBFOLDER
 from icd.models.loading import load_model
-from icd.train.guidance import GUIDANCE_SUBFOLDER, GuidanceConfig, train_guidance
+from icd.train.guidance import GuidanceConfig, train_guidance
 
 
 def test_guidance_training_runs_and_ships_a_distilled_unet(tmp_path, random_model_dir):

@@ -17,10 +17,11 @@ from conftest import run_interrupted
 from icd import world
 from icd.cli import main
 from icd.models import lora
+from icd.models.loading import GUIDANCE_UNET as GUIDANCE_SUBFOLDER
 from icd.models.synthetic import write_pipeline
 from icd.train.batches import BatchReader, crop_square
 from icd.train.config import ConfigError, load_config
-from icd.train.guidance import GUIDANCE_SUBFOLDER, GuidanceConfig, train_guidance
+from icd.train.guidance import GuidanceConfig, train_guidance
 from icd.train.icd import ICDConfig, train_icd
 from icd.train.sources import DataError, ShardSource, expand_braces, open_source
 

@@ -79,9 +79,9 @@ def test_cpu_user_mode_times_icd_its_floor_and_ddim_once_with_peak_memory(tmp_pa
 
 @pytest.mark.slow  # 43 s; the compiled path itself (no break, no recompile, within 2/255) is tests/test_compiled.py's
 def test_compiled_rows_compile_nothing_while_timed(tmp_path, fresh_dynamo):
-    """The compiled rows of the timing script (the library's path; dynamo alone here, ``--compile-backend eager``: seconds of tracing per
-    graph, not inductor's minutes) with their floor and the paired eager / compiled runs; ``--compile-baselines`` runs
-    in ``bash benchmarks/gpu_session.sh timing --smoke``."""
+    """The compiled rows of the timing script (the library's path; dynamo alone here, ``--compile-backend eager``:
+    seconds of tracing per graph, not inductor's minutes) with their floor and the paired eager / compiled runs;
+    ``--compile-baselines`` runs in ``bash benchmarks/gpu_session.sh timing --smoke``."""
     report = _timing().main(["--device", "cpu", "--family", "sd15", "--scale", "20", "--image-size", "64",
                              "--repeats", "1", "--warmups", "0", "--skip", "train,b8,ddim,npi,nti", "--compile",
                              "default", "--compile-backend", "eager", "--compile-warmups", "1", "--compile-pairs", "2",

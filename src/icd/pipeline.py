@@ -36,9 +36,9 @@ from icd.methods.base import EditResult, Generation, Reconstruction, Settings
 from icd.models.base import EpsFn, LatentDiffusion, check_prompts
 from icd.models.loading import (
     ADAPTERS_SUBFOLDER,
-    GUIDANCE_UNET,
     ModelError,
     base_unet,
+    guidance_subfolder,
     load_icd_model,
     load_model,
     resolve_model_path,
@@ -106,7 +106,7 @@ class Pipeline:
         if isinstance(boundaries, str):
             boundaries = Boundaries.parse(boundaries)
         has_icd = any(v is not None for v in (unet, adapters, lora_forward, lora_reverse)) or (
-            (path / GUIDANCE_UNET).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
+            (path / guidance_subfolder(path)).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
         if not has_icd:
             pipe = cls(None, load_model(name_or_path, device=device, dtype=dtype), base_path=path, ip2p_path=ip2p)
         else:

@@ -32,8 +32,7 @@ def _draws(model, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [n], noise [n, C, H, W]) for the n cases of a run, from one generator."""
     gen = step_generator(DRAW_SEED, 0)
     t = torch.randint(0, model.schedule.num_timesteps, (n,), generator=gen)
-    size = model.unet.config.sample_size
-    return t, torch.randn((n, model.unet.config.in_channels, size, size), generator=gen)
+    return t, torch.randn((n, *model.latent_shape()), generator=gen)
 
 
 def _per_case_mse(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

@@ -30,9 +30,9 @@ from icd.io import file_problem
 
 FIELDS = ("image", "source", "target", "output", "controls")
 REQUIRED = ("image", "source", "target", "output")
-CONTROLS = ("guidance", "tau", "seed", "strength", "cross_replace", "self_replace", "p2p_blocks", "blend", "blend_threshold",
-            "reweight", "mask", "masactrl", "masactrl_start_t", "masactrl_layer", "swap", "instruction",
-            "image_guidance", "fit")  # per-edit options of `icd edit` (their argparse dest)
+CONTROLS = ("guidance", "tau", "seed", "strength", "cross_replace", "self_replace", "p2p_blocks", "blend",
+            "blend_threshold", "reweight", "mask", "masactrl", "masactrl_start_t", "masactrl_layer", "swap",
+            "instruction", "image_guidance", "fit")  # per-edit options of `icd edit` (their argparse dest)
 MAX_LINES = 100_000
 MAX_BYTES = 64 * 2**20  # a 64 MB edit list is a mistake (100 000 lines of ~300 bytes are 30 MB)
 

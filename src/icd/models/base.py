@@ -46,6 +46,11 @@ class Cond:
         return replace(self, tokens=self.tokens[idx], pooled=None if self.pooled is None else self.pooled[idx],
                        extra={k: v[idx] for k, v in self.extra.items()})
 
+    def to(self, device) -> Cond:
+        """The same conditioning with every tensor on `device`."""
+        return replace(self, tokens=self.tokens.to(device), pooled=None if self.pooled is None else
+                       self.pooled.to(device), extra={k: v.to(device) for k, v in self.extra.items()})
+
     @staticmethod
     def cat(conds: Sequence[Cond]) -> Cond:
         first = conds[0]

@@ -43,6 +43,16 @@ GUIDANCE = {"edit": 0.0, "generate": 0.0}  # codes w of a two-pass teacher on th
 BASE_GUIDANCE = 2.5  # FLUX.1-dev's usual embedded scale 3.5 (code w = 2.5)
 TAU = None
 BOUNDARIES = "4step-1"
+DENOISER = "transformer"  # the pipeline folder's network
+GUIDANCE_SUBFOLDER = "transformer_guidance"  # the guidance-distilled transformer (`icd train guidance`)
+# The modules the iCD adapters wrap (docs/flow.md §8): every attention and MLP projection of the double-stream blocks
+# (image and text streams), of the single-stream blocks (fused attention + MLP in, proj_out), the adaLN modulation
+# projections that carry the time and guidance (the UNet adapters' time_emb_proj), and the output projection.
+LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+    "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out", "norm1.linear",
+    "norm1_context.linear", "norm.linear", "norm_out.linear",
+)
 
 
 class FluxDiffusion(FlowDiffusion):
@@ -100,12 +110,16 @@ def schedule_for(image_size: int, vae_factor: int = 8) -> DiscreteFlowSchedule:
     return DiscreteFlowSchedule.shifted(math.exp(flux_mu(tokens)))
 
 
-def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None) -> FluxDiffusion:
+def denoiser(path: Path, *, dtype: torch.dtype, subfolder: str = DENOISER) -> FluxTransformer2DModel:
+    """The transformer in ``<path>/<subfolder>`` (the folder's own, or its guidance-distilled one), safetensors only."""
+    return FluxTransformer2DModel.from_pretrained(path / subfolder, torch_dtype=dtype, use_safetensors=True)
+
+
+def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None, subfolder: str = DENOISER) -> FluxDiffusion:
     """The `FluxPipeline` folder `path` (diffusers layout), safetensors only; `transformer`: another network in place
-    of ``<path>/transformer``."""
+    of ``<path>/<subfolder>`` (default the folder's own ``transformer``)."""
     if transformer is None:
-        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype,
-                                                             use_safetensors=True)
+        transformer = denoiser(path, dtype=dtype, subfolder=subfolder)
     vae = fe.flow_vae(AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True))
     vocabulary_file = path / VOCABULARY_FILE  # a closed-vocabulary model (the embedded one)
     vocabulary = json.loads(vocabulary_file.read_text()) if vocabulary_file.is_file() else None

@@ -228,20 +228,45 @@ def _build(path: Path, unet: UNet2DConditionModel, *, dtype: torch.dtype, device
 
 
 def load_model(name_or_path: str | Path = EMBEDDED, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, unet_subfolder: str = "unet") -> LatentDiffusion:
-    """A latent diffusion model from a diffusers folder or hub id ("embedded" = the shipped tiny model)."""
+               dtype: torch.dtype = torch.float32, unet_subfolder: str | None = None) -> LatentDiffusion:
+    """A latent diffusion model from a diffusers folder or hub id ("embedded" = the shipped tiny model).
+    unet_subfolder: the folder's network to load (default the family's own, ``unet`` or ``transformer``; e.g. the
+    guidance-distilled ``unet_guidance`` / ``transformer_guidance``)."""
     path = resolve_model_path(name_or_path)
     family = family_of_folder(path)
+    subfolder = unet_subfolder or family.DENOISER
     if getattr(family, "KIND", "vp") == "flow":  # a flow family (FLUX, SD3) loads through its own `load`
-        return _build_flow(family, path, dtype=dtype, device=device, name=str(name_or_path))
-    unet = unet_folder(path / unet_subfolder, dtype=dtype)
+        return _build_flow(family, path, dtype=dtype, device=device, name=str(name_or_path), subfolder=subfolder)
+    unet = unet_folder(path / subfolder, dtype=dtype)
     return _build(path, unet, dtype=dtype, device=device, name=str(name_or_path))
 
 
-def _build_flow(family, path: Path, *, dtype: torch.dtype, device, name: str) -> LatentDiffusion:
-    """A flow family's model (`family.load`: `icd.models.flux`, `icd.models.sd3`) on `device`."""
+def guidance_subfolder(name_or_path: str | Path) -> str:
+    """The subfolder of a pipeline folder's guidance-distilled network: ``unet_guidance`` for the UNet families,
+    ``transformer_guidance`` for the flow ones, and ``transformer`` itself for a FLUX transformer that already embeds
+    its guidance (FLUX.1-dev: nothing to distil) when the folder has no distilled copy."""
+    path = resolve_model_path(name_or_path)
+    family = family_of_folder(path)
+    if not (path / family.GUIDANCE_SUBFOLDER).is_dir() and _embeds_guidance(path / family.DENOISER):
+        return family.DENOISER
+    return family.GUIDANCE_SUBFOLDER
+
+
+def _embeds_guidance(folder: Path) -> bool:
+    """Whether the network in `folder` takes a guidance scale as an input (its config; False when unreadable)."""
     try:
-        model = family.load(path, dtype=dtype, name=name)
+        config = read_json(folder / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("guidance_embeds") or config.get("time_cond_proj_dim"))
+
+
+def _build_flow(family, path: Path, *, dtype: torch.dtype, device, name: str, subfolder: str | None = None
+                ) -> LatentDiffusion:
+    """A flow family's model (`family.load`: `icd.models.flux`, `icd.models.sd3`) on `device`, its network read from
+    ``<path>/<subfolder>`` (default the family's own)."""
+    try:
+        model = family.load(path, dtype=dtype, name=name, subfolder=subfolder or family.DENOISER)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
     for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "unet"):
@@ -251,8 +276,11 @@ def _build_flow(family, path: Path, *, dtype: torch.dtype, device, name: str) ->
     return model
 
 
-def base_unet(path: Path, *, dtype: torch.dtype, device) -> UNet2DConditionModel:
-    """The original UNet of a pipeline folder (the baselines' network)."""
+def base_unet(path: Path, *, dtype: torch.dtype, device):
+    """The original network of a pipeline folder (the baselines' UNet, or a flow model's transformer)."""
+    family = family_of_folder(path)
+    if getattr(family, "KIND", "vp") == "flow":
+        return family.denoiser(path, dtype=dtype).to(device)
     return unet_folder(path / "unet", dtype=dtype).to(device)
 
 
@@ -273,15 +301,26 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
         raise ModelError("pass both --lora-forward and --lora-reverse (the two directions of one iCD model)")
     if lora_forward is not None and adapters is not None:
         raise ModelError("pass either --adapters or --lora-forward / --lora-reverse, not both")
-    if unet is not None:
+    family = family_of_folder(path)
+    if getattr(family, "KIND", "vp") == "flow":  # its guidance-distilled transformer is a subfolder, never --unet
+        if unet is not None:
+            raise ModelError(f"--unet takes a guidance-distilled UNet; a flow model reads its distilled transformer "
+                             f"from <model>/{family.GUIDANCE_SUBFOLDER}")
+        subfolder = guidance_subfolder(path)  # FLUX.1-dev: its own transformer
+        if not (path / subfolder).is_dir() or not _embeds_guidance(path / subfolder):
+            raise ModelError(f"model folder {path} has no guidance-distilled transformer "
+                             f"({family.GUIDANCE_SUBFOLDER}/): run `icd train guidance`")
+        model = _build_flow(family, path, dtype=dtype, device=device, name=str(name_or_path), subfolder=subfolder)
+    elif unet is not None:
         base_config = json.loads((path / "unet" / "config.json").read_text())
         distilled = load_unet(unet, base_config=base_config, dtype=dtype)
+        model = _build(path, distilled, dtype=dtype, device=device, name=str(name_or_path))
     elif (path / GUIDANCE_UNET).is_dir():
         distilled = unet_folder(path / GUIDANCE_UNET, dtype=dtype)
+        model = _build(path, distilled, dtype=dtype, device=device, name=str(name_or_path))
     else:
         raise ModelError(f"model folder {path} has no guidance-distilled UNet ({GUIDANCE_UNET}/): pass --unet "
                          "(e.g. the released sd15-cfg-distill-unet) or run `icd train guidance`")
-    model = _build(path, distilled, dtype=dtype, device=device, name=str(name_or_path))
     return attach_icd(model, path, adapters=adapters, lora_forward=lora_forward, lora_reverse=lora_reverse,
                       boundaries=boundaries, device=device, dtype=dtype, fuse=fuse,
                       require_adapters=require_adapters)

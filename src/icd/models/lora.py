@@ -145,9 +145,11 @@ def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) 
 
 
 def attach_adapters(unet, directory: str | Path) -> dict:
-    """Add both adapters with the rank/alpha recorded in ``adapters.json`` and load their weights."""
+    """Add both adapters with the rank, alpha and target modules recorded in ``adapters.json`` (targets: the UNet's
+    `LORA_TARGETS` where it records none) and load their weights."""
     meta = adapters_meta(directory)
-    add_adapters(unet, rank=int(meta.get("rank", 64)), alpha=int(meta.get("alpha", 8)))
+    add_adapters(unet, rank=int(meta.get("rank", 64)), alpha=int(meta.get("alpha", 8)),
+                 targets=tuple(meta.get("targets", LORA_TARGETS)))
     load_adapters(unet, directory)
     unet.requires_grad_(False)
     return meta

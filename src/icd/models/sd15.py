@@ -45,6 +45,9 @@ MAX_LENGTH = 77
 GUIDANCE_DIM = 512  # time_cond_proj_dim of the released guidance-distilled UNet (docs/method.md §6)
 GUIDANCE = {"edit": 19.0, "generate": 7.0}  # codes w = CFG - 1 of the distilled UNet: the official launch settings
 BASE_GUIDANCE = 6.5  # CFG 7.5, the usual setting of the original UNet (DDIM / NPI / NTI)
+DENOISER = "unet"  # the pipeline folder's network
+GUIDANCE_SUBFOLDER = "unet_guidance"  # the guidance-distilled UNet (`icd train guidance`)
+LORA_TARGETS = lora.LORA_TARGETS  # the modules the iCD adapters wrap
 
 
 def load(path: Path, *, dtype: torch.dtype, unet: UNet2DConditionModel, vocabulary: Sequence[str] | None,

@@ -51,6 +51,14 @@ GUIDANCE = {"edit": 6.0, "generate": 6.0}  # no distilled SD3: the base model's 
 BASE_GUIDANCE = 6.0  # StableDiffusion3Pipeline's default guidance_scale 7.0 (code w = 6)
 TAU = None
 BOUNDARIES = "4step-1"
+DENOISER = "transformer"  # the pipeline folder's network
+GUIDANCE_SUBFOLDER = "transformer_guidance"  # reserved: SD3's transformer has no guidance input to distil into
+# The modules the iCD adapters wrap: attention and MLP projections of both streams and the adaLN modulations.
+LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+    "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear",
+    "norm_out.linear", "proj_out",
+)
 
 
 class SD3Diffusion(FlowDiffusion):
@@ -108,12 +116,16 @@ def schedule_for(scheduler_config: dict) -> DiscreteFlowSchedule:
     return DiscreteFlowSchedule.shifted(float(scheduler_config.get("shift", 1.0)))
 
 
-def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None) -> SD3Diffusion:
+def denoiser(path: Path, *, dtype: torch.dtype, subfolder: str = DENOISER) -> SD3Transformer2DModel:
+    """The transformer in ``<path>/<subfolder>`` (the folder's own, or its guidance-distilled one), safetensors only."""
+    return SD3Transformer2DModel.from_pretrained(path / subfolder, torch_dtype=dtype, use_safetensors=True)
+
+
+def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None, subfolder: str = DENOISER) -> SD3Diffusion:
     """The `StableDiffusion3Pipeline` folder `path` (diffusers layout), safetensors only; T5 where the folder has it;
-    `transformer`: another network in place of ``<path>/transformer``."""
+    `transformer`: another network in place of ``<path>/<subfolder>`` (default the folder's own ``transformer``)."""
     if transformer is None:
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype,
-                                                            use_safetensors=True)
+        transformer = denoiser(path, dtype=dtype, subfolder=subfolder)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     vocabulary_file = path / VOCABULARY_FILE  # a closed-vocabulary model: prompts are checked against it

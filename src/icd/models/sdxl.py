@@ -28,6 +28,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from icd.models import lora
 from icd.models.base import Cond, LatentDiffusion
 from icd.models.tokenizer import write_tokenizer
 from icd.schedule import NoiseSchedule
@@ -41,6 +42,9 @@ MAX_LENGTH = 77
 GUIDANCE_DIM = 512  # time_cond_proj_dim of the released guidance-distilled UNet (docs/method.md §6)
 GUIDANCE = {"edit": 7.0, "generate": 7.0}  # codes w = CFG - 1 of the distilled UNet (docs/method.md §8.3, §8.4)
 BASE_GUIDANCE = 6.5  # CFG 7.5, the usual setting of the original UNet (DDIM / NPI / NTI)
+DENOISER = "unet"  # the pipeline folder's network
+GUIDANCE_SUBFOLDER = "unet_guidance"  # the guidance-distilled UNet (`icd train guidance`)
+LORA_TARGETS = lora.LORA_TARGETS  # the modules the iCD adapters wrap
 
 
 class SDXLDiffusion(LatentDiffusion):

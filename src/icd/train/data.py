@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from icd import world
 from icd.imageio import to_tensor
+from icd.models.base import Cond
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def world_latents(vae, vae_dir: str | Path, n: int, *, max_objects: int = 2, cac
 
 
 @torch.no_grad()
-def caption_tokens(model, captions: list[str], chunk: int = 1000) -> torch.Tensor:
-    """Text-encoder token embeddings of every caption, computed once before a training loop: (N, L, D)."""
-    return torch.cat([model.encode_prompt(captions[i : i + chunk]).tokens for i in range(0, len(captions), chunk)])
+def caption_conds(model, captions: list[str], chunk: int = 1000) -> Cond:
+    """The conditioning of every caption (token embeddings (N, L, D), and the pooled embedding where the family has
+    one), computed once before a training loop, on the CPU."""
+    return Cond.cat([model.encode_prompt(captions[i : i + chunk]).to("cpu") for i in range(0, len(captions), chunk)])

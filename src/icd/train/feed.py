@@ -21,7 +21,7 @@ from icd.models.base import Cond, LatentDiffusion, PromptError
 from icd.models.loading import resolve_model_path
 from icd.train.batches import BatchReader, LatentEncoder, crop_square
 from icd.train.config import ConfigError
-from icd.train.data import CACHE, caption_tokens, file_digest, world_dataset, world_latents
+from icd.train.data import CACHE, caption_conds, file_digest, world_dataset, world_latents
 from icd.train.sources import BadImage, DataError, ShardSource, TableSource, open_source
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,13 @@ class WorldFeed:
     def __init__(self, model: LatentDiffusion, cfg, *, model_path: Path, out: Path):
         z_all, self.captions = world_latents(model.vae, model_path / "vae", cfg.n_images,
                                              max_objects=cfg.max_objects, cache_dir=out / CACHE)
-        self.z_all, self.tokens_all = z_all.cpu(), caption_tokens(model, self.captions).cpu()
+        self.z_all, self.conds = z_all.cpu(), caption_conds(model, self.captions)
         self.n_data, self.latent_shape = len(self.z_all), tuple(self.z_all.shape[1:])
         self.skipped_total = 0
 
     def rows(self, step: int, idx: torch.Tensor, device) -> tuple[torch.Tensor, Cond]:
         idx = idx.cpu()
-        return self.z_all[idx].to(device), Cond(tokens=self.tokens_all[idx].to(device))
+        return self.z_all[idx].to(device), self.conds.index(idx).to(device)
 
     def validation(self, n: int) -> tuple[np.ndarray, list[str]]:
         return world_dataset(n, seed_start=VALIDATION_SEED)

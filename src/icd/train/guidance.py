@@ -5,7 +5,8 @@ The student is the teacher UNet plus a zero-initialised 512-d `cond_proj` (guida
 output, w drawn uniformly from the configured set, t uniform in 0..999, x_t from the data's latents. The text
 encoder(s) and VAE stay frozen. Any family (the embedded model, SD 1.5, SDXL) and any dataset (`icd.train.feed`);
 several processes split each global batch row-wise (``rank::world``) and average gradients, so N processes apply
-the same update as one. The result is the teacher's pipeline folder with the distilled UNet in ``unet_guidance/``
+the same update as one. The result is the teacher's pipeline folder with the distilled network in
+``unet_guidance/`` (a flow model's: ``transformer_guidance/``)
 (files hard-linked where the file system allows, else copied).
 """
 
@@ -22,14 +23,13 @@ import torch
 from icd.distill.guidance import guidance_loss, init_student_from_teacher
 from icd.io import atomic_directory
 from icd.models.base import Cond, LatentDiffusion
-from icd.models.loading import load_model, resolve_model_path
+from icd.models.loading import guidance_subfolder, load_model, resolve_model_path
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig
 from icd.train.scaffold import FeedTrainer, Parts, Update, accumulate, optimizer_step, run_training
 from icd.train.validation import validate_guidance
 
 log = logging.getLogger(__name__)
-GUIDANCE_SUBFOLDER = "unet_guidance"
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,6 @@ class GuidanceTrainer(FeedTrainer):
         self.teacher = load_model(self.cfg.model, device=self.sync.device)
         self.teacher.unet.requires_grad_(False)
         self.make_feed(self.teacher)
-        if self.source is None:
-            self.uncond_tokens = self.teacher.encode_prompt([""]).tokens
 
     def build(self) -> Parts:
         teacher, cfg = self.teacher, self.cfg
@@ -129,9 +127,7 @@ class GuidanceTrainer(FeedTrainer):
         draws = guidance_draws(self.cfg, step, n_data=self.feed.n_data, shape=self.feed.latent_shape,
                                num_timesteps=self.teacher.schedule.num_timesteps)
         d, z0, cond = self.local(step, draws, rows)
-        uncond = (Cond(tokens=self.uncond_tokens.expand(len(rows), -1, -1)) if self.source is None
-                  else self.teacher.empty_cond(len(rows)))
-        return Batch(z0, cond, uncond, d)
+        return Batch(z0, cond, self.teacher.empty_cond(len(rows)), d)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         return _loss(self.student, self.teacher, batch)
@@ -141,10 +137,11 @@ class GuidanceTrainer(FeedTrainer):
                                  prompts=self.cfg.validation_prompts, w_set=self.cfg.w_set, step=step, out=self.out)
 
     def export(self) -> Path:
+        subfolder = guidance_subfolder(self.cfg.model)  # unet_guidance, or a flow model's transformer_guidance
         with atomic_directory(self.out / "final") as tmp:
             shutil.copytree(resolve_model_path(self.cfg.model), tmp, dirs_exist_ok=True, copy_function=link_or_copy,
-                            ignore=shutil.ignore_patterns(GUIDANCE_SUBFOLDER, "icd"))
-            self.unet.eval().save_pretrained(tmp / GUIDANCE_SUBFOLDER)
+                            ignore=shutil.ignore_patterns(subfolder, "icd"))
+            self.unet.eval().save_pretrained(tmp / subfolder)
         return self.out / "final"
 
 

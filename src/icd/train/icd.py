@@ -42,7 +42,7 @@ from icd.distill.icd import TEACHER_STEPS, forward_cd, forward_preserve, reverse
 from icd.io import atomic_directory
 from icd.models import lora
 from icd.models.base import Cond, EpsFn, GuidedEps, LatentDiffusion
-from icd.models.loading import ModelError, load_model, resolve_model_path
+from icd.models.loading import ModelError, family_of_folder, load_model, resolve_model_path
 from icd.models.released import RELEASED_ALPHA, save_released
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.checkpoint import checkpoint_problem, load_checkpoint
@@ -258,9 +258,14 @@ def _check_init_adapters(cfg: ICDConfig) -> None:
                           f"the config asks for {cfg.rank}/{cfg.alpha}")
 
 
-def run_identity() -> dict:
+def run_identity(targets: tuple[str, ...] = lora.LORA_TARGETS) -> dict:
     """What shapes the adapters besides the config (run.json, `icd.train.runner.check_run`): the LoRA targets."""
-    return {"lora_targets": list(lora.LORA_TARGETS)}
+    return {"lora_targets": list(targets)}
+
+
+def lora_targets(model_name: str) -> tuple[str, ...]:
+    """The modules the adapters wrap on this teacher, by its family (`LORA_TARGETS` of `icd.models.sd15`, `flux`...)."""
+    return family_of_folder(resolve_model_path(model_name)).LORA_TARGETS
 
 
 class ICDTrainer(FeedTrainer):
@@ -268,7 +273,7 @@ class ICDTrainer(FeedTrainer):
     columns = ("loss", "cd_reverse", "cd_forward", "preserve_forward", "preserve_reverse")
 
     def identity(self) -> dict:
-        return run_identity()
+        return run_identity(lora_targets(self.cfg.model))
 
     def check(self) -> None:
         cfg = self.cfg
@@ -289,7 +294,7 @@ class ICDTrainer(FeedTrainer):
 
     def build(self) -> Parts:
         cfg, unet = self.cfg, self.model.unet
-        lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+        lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model))
         if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
             try:
                 lora.load_adapters(unet, cfg.init_adapters)
@@ -379,10 +384,10 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
     """Both adapters in their own files plus adapters.json (boundaries, w set, tau, teacher, training config)."""
     metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set), "tau": cfg.tau,
                 "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
-                "config": to_dict(cfg)}
+                "targets": list(lora_targets(cfg.model)), "config": to_dict(cfg)}
     with atomic_directory(directory) as tmp:
         lora.save_adapters(model.unet, tmp, metadata)
-        if cfg.alpha == RELEASED_ALPHA:  # the released format too (`--lora-forward / --lora-reverse`)
+        if cfg.alpha == RELEASED_ALPHA and model.kind == "vp":  # the released format too (`--lora-forward / ...`)
             save_released(model.unet, tmp / "released", boundaries)
     return directory
 
@@ -405,6 +410,6 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
     except (KeyError, TypeError, ConfigError) as e:
         raise ModelError(f"checkpoint {checkpoint}: state.json holds no iCD config ({e})") from None
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
-    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model))
     load_checkpoint(checkpoint, modules={"unet": model.unet})
     return save_icd_adapters(model, cfg, cfg.resolved_boundaries(), Path(directory))

@@ -212,8 +212,8 @@ class Engine:
             self.cache.move_to_end(key)
             return self.cache[key], True
         self._state["stage"] = "inverting"
-        inv = self.pipe_for(req.model).invert(image[None], [req.source], method=req.method, steps=req.steps, seed=req.seed,
-                               guidance=req.guidance, should_stop=should_stop)
+        inv = self.pipe_for(req.model).invert(image[None], [req.source], method=req.method, steps=req.steps,
+                                              seed=req.seed, guidance=req.guidance, should_stop=should_stop)
         self.cache[key] = inv
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)

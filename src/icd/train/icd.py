@@ -21,6 +21,12 @@ reverse-CD rows start not from noised data but from R's own latents at an interi
 their noise by R itself (no gradient, constant w as in `icd generate`); their teacher step and target are as usual.
 It trains each reverse jump on the inputs it meets when sampling (docs/experiments/backward-distillation.md).
 
+One adapter at a time (``train = "reverse"`` / ``"forward"``; not in the paper): "reverse" trains R on L_CD^R alone
+(a few-step generator with no forward model, standing in for a distilled generator that already exists, e.g.
+FLUX.1-schnell); "forward" then trains only F, by L_CD^F + lambda_f L_f, against the frozen R of ``init_adapters``
+(the reviewer's question: can a few-step generator that exists be inverted fast? docs/flow.md §8). The other
+adapter gets no optimizer and no loss term.
+
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
 global batch.
@@ -64,6 +70,7 @@ class Batch:
     draws: dict
     boundaries: Boundaries
 UPDATES = ("joint", "sequential")
+TRAIN = ("both", "reverse", "forward")  # which adapters a run trains (module docstring)
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -94,12 +101,18 @@ class ICDConfig(ScaleConfig, DataConfig, RunConfig):
     max_objects: int = 2
     ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (`icd.train.scaffold.EMA`) and save it as final
     init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
+    train: str = "both"  # "both" (eq. 5), "reverse" (R by L_CD^R only) or "forward" (F only, R frozen: init_adapters)
 
     def __post_init__(self):
         super().__post_init__()
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"ICDConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
                               f"got {self.lr_schedule!r}")
+        if self.train not in TRAIN:
+            raise ConfigError(f"ICDConfig.train must be one of {', '.join(TRAIN)}, got {self.train!r}")
+        if self.train == "forward" and not self.init_adapters:
+            raise ConfigError("ICDConfig: train = 'forward' trains F against a frozen R: set init_adapters to the "
+                              "folder of the reverse run")
         if self.update not in UPDATES:
             raise ConfigError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if self.update == "sequential" and self.gradient_accumulation > 1:
@@ -143,10 +156,12 @@ def learning_rate(cfg: ICDConfig, step: int) -> float:
     return lr_at(step, cfg) if cfg.lr_schedule == "cosine" else cfg.lr
 
 
-def networks(model: LatentDiffusion) -> tuple[GuidedEps, GuidedEps, EpsFn]:
+def networks(model: LatentDiffusion, trainable: tuple[str, ...] = lora.ADAPTERS
+             ) -> tuple[GuidedEps, GuidedEps, EpsFn]:
     """The losses' three networks on one UNet, through the one calling convention: teacher(w) (adapters off), R(w)
-    and F (unguided). Both adapters stay trainable whichever is active (`LatentDiffusion.trainable_adapters`)."""
-    model.trainable_adapters = lora.ADAPTERS
+    and F (unguided). The `trainable` adapters stay trainable whichever is active
+    (`LatentDiffusion.trainable_adapters`)."""
+    model.trainable_adapters = trainable
     return (lambda w: model.eps_fn(guidance=w), lambda w: model.eps_fn(adapter=lora.REVERSE, guidance=w),
             model.eps_fn(adapter=lora.FORWARD))
 
@@ -196,10 +211,16 @@ def own_latent_start(reverse: GuidedEps, cond: Cond, d: dict, *, boundaries: Bou
     return rows, x, t
 
 
+def trained_adapters(cfg: ICDConfig) -> tuple[str, ...]:
+    """The adapters this run updates (`ICDConfig.train`)."""
+    return {"both": lora.ADAPTERS, "reverse": (lora.REVERSE,), "forward": (lora.FORWARD,)}[cfg.train]
+
+
 def loss_terms(model: LatentDiffusion, cfg: ICDConfig, batch: Batch) -> list[tuple[str, float, Callable]]:
     """Paper eq. 5 as (adapter it trains, weight, compute) in the order R-CD, F-CD, L_f, L_r; `compute()` returns
-    {name: loss}. Terms with a zero weight (or F-CD when `forward_cd` is off) are left out."""
-    teacher, reverse, forward = networks(model)
+    {name: loss}. Terms with a zero weight (or F-CD when `forward_cd` is off) are left out, and so are the terms
+    of an adapter the run does not train; a reverse-only run also drops L_r, whose F is untrained."""
+    teacher, reverse, forward = networks(model, trained_adapters(cfg))
     z0, cond, d, b = batch.z0, batch.cond, batch.draws, batch.boundaries
     kw = dict(boundaries=b, schedule=model.schedule, huber_c=cfg.huber_c)
 
@@ -214,10 +235,11 @@ def loss_terms(model: LatentDiffusion, cfg: ICDConfig, batch: Batch) -> list[tup
     if cfg.lambda_f > 0:
         terms.append((lora.FORWARD, cfg.lambda_f, lambda: forward_preserve(forward, reverse, z0, cond, eps=d["eps"],
                                                                            j=d["j_forward"], **kw)))
-    if cfg.lambda_r > 0:
+    if cfg.lambda_r > 0 and cfg.train != "reverse":
         terms.append((lora.REVERSE, cfg.lambda_r, lambda: reverse_preserve(forward, reverse, z0, cond, eps=d["eps"],
                                                                            j=d["j_reverse"], **kw)))
-    return terms
+    trained = trained_adapters(cfg)
+    return [term for term in terms if term[0] in trained]
 
 
 def icd_losses(model: LatentDiffusion, cfg: ICDConfig, batch: Batch,
@@ -239,10 +261,11 @@ def icd_losses(model: LatentDiffusion, cfg: ICDConfig, batch: Batch,
 
 
 def adapter_objectives(losses: dict[str, torch.Tensor], cfg: ICDConfig) -> dict[str, torch.Tensor]:
-    """Paper eq. 5 split per adapter: {rev_cd: L_CD^R + lambda_r L_r, fwd_cd: L_CD^F + lambda_f L_f}."""
-    zero = losses["cd_reverse"].new_zeros(())
+    """Paper eq. 5 split per adapter: {rev_cd: L_CD^R + lambda_r L_r, fwd_cd: L_CD^F + lambda_f L_f} (a term the run
+    does not compute counts 0)."""
+    zero = next(iter(losses.values())).new_zeros(())
     return {
-        lora.REVERSE: losses["cd_reverse"] + cfg.lambda_r * losses.get("preserve_reverse", zero),
+        lora.REVERSE: losses.get("cd_reverse", zero) + cfg.lambda_r * losses.get("preserve_reverse", zero),
         lora.FORWARD: losses.get("cd_forward", zero) + cfg.lambda_f * losses.get("preserve_forward", zero),
     }
 
@@ -340,7 +363,7 @@ def train_icd(cfg: ICDConfig, *, resume: bool = True) -> Path:
 
 def adapter_optimizers(model: LatentDiffusion, cfg: ICDConfig):
     """({adapter: its LoRA parameters}, {adapter: its AdamW}) -- one optimizer per adapter."""
-    params = {name: lora.lora_parameters(model.unet, name) for name in lora.ADAPTERS}
+    params = {name: lora.lora_parameters(model.unet, name) for name in trained_adapters(cfg)}
     opts = {name: torch.optim.AdamW(p, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
             for name, p in params.items()}
     return params, opts
@@ -365,7 +388,7 @@ def training_step(model: LatentDiffusion, cfg: ICDConfig, batch: Batch, *, param
                                                                lambda loss, wt=weight: precision.backward(wt * loss)))
             for k, v in part.items():
                 losses[k] = losses.get(k, 0.0) + (v if len(parts) == 1 else weight * v)
-        for name in lora.ADAPTERS:
+        for name in params:
             precision.step(params[name], opts[name], sync)
         precision.update()
         return losses

@@ -155,6 +155,95 @@ PYEOF
     exit 0
 fi
 
+# ---------------------------------------------------------------------------------------------------------------
+# `flow`: issue 40's flow timing session -- benchmarks/flow_timing.py on a FLUX.1-dev-shaped and an SD3.5-medium-
+# shaped pipeline at their real architectures with random weights (bf16, 1024x1024, 1 source + 1 target; text
+# encoders small with the real token shapes): flow-ode 28+28 (prompt swap), iCD 4+4 (random fused rank-64 adapters;
+# on SD3 a cost proxy, no guidance input there), FlowEdit (defaults), RF-Inversion 28+28, 2 timed runs each after one
+# warm-up, in under 7.5 minutes (FLOW_BUDGET, default 450 s, one process for both families). Nothing trains.
+#   OUT=/some/dir bash benchmarks/gpu_session.sh flow                                   # on the device machine
+#   OUT=/tmp/gs PY=.venv/bin/python bash benchmarks/gpu_session.sh flow --smoke         # the same rows on a CPU, tiny
+# Leaves in $OUT: flow_timing.json (every row: seconds median / min, NFE, rows per call, peak GiB, ratio to the
+# family's flow-ode 28+28; rewritten after every row and timed run, so a run cut by its timeout keeps what it
+# finished, "running" naming the cut step), flow_timing.log (progress, one summary line per row) and
+# flow_summary.md (one line per row). Needs the same carried wheels as `timing` (see that block):
+#   device tool: run(command="pip install -q --no-deps --target /tmp/site out/whl/*.whl && PYTHONPATH=/tmp/site
+#              OUT=$OUT bash benchmarks/gpu_session.sh flow", carry=["out/whl"], timeout_s=600)
+# Time guards: the script runs under `timeout` of what FLOW_BUDGET leaves, with --max-minutes 40 s short of it and
+# --family-minutes flux=FLOW_FLUX_MIN (4.5),sd3=FLOW_SD3_MIN (2): no row or timed run starts past them. Estimate
+# (not measured: CPU-smoke-tested only): FLUX build + warm-ups ~1 min + ~60 s per repeat of the four rows (~0.27 s
+# per transformer call at batch 1, ~0.5 s at batch 2), SD3 ~0.5 min + ~25 s per repeat: ~4.5 min with 2 repeats,
+# ~5.5 min with the wheel install and imports.
+if [ "${1:-}" = flow ]; then
+    smoke=0
+    [ "${2:-}" = --smoke ] && smoke=1
+    budget=${FLOW_BUDGET:-450}
+    if [ "$smoke" = 1 ]; then
+        FLOW_ARGS=${FLOW_ARGS:-"--device cpu --scale 24 --image-size 64 --repeats 1 --warmups 0"}
+    else
+        FLOW_ARGS=${FLOW_ARGS:-"--device cuda --dtype bf16 --image-size 1024 --repeats 2 --warmups 1 --warmup-steps 2"}
+    fi
+    mkdir -p "$OUT"
+    command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    if ! missing=$($PY - 2>&1 <<'PYEOF'
+import importlib
+bad = []
+for name in ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
+             "huggingface_hub", "icd.pipeline"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 -- report every missing piece at once
+        bad.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+print("; ".join(bad))
+raise SystemExit(1 if bad else 0)
+PYEOF
+    ); then
+        echo "gpu_session flow: cannot import: $missing (install the carried wheels: see this script's header)"
+        exit 3
+    fi
+    limit=$(( start + budget - $(date +%s) ))
+    if [ "$limit" -lt 60 ]; then
+        echo "flow timing skipped (limit $limit s)"
+        exit 0
+    fi
+    # shellcheck disable=SC2086
+    timeout "$limit" $PY benchmarks/flow_timing.py --family flux,sd3 $FLOW_ARGS \
+        --max-minutes "$(awk -v s="$limit" 'BEGIN { print (s - 40) / 60 }')" \
+        --family-minutes "flux=${FLOW_FLUX_MIN:-4.5},sd3=${FLOW_SD3_MIN:-2}" --out "$OUT/flow_timing.json" \
+        > "$OUT/flow_timing.log" 2>&1
+    echo "flow timing rc=$? (limit $limit s) after $(( $(date +%s) - start )) s"
+    $PY - "$OUT" > "$OUT/flow_summary.md" 2>&1 <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+path = Path(sys.argv[1]) / "flow_timing.json"
+if not path.is_file():
+    print("(no report: see flow_timing.log)")
+    raise SystemExit(0)
+report = json.loads(path.read_text())
+print(f"{report['device']}, {report['dtype']}, {report['image_size']}px, {report['batch']}, scale {report['scale']}")
+print("| family | method | steps | s median | s min | runs | NFE | rows per call | peak GiB | x flow-ode (median / min) "
+      "| note |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for family, entry in report["families"].items():
+    if entry.get("error") or entry.get("skipped"):
+        print(f"| {family} | (build) | | | | | | | | | {entry.get('error') or entry.get('skipped')} |")
+    for r in entry.get("rows", []):
+        ratio = r.get("ratio_to_flow_ode") or {}
+        f = lambda v, fmt="{:.3f}": "" if v is None else fmt.format(v)  # noqa: E731
+        nfe = f"{r['nfe_invert']}+{r['nfe_edit']}={r['nfe']}" if "nfe" in r else ""
+        note = r.get("error") or r.get("skipped") or ("cost proxy (no guidance input)" if r.get("proxy") else "")
+        print(f"| {family} | {r['method']} | {r['steps']} | {f(r.get('total_s'))} | {f(r.get('total_min_s'))} | "
+              f"{r.get('runs', '')} | {nfe} | {r.get('rows_per_call', '')} | {f(r.get('peak_gib'), '{:.2f}')} | "
+              f"{f(ratio.get('total_s'))} / {f(ratio.get('total_min_s'))} | {note} |")
+if report.get("running"):
+    print(f"cut while running: {report['running']}")
+PYEOF
+    cat "$OUT/flow_summary.md"
+    echo "flow session done after $(( $(date +%s) - start )) s"
+    exit 0
+fi
+
 rows=("$@")
 if [ ${#rows[@]} -eq 0 ]; then
     mapfile -t rows < <(sed -n 's/^\[\([A-Za-z0-9_]*\)\].*/\1/p' "$CONFIG")

@@ -7,7 +7,8 @@ classifier-free guidance in one call:
 
 A UNet reads e(w) through its time-conditioning projection (``time_cond_proj_dim = 512``, the LCM convention); a
 FLUX transformer through its own guidance embedder (``guidance_embeds``, FLUX.1-dev's form: the scale 1 + w embedded
-like the time and added to it; docs/flow.md §8). For a flow model the loss is the same in its epsilon form: the
+like the time and added to it; docs/flow.md §8); an SD3 transformer, which has none, through ours on its pooled
+input (`icd.models.sd3.SD3GuidanceEmbedder`). For a flow model the loss is the same in its epsilon form: the
 epsilon of a velocity is affine in it at fixed (x, s), so matching the guided epsilon matches the guided velocity
 (times 1 - s).
 """
@@ -15,9 +16,10 @@ epsilon of a velocity is affine in it at fixed (x, s), so matching the guided ep
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from icd.losses import l2
+from icd.models import sd3
 from icd.models.base import Cond, EpsFn, GuidedEps, guided_eps
 from icd.schedule import NoiseSchedule
 
@@ -35,18 +37,20 @@ def guidance_loss(student: GuidedEps, teacher: EpsFn, z0: torch.Tensor, cond: Co
 
 
 def init_student_from_teacher(teacher, *, cond_dim: int = 512):
-    """A guidance-conditioned copy of the teacher network (a UNet or a FLUX transformer): the same weights plus a
-    guidance input whose contribution starts at zero, so the student equals the conditional teacher for every w and
-    w = 0 is exact from step 0.
+    """A guidance-conditioned copy of the teacher network (a UNet, a FLUX or an SD3 transformer): the same weights
+    plus a guidance input whose contribution starts at zero, so the student equals the conditional teacher for every
+    w and w = 0 is exact from step 0.
 
     UNet: a zero-initialised bias-free ``cond_proj`` (``time_cond_proj_dim = cond_dim``). FLUX transformer:
     ``guidance_embeds = True``, its guidance embedder's output layer zero-initialised (the first layer keeps diffusers'
-    initialisation, so gradients reach it once the output layer moves)."""
+    initialisation, so gradients reach it once the output layer moves). SD3 transformer: `sd3.guidance_student`."""
     if isinstance(teacher, FluxTransformer2DModel):
         return _flux_student(teacher)
+    if isinstance(teacher, SD3Transformer2DModel):
+        return sd3.guidance_student(teacher)
     if not isinstance(teacher, UNet2DConditionModel):
-        raise TypeError(f"teacher: guidance distillation takes a UNet2DConditionModel or a FluxTransformer2DModel, "
-                        f"got {type(teacher).__name__}")
+        raise TypeError(f"teacher: guidance distillation takes a UNet2DConditionModel, a FluxTransformer2DModel or an "
+                        f"SD3Transformer2DModel, got {type(teacher).__name__}")
     config = dict(teacher.config)
     config["time_cond_proj_dim"] = cond_dim
     student = UNet2DConditionModel.from_config(config)

@@ -253,7 +253,10 @@ def guidance_subfolder(name_or_path: str | Path) -> str:
 
 
 def _embeds_guidance(folder: Path) -> bool:
-    """Whether the network in `folder` takes a guidance scale as an input (its config; False when unreadable)."""
+    """Whether the network in `folder` takes a guidance scale as an input (its config, or an SD3 guidance embedder
+    beside it: `sd3.EMBEDDER_FILE`; False when unreadable)."""
+    if (folder / sd3.EMBEDDER_FILE).is_file():
+        return True
     try:
         config = read_json(folder / "config.json")
     except (OSError, ValueError):

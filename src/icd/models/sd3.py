@@ -14,7 +14,8 @@ What differs from FLUX, and lives only here:
   shift(linspace(1, shift(1/1000), n)); ours is FLUX's shift(linspace(1, 1/n, n)) (pass ``sigmas`` to the pipeline
   to get ours).
 - **Guidance.** No guidance embedding: two-pass CFG against the empty prompt (the pipeline's ``guidance_scale``:
-  1 + w).
+  1 + w). A guidance-distilled SD3 (`icd train guidance`) is diffusers' transformer plus our `SD3GuidanceEmbedder`,
+  whose e(1 + w) is added to ``pooled_projections`` (``transformer_guidance/``: diffusers' folder + the embedder's).
 - **VAE.** latents = (posterior mean − shift_factor) · scaling_factor (`LatentDiffusion.encode_images`).
 - **Size.** The native size is the VAE's ``sample_size`` (1024 for SD3 / SD3.5); sides are multiples of the VAE
   factor × the patch size (16).
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from icd.models import flux_embedded as fe
@@ -52,7 +55,9 @@ BASE_GUIDANCE = 6.0  # StableDiffusion3Pipeline's default guidance_scale 7.0 (co
 TAU = None
 BOUNDARIES = "4step-1"
 DENOISER = "transformer"  # the pipeline folder's network
-GUIDANCE_SUBFOLDER = "transformer_guidance"  # reserved: SD3's transformer has no guidance input to distil into
+GUIDANCE_SUBFOLDER = "transformer_guidance"  # the guidance-distilled transformer (`icd train guidance`)
+EMBEDDER_FILE = "guidance_embedder.safetensors"  # its weights, beside the transformer's in its folder
+EMBEDDER_CONFIG = "guidance_embedder.json"  # its sizes
 # The modules the iCD adapters wrap: attention and MLP projections of both streams and the adaLN modulations.
 LORA_TARGETS: tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
@@ -102,11 +107,93 @@ class SD3Diffusion(FlowDiffusion):
         tokens = torch.cat([clip, t5.to(clip.dtype)], dim=-2)
         return Cond(tokens=tokens.to(self.dtype), pooled=torch.cat([pooled_l, pooled_g], dim=-1).to(self.dtype))
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """True when the transformer carries an `SD3GuidanceEmbedder` as ``guidance_embedder`` (`guidance_student`)."""
+        return isinstance(getattr(self.unet, "guidance_embedder", None), SD3GuidanceEmbedder)
+
     def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: Cond, *, guidance: torch.Tensor | None
                  ) -> torch.Tensor:
+        pooled = cond.pooled.to(x.device, self.dtype)
+        if guidance is not None:  # guidance-distilled: e(1 + w) joins the pooled text vector (SD3GuidanceEmbedder)
+            pooled = pooled + self.unet.guidance_embedder(guidance).to(pooled.dtype)
         return self.unet(hidden_states=x, timestep=(s * 1000.0).to(self.dtype),
                          encoder_hidden_states=cond.tokens.to(x.device, self.dtype),
-                         pooled_projections=cond.pooled.to(x.device, self.dtype), return_dict=False)[0]
+                         pooled_projections=pooled, return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------------------- guidance distillation
+class SD3GuidanceEmbedder(torch.nn.Module):
+    """The guidance input SD3 lacks: e(w) = MLP(sinusoids(1000 · (1 + w))) in the pooled-text space [B, D_pool].
+
+    The embedding is FLUX.1-dev's (diffusers' `Timesteps(256, flip_sin_to_cos=True)` of 1000 × the scale, then a
+    `TimestepEmbedding` Linear–SiLU–Linear), except that its output Linear maps to the transformer's
+    ``pooled_projection_dim`` and starts at zero. `SD3Diffusion.velocity` adds it to ``pooled_projections``.
+
+    Why the pooled input: SD3's transformer has one global conditioning vector, temb = time_embed(t) +
+    text_proj(pooled) (`CombinedTimestepTextProjEmbeddings`), which drives every block's adaLN shift / scale / gate
+    and the output norm; FLUX.1-dev adds its guidance embedding to the same sum. Besides the timestep, the pooled
+    vector is the only input of diffusers' SD3 transformer that reaches that path, so e(w) on it conditions the adaLN
+    modulations on w without changing diffusers' module (the difference from FLUX: it passes through ``text_proj``'s
+    MLP first). With the output layer at zero, e(w) = 0 for every w: the student equals its teacher exactly at
+    initialisation, and the first layer gets gradients once the output layer moves."""
+
+    def __init__(self, pooled_projection_dim: int, hidden_dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.sizes = {"pooled_projection_dim": pooled_projection_dim, "hidden_dim": hidden_dim,
+                      "frequency_dim": frequency_dim}
+        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.embedder = TimestepEmbedding(frequency_dim, hidden_dim, out_dim=pooled_projection_dim)
+        torch.nn.init.zeros_(self.embedder.linear_2.weight)
+        torch.nn.init.zeros_(self.embedder.linear_2.bias)
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        """e for guidance scales 1 + w [B] (float32 sinusoids, as FLUX embeds 1000 · scale) -> [B, D_pool]."""
+        proj = self.time_proj(scale.float() * 1000.0)
+        return self.embedder(proj.to(self.embedder.linear_1.weight.dtype))
+
+    def save(self, folder: Path) -> None:
+        """`EMBEDDER_FILE` (weights) and `EMBEDDER_CONFIG` (sizes) in `folder`."""
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / EMBEDDER_FILE))
+        (folder / EMBEDDER_CONFIG).write_text(json.dumps(self.sizes, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path, *, dtype: torch.dtype) -> SD3GuidanceEmbedder:
+        embedder = cls(**json.loads((folder / EMBEDDER_CONFIG).read_text()))
+        embedder.load_state_dict(load_file(str(folder / EMBEDDER_FILE)))
+        return embedder.to(dtype)
+
+
+def save_denoiser(transformer: SD3Transformer2DModel, folder: Path) -> None:
+    """`transformer` as diffusers' folder (its weights file holds the transformer alone: diffusers loads it without
+    icd), plus `EMBEDDER_FILE` and `EMBEDDER_CONFIG` beside it when it carries a guidance embedder (`denoiser` reads
+    both back; `icd.train.guidance` saves the student with it)."""
+    embedder = getattr(transformer, "guidance_embedder", None)
+    if embedder is None:
+        transformer.save_pretrained(folder)
+        return
+    del transformer.guidance_embedder  # out of the state dict while diffusers writes the transformer's files
+    try:
+        transformer.save_pretrained(folder)
+    finally:
+        transformer.guidance_embedder = embedder
+    embedder.save(Path(folder))
+
+
+def guidance_student(teacher: SD3Transformer2DModel) -> SD3Transformer2DModel:
+    """The guidance student of `teacher` (`icd.distill.guidance.init_student_from_teacher`): a copy of diffusers'
+    transformer carrying a zero-output `SD3GuidanceEmbedder` as ``guidance_embedder`` (a submodule: LoRA,
+    `with_unet`, the optimizer and the checkpoints see one network), equal to the teacher at every w before training.
+    Save it with `save_denoiser`."""
+    if isinstance(getattr(teacher, "guidance_embedder", None), SD3GuidanceEmbedder):
+        raise ValueError("teacher: this SD3 transformer already embeds a guidance scale (guidance-distilled)")
+    student = SD3Transformer2DModel.from_config(teacher.config)
+    student.load_state_dict(teacher.state_dict())  # strict: the same transformer
+    config = teacher.config
+    student.guidance_embedder = SD3GuidanceEmbedder(
+        int(config.pooled_projection_dim), int(config.num_attention_heads) * int(config.attention_head_dim))
+    dtype = next(teacher.parameters()).dtype
+    return student if dtype == torch.float32 else student.to(dtype=dtype)  # (a no-op cast makes diffusers warn)
 
 
 def schedule_for(scheduler_config: dict) -> DiscreteFlowSchedule:
@@ -117,8 +204,13 @@ def schedule_for(scheduler_config: dict) -> DiscreteFlowSchedule:
 
 
 def denoiser(path: Path, *, dtype: torch.dtype, subfolder: str = DENOISER) -> SD3Transformer2DModel:
-    """The transformer in ``<path>/<subfolder>`` (the folder's own, or its guidance-distilled one), safetensors only."""
-    return SD3Transformer2DModel.from_pretrained(path / subfolder, torch_dtype=dtype, use_safetensors=True)
+    """The transformer in ``<path>/<subfolder>`` (the folder's own, or its guidance-distilled one: with its
+    ``guidance_embedder`` attached where `EMBEDDER_FILE` is beside it), safetensors only."""
+    folder = path / subfolder
+    transformer = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    if (folder / EMBEDDER_FILE).is_file():
+        transformer.guidance_embedder = SD3GuidanceEmbedder.load(folder, dtype=dtype)
+    return transformer
 
 
 def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None, subfolder: str = DENOISER) -> SD3Diffusion:

@@ -23,7 +23,7 @@ import torch
 from icd.distill.guidance import guidance_loss, init_student_from_teacher
 from icd.io import atomic_directory
 from icd.models.base import Cond, LatentDiffusion
-from icd.models.loading import guidance_subfolder, load_model, resolve_model_path
+from icd.models.loading import family_of, guidance_subfolder, load_model, resolve_model_path
 from icd.runtime import Precision, ProcessGroup, step_generator
 from icd.train.config import ConfigError, DataConfig, RunConfig, ScaleConfig
 from icd.train.scaffold import FeedTrainer, Parts, Update, accumulate, optimizer_step, run_training
@@ -141,7 +141,11 @@ class GuidanceTrainer(FeedTrainer):
         with atomic_directory(self.out / "final") as tmp:
             shutil.copytree(resolve_model_path(self.cfg.model), tmp, dirs_exist_ok=True, copy_function=link_or_copy,
                             ignore=shutil.ignore_patterns(subfolder, "icd"))
-            self.unet.eval().save_pretrained(tmp / subfolder)
+            save = getattr(family_of(self.teacher), "save_denoiser", None)  # SD3: + its guidance embedder's files
+            if save is not None:
+                save(self.unet.eval(), tmp / subfolder)
+            else:
+                self.unet.eval().save_pretrained(tmp / subfolder)
         return self.out / "final"
 
 

@@ -48,6 +48,25 @@ N_IMAGES=60000
 CONFIG=configs/icd-gpu.toml
 start=$(date +%s)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+check_imports() {  # LABEL: exit 3 naming every package the timing blocks cannot import (the carried wheels)
+    local missing
+    if ! missing=$($PY - 2>&1 <<'PYEOF'
+import importlib
+bad = []
+for name in ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
+             "huggingface_hub", "icd.pipeline"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 -- report every missing piece at once
+        bad.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+print("; ".join(bad))
+raise SystemExit(1 if bad else 0)
+PYEOF
+    ); then
+        echo "gpu_session $1: cannot import: $missing (install the carried wheels: see this script's header)"
+        exit 3
+    fi
+}
 # ---------------------------------------------------------------------------------------------------------------
 # `timing`: issue 36's GPU session -- SD 1.5 at 512x512 and SDXL at 1024x1024 with random weights (fp16), eager and
 # compiled (the library's --compile path: reduce-overhead / CUDA graphs), iCD 4+4 P2P with its floor row in both
@@ -90,22 +109,7 @@ if [ "${1:-}" = timing ]; then
     fi
         mkdir -p "$OUT"
     command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    if ! missing=$($PY - 2>&1 <<'PYEOF'
-import importlib
-bad = []
-for name in ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
-             "huggingface_hub", "icd.pipeline"):
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001 -- report every missing piece at once
-        bad.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-print("; ".join(bad))
-raise SystemExit(1 if bad else 0)
-PYEOF
-    ); then
-        echo "gpu_session timing: cannot import: $missing (install the carried wheels: see this script's header)"
-        exit 3
-    fi
+    check_imports timing
     family_timing() {  # FAMILY SECONDS ARGS
         local family=$1 limit=$2 args=$3 left
         left=$(( start + budget - $(date +%s) ))
@@ -185,22 +189,7 @@ if [ "${1:-}" = flow ]; then
     fi
     mkdir -p "$OUT"
     command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    if ! missing=$($PY - 2>&1 <<'PYEOF'
-import importlib
-bad = []
-for name in ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
-             "huggingface_hub", "icd.pipeline"):
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001 -- report every missing piece at once
-        bad.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-print("; ".join(bad))
-raise SystemExit(1 if bad else 0)
-PYEOF
-    ); then
-        echo "gpu_session flow: cannot import: $missing (install the carried wheels: see this script's header)"
-        exit 3
-    fi
+    check_imports flow
     limit=$(( start + budget - $(date +%s) ))
     if [ "$limit" -lt 60 ]; then
         echo "flow timing skipped (limit $limit s)"

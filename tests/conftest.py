@@ -27,6 +27,25 @@ def run_interrupted(train, cfg, *, after: int, monkeypatch) -> None:
     train(cfg)
 
 
+def tiny_guidance_and_icd(model_dir, root, *, subfolder: str):
+    """(distilled folder, the same plus iCD adapters in icd/): two steps of `icd train guidance` on the tiny
+    `model_dir`, then two steps of `icd train icd` (rank 4) on its distilled network in `subfolder`, under `root`."""
+    import shutil
+
+    from icd.train.guidance import GuidanceConfig, train_guidance  # the fixtures' heavy imports stay out of collection
+    from icd.train.icd import ICDConfig, train_icd
+
+    tiny = dict(batch_size=4, n_images=8, log_every=1, threads=1)
+    distilled = train_guidance(GuidanceConfig(out_dir=str(root / "guidance"), model=str(model_dir), steps=2,
+                                              checkpoint_every=2, **tiny))
+    out = root / "model"
+    shutil.copytree(distilled, out)
+    run = train_icd(ICDConfig(out_dir=str(root / "icd"), model=str(distilled), unet_subfolder=subfolder, steps=2,
+                              rank=4, checkpoint_every=2, **tiny))
+    shutil.copytree(run, out / "icd")
+    return distilled, out
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("ICD_SLOW") == "1":
         return

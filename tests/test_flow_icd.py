@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
+from conftest import tiny_guidance_and_icd
 from icd import world
 from icd.cli import main
 from icd.distill.guidance import init_student_from_teacher
@@ -17,29 +18,23 @@ from icd.imageio import save_image
 from icd.models import flux
 from icd.models.loading import ModelError, guidance_subfolder, load_icd_model, load_model
 from icd.pipeline import Pipeline
-from icd.train.guidance import GuidanceConfig, train_guidance
-from icd.train.icd import ICDConfig, train_icd
 
 
 @pytest.fixture(scope="module")
-def distilled(tiny_flux_folder, tmp_path_factory):
-    """The tiny FLUX folder after two steps of `icd train guidance` (transformer_guidance/ beside transformer/)."""
-    root = tmp_path_factory.mktemp("flow_icd")
-    cfg = GuidanceConfig(out_dir=str(root / "guidance"), model=str(tiny_flux_folder), steps=2, batch_size=4,
-                         n_images=8, checkpoint_every=2, log_every=1)
-    return train_guidance(cfg)
+def trained(tiny_flux_folder, tmp_path_factory):
+    """(the tiny folder after two steps of `icd train guidance`, the same plus 4-step iCD adapters in icd/)."""
+    return tiny_guidance_and_icd(tiny_flux_folder, tmp_path_factory.mktemp("flow_icd"),
+                                 subfolder=flux.GUIDANCE_SUBFOLDER)
 
 
 @pytest.fixture(scope="module")
-def icd_folder(distilled, tmp_path_factory):
-    """`distilled` plus 4-step iCD adapters (two training steps, rank 4) in icd/: the shipped layout."""
-    root = tmp_path_factory.mktemp("flow_icd_run")
-    out = root / "model"
-    shutil.copytree(distilled, out)
-    cfg = ICDConfig(out_dir=str(root / "run"), model=str(distilled), unet_subfolder=flux.GUIDANCE_SUBFOLDER, steps=2,
-                    batch_size=4, n_images=8, rank=4, checkpoint_every=2, log_every=1)
-    shutil.copytree(train_icd(cfg), out / "icd")
-    return out
+def distilled(trained):
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def icd_folder(trained):
+    return trained[1]
 
 
 @pytest.fixture(scope="module")

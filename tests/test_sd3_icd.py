@@ -15,6 +15,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
+from conftest import tiny_guidance_and_icd
 from icd import world
 from icd.cli import main
 from icd.distill.guidance import init_student_from_teacher
@@ -25,7 +26,7 @@ from icd.models.loading import guidance_subfolder, load_model
 from icd.pipeline import Pipeline
 from icd.train.config import load_config
 from icd.train.guidance import GuidanceConfig, train_guidance
-from icd.train.icd import ICDConfig, train_icd
+from icd.train.icd import ICDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SD35, FLUX = ROOT / "configs" / "sd35_icd.toml", ROOT / "configs" / "flux_icd.toml"
@@ -49,23 +50,19 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def distilled(folder, tmp_path_factory):
-    """`folder` after two steps of `icd train guidance` (transformer_guidance/ beside transformer/)."""
-    cfg = GuidanceConfig(out_dir=str(tmp_path_factory.mktemp("sd3_guidance") / "run"), model=str(folder), steps=2,
-                         batch_size=4, n_images=8, checkpoint_every=2, log_every=1, threads=1)
-    return train_guidance(cfg)
+def trained(folder, tmp_path_factory):
+    """(the tiny folder after two steps of `icd train guidance`, the same plus 4-step iCD adapters in icd/)."""
+    return tiny_guidance_and_icd(folder, tmp_path_factory.mktemp("sd3_icd_run"), subfolder=sd3.GUIDANCE_SUBFOLDER)
 
 
 @pytest.fixture(scope="module")
-def icd_folder(distilled, tmp_path_factory):
-    """`distilled` plus 4-step iCD adapters (two training steps, rank 4) in icd/: the shipped layout."""
-    root = tmp_path_factory.mktemp("sd3_icd_run")
-    out = root / "model"
-    shutil.copytree(distilled, out)
-    cfg = ICDConfig(out_dir=str(root / "run"), model=str(distilled), unet_subfolder=sd3.GUIDANCE_SUBFOLDER, steps=2,
-                    batch_size=4, n_images=8, rank=4, checkpoint_every=2, log_every=1, threads=1)
-    shutil.copytree(train_icd(cfg), out / "icd")
-    return out
+def distilled(trained):
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def icd_folder(trained):
+    return trained[1]
 
 
 # ---------------------------------------------------------------------------------------------- the student

@@ -100,13 +100,17 @@ def test_icd_inverts_and_edits_a_flow_model_in_four_plus_four_calls(icd_folder, 
     assert baseline.nfe_invert == 4
 
 
-def test_icd_edit_on_a_flow_folder_uses_icd_by_default(icd_folder, case, tmp_path, capsys):
+def test_icd_edit_on_a_flow_folder_uses_icd_by_default_and_reuses_a_saved_inversion(icd_folder, case, tmp_path, capsys):
     src = tmp_path / "src.png"
     save_image(case.source, src)
-    rc = main(["edit", str(src), "--model", str(icd_folder), "--source", case.source_prompt, "--target",
-               case.target_prompt, "--out", str(tmp_path / "out.png")])
+    common = ["edit", str(src), "--model", str(icd_folder), "--source", case.source_prompt, "--target",
+              case.target_prompt]
+    rc = main([*common, "--out", str(tmp_path / "out.png"), "--save-inversion", str(tmp_path / "inv.safetensors")])
     assert rc == 0 and (tmp_path / "out.png").is_file()
     assert "icd p2p, 8 UNet calls (4 invert + 4 edit)" in capsys.readouterr().out
+    rc = main([*common, "--out", str(tmp_path / "again.png"), "--inversion", str(tmp_path / "inv.safetensors")])
+    assert rc == 0 and "4 UNet calls (0 invert + 4 edit)" in capsys.readouterr().out  # a saved inversion: 4 calls
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "out.png").read_bytes()
 
 
 def test_a_flux_dev_layout_is_its_own_guidance_distilled_network(icd_folder, tmp_path, case):

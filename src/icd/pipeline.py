@@ -33,6 +33,7 @@ from icd.imageio import to_uint8
 from icd.inputs import as_images, as_int, as_seed, as_texts
 from icd.methods import DEFAULT_DDIM_RULE, REGISTRY, InversionRun, Method
 from icd.methods.base import EditResult, Generation, Reconstruction, Settings
+from icd.models import memory
 from icd.models.base import EpsFn, LatentDiffusion, check_prompts
 from icd.models.loading import (
     ADAPTERS_SUBFOLDER,
@@ -87,7 +88,7 @@ class Pipeline:
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         vae_tiling: bool = False, vae_slicing: bool = False, fuse: bool = True,
                         ip2p: str | Path | None = None, vae: str | Path | None = None,
-                        compile: str | bool | None = None) -> Pipeline:
+                        compile: str | bool | None = None, offload: str = "none") -> Pipeline:
         """The embedded model by default; any SD 1.5 / SDXL pipeline folder or hub id (`icd.models.loading`).
 
         unet: the guidance-distilled UNet (folder, hub id or state-dict file; default ``<model>/unet_guidance``).
@@ -98,7 +99,9 @@ class Pipeline:
         False keeps peft's LoRA branches (no extra copies, each call runs the low-rank branches too). ip2p: the
         InstructPix2Pix weights folder (default ``<model>/ip2p``), loaded when method ip2p first runs. vae: a VAE
         folder or hub id replacing the pipeline's (an fp16-safe SDXL VAE: `icd.models.vae`). compile: a
-        `torch.compile` mode for the UNets' sampling calls (`compile`; None: eager).
+        `torch.compile` mode for the UNets' sampling calls (`compile`; None: eager). offload: ``none``, ``model``
+        (each component on `device` only for its own calls) or ``sequential`` (each submodule: least memory, slowest),
+        unfused (`icd.models.memory`); a load that cannot fit is refused in one line before any weight loads.
         The baselines' original UNet loads lazily, sharing text encoder and VAE; without a distilled UNet or
         adapters the pipeline serves the baselines only."""
         path = resolve_model_path(name_or_path)
@@ -107,12 +110,19 @@ class Pipeline:
             boundaries = Boundaries.parse(boundaries)
         has_icd = any(v is not None for v in (unet, adapters, lora_forward, lora_reverse)) or (
             (path / guidance_subfolder(path)).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
+        if offload != "none" and compile:
+            raise ModelError("--offload cannot be combined with --compile (compiled graphs hold the weights' places)")
+        memory.check_fits(path, device, dtype, offload, icd=has_icd, adapters=adapters, fuse=fuse,
+                          name=str(name_or_path))
+        fuse, load_device = (fuse, device) if offload == "none" else (False, "cpu")  # offloaded: loaded on the CPU
         if not has_icd:
-            pipe = cls(None, load_model(name_or_path, device=device, dtype=dtype), base_path=path, ip2p_path=ip2p)
+            pipe = cls(None, load_model(name_or_path, device=load_device, dtype=dtype), base_path=path,
+                       ip2p_path=ip2p)
         else:
             pipe = cls(load_icd_model(name_or_path, unet=unet, adapters=adapters, lora_forward=lora_forward,
-                                      lora_reverse=lora_reverse, boundaries=boundaries, device=device, dtype=dtype,
-                                      fuse=fuse, require_adapters=False), None, base_path=path, ip2p_path=ip2p)
+                                      lora_reverse=lora_reverse, boundaries=boundaries, device=load_device,
+                                      dtype=dtype, fuse=fuse, require_adapters=False), None, base_path=path,
+                       ip2p_path=ip2p)
         if vae_tiling:
             pipe.model.vae.enable_tiling()
         if vae_slicing:
@@ -120,8 +130,9 @@ class Pipeline:
         if vae is not None:
             from icd.models.vae import load_vae, use_vae  # diffusers' VAE class: only when one is given
 
-            use_vae(pipe.model, load_vae(vae, dtype=dtype, device=device))
+            use_vae(pipe.model, load_vae(vae, dtype=dtype, device=load_device))
             pipe._vae_spec = vae
+        memory.apply_offload(pipe.model, offload, device)
         return pipe.compile(compile) if compile else pipe
 
     @classmethod
@@ -147,7 +158,7 @@ class Pipeline:
             raise ValueError("with_adapters needs a pipeline made by Pipeline.from_pretrained")
         return Pipeline.from_pretrained(self._base_path, adapters=adapters, device=self.model.device,
                                         dtype=self.model.dtype, ip2p=self._ip2p_path, vae=self._vae_spec,
-                                        compile=self._compile)
+                                        compile=self._compile, offload=memory.offload_mode(self.model))
 
     # ------------------------------------------------------------------ the models the methods run on
     @property
@@ -159,8 +170,9 @@ class Pipeline:
         if self._base is None:  # the original UNet beside the iCD model's, sharing its text encoder, VAE, counter
             if self._base_path is None:
                 raise ModelError("this pipeline has no original UNet for the baselines (build it with both models)")
-            m = self.icd_model
-            self._base = m.with_unet(base_unet(self._base_path, dtype=m.dtype, device=m.device))
+            m, offload = self.icd_model, memory.offload_mode(self.icd_model)
+            unet = base_unet(self._base_path, dtype=m.dtype, device=m.device if offload == "none" else "cpu")
+            self._base = memory.apply_offload(m.with_unet(unet), offload, m.device)  # joins the model's offload
             if self._compile:
                 self._base.compile(self._compile)
         return self._base

@@ -126,6 +126,7 @@ def _numerics_cause(model) -> str:
 
 
 MAX_THREADS = 1024
+OFFLOAD_MODES = ("none", "model", "sequential")  # icd.models.memory.OFFLOAD_MODES, copied light (tests/test_memory.py)
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 
 
@@ -177,6 +178,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    "or its start time")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' precision (auto: fp16 on CUDA, fp32 on a CPU)")
+    m.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
+                   help="keep weights on the CPU between calls (FLUX.1 / SD3.5 on a small GPU): model = each "
+                   "component (text encoders, transformer, VAE) on the GPU only for its own calls; sequential = each "
+                   "submodule (least memory, slowest); implies --no-fuse (docs/flow-models.md)")
     m.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images on small GPUs)")
     m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     m.add_argument("--no-fuse", action="store_true",
@@ -210,7 +215,8 @@ def load_pipeline(args, **overrides):
         options = dict(unet=args.unet, adapters=args.adapters, lora_forward=args.lora_forward,
                        lora_reverse=args.lora_reverse, boundaries=args.boundaries, device=device, dtype=args.dtype,
                        vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing, fuse=not args.no_fuse,
-                       vae=getattr(args, "vae", None), compile=getattr(args, "compile", None))
+                       vae=getattr(args, "vae", None), compile=getattr(args, "compile", None),
+                       offload=getattr(args, "offload", "none"))
         return Pipeline.from_pretrained(args.model, **(options | overrides))
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from icd.inputs import save_paths
 from icd.io import file_problem, pair_paths, read_json, save_safetensors_atomic, write_text_atomic
 from icd.models.base import LatentDiffusion
+from icd.models.memory import stored_value
 
 
 @dataclass
@@ -163,7 +164,7 @@ def weights_fingerprint(model: LatentDiffusion, *, adapters: bool) -> str:
                 if not adapters and "lora_" in name:
                     continue
                 digest.update(f"{mod_name}.{name}:{tuple(p.shape)};".encode())
-                flat = p.detach().reshape(-1)
+                flat = stored_value(module, name, p).detach().reshape(-1)  # offloaded: the CPU copy
                 n, k = flat.numel(), min(FINGERPRINT_SAMPLES, flat.numel())
                 idx = torch.arange(k) * (n - 1) // max(k - 1, 1)  # integer positions: exact at any size
                 samples.append(flat[idx.to(flat.device)].to(torch.float16))

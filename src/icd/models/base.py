@@ -156,10 +156,15 @@ class LatentDiffusion:
         # a half-precision VAE whose output overflowed is re-run in fp32 (`vae_call`); shared by `with_unet` copies
         self.vae_upcast = False  # SDXL's VAE in fp16 without an fp16-safe VAE (`icd.models.sdxl`)
         self._vae_state: dict = {"upcasts": 0}  # the fp32 copy (made on the first overflow) and the re-runs counted
+        # where the networks compute when their weights wait on the CPU between calls (`icd.models.memory`)
+        self.execution_device: torch.device | None = None
 
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
+        """Where latents and inputs go: the execution device of an offloaded model, else the UNet's weights'."""
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.unet.parameters()).device
 
     @property

@@ -67,6 +67,12 @@ def test_guidance_distillation_writes_the_flow_layout_and_it_loads_as_guidance_d
     assert not load_model(distilled).guidance_distilled  # the folder's own transformer is still the teacher
 
 
+def test_a_folder_with_a_distilled_network_and_no_adapters_runs_gddim_not_icd(distilled):
+    pipe = Pipeline.from_pretrained(distilled)
+    assert pipe.offers("gddim") and not pipe.offers("icd") and pipe.model.guidance_distilled
+    assert pipe.generate(["a small red circle on a white background"], method="gddim", steps=2).images.shape[0] == 1
+
+
 def test_the_adapters_wrap_the_transformers_projections_and_record_them(icd_folder):
     meta = json.loads((icd_folder / "icd" / "adapters.json").read_text())
     assert meta["targets"] == list(flux.LORA_TARGETS)

@@ -39,6 +39,7 @@ from icd.models.loading import (
     ADAPTERS_SUBFOLDER,
     ModelError,
     base_unet,
+    family_of_folder,
     guidance_subfolder,
     load_icd_model,
     load_model,
@@ -108,8 +109,12 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         if isinstance(boundaries, str):
             boundaries = Boundaries.parse(boundaries)
+        # the guidance-distilled network loads when the folder has one of its own (gddim then runs without adapters),
+        # or adapters to put on it (FLUX.1-dev: its transformer itself, not loaded twice for the baselines otherwise)
+        distilled = guidance_subfolder(path)
+        has_adapters = (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file()
         has_icd = any(v is not None for v in (unet, adapters, lora_forward, lora_reverse)) or (
-            (path / guidance_subfolder(path)).is_dir() and (path / ADAPTERS_SUBFOLDER / "adapters.json").is_file())
+            (path / distilled).is_dir() and (has_adapters or distilled != family_of_folder(path).DENOISER))
         if offload != "none" and compile:
             raise ModelError("--offload cannot be combined with --compile (compiled graphs hold the weights' places)")
         memory.check_fits(path, device, dtype, offload, icd=has_icd, adapters=adapters, fuse=fuse,

@@ -21,16 +21,15 @@ from pathlib import Path
 
 import torch
 
+from icd.io import atomic_directory, disk_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "icd" / "assets"
 LIMIT_MB = 30
 
 
-def _size_mb(path: Path) -> float:
-    """Size of a file, or of every file under a folder, in MB (0 when it does not exist)."""
-    if path.is_file():
-        return path.stat().st_size / 2**20
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+class OverLimit(Exception):
+    """The assembled assets would exceed LIMIT_MB (args[0]: their size in MB)."""
 
 
 def _teacher(src: Path, dst: Path) -> None:
@@ -101,33 +100,26 @@ def main() -> int:
             print(f"error: --icd-rank {e}", file=sys.stderr)
             return 2
     final = ASSETS / "embedded"
-    tmp = ASSETS / "embedded.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if final.is_dir():
-        shutil.copytree(final, tmp)
-    if "teacher" in parts:
-        _teacher(parts["teacher"], tmp)
-    if "guidance" in parts:
-        _guidance(parts["guidance"], tmp)
-    if "icd" in parts:
-        _icd(parts["icd"], tmp, icd_rank)
-    total = _size_mb(tmp) + _size_mb(parts.get("judge", ASSETS / "judge.safetensors")) + sum(
-        _size_mb(p) for p in ASSETS.iterdir() if p.name not in {"embedded", tmp.name, "judge.safetensors"})
-    if total > LIMIT_MB:  # checked before anything is swapped in: the shipped assets stay as they were
-        shutil.rmtree(tmp)
-        print(f"error: the new embedded assets would take {total:.1f} MB, over the {LIMIT_MB} MB limit "
+    try:
+        with atomic_directory(final, from_current=True) as tmp:
+            if "teacher" in parts:
+                _teacher(parts["teacher"], tmp)
+            if "guidance" in parts:
+                _guidance(parts["guidance"], tmp)
+            if "icd" in parts:
+                _icd(parts["icd"], tmp, icd_rank)
+            total = disk_mb(tmp) + disk_mb(parts.get("judge", ASSETS / "judge.safetensors")) + sum(
+                disk_mb(p) for p in ASSETS.iterdir() if p.name not in {"embedded", tmp.name, "judge.safetensors"})
+            if total > LIMIT_MB:  # raised inside the block: nothing is swapped in, the shipped assets stay
+                raise OverLimit(total)
+    except OverLimit as e:
+        print(f"error: the new embedded assets would take {e.args[0]:.1f} MB, over the {LIMIT_MB} MB limit "
               "(nothing was changed; try a smaller --icd-rank)", file=sys.stderr)
         return 1
-    old = ASSETS / "embedded.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.is_dir():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
     if "judge" in parts:
         shutil.copyfile(parts["judge"], ASSETS / "judge.safetensors.tmp")
         (ASSETS / "judge.safetensors.tmp").rename(ASSETS / "judge.safetensors")
-    print(f"shipped {', '.join(parts)} into {final}: assets now {_size_mb(ASSETS):.1f} MB")
+    print(f"shipped {', '.join(parts)} into {final}: assets now {disk_mb(ASSETS):.1f} MB")
     return 0
 
 

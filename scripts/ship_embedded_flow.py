@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from icd.io import atomic_directory, disk_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "icd" / "assets" / "embedded-flow"
 LIMIT_MB = 30
-
-
-def _size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
 def _teacher(src: Path, dst: Path) -> None:
@@ -73,26 +71,16 @@ def _icd(src: Path, dst: Path) -> None:
 def ship(parts: dict[str, Path], dst: Path = DEST) -> float:
     """Assemble the shipped folder from the given components (`parts`: teacher / guidance / icd folders) over the
     current one; returns its size in MB."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if dst.is_dir():
-        shutil.copytree(dst, tmp)
-    if "teacher" in parts:
-        _teacher(parts["teacher"], tmp)
-    if "guidance" in parts:
-        _guidance(parts["guidance"], tmp)
-    if "icd" in parts:
-        _icd(parts["icd"], tmp)
-    size = _size_mb(tmp)
-    if size > LIMIT_MB:
-        shutil.rmtree(tmp)
-        raise SystemExit(f"ship_embedded_flow: error: {size:.1f} MB exceeds {LIMIT_MB} MB; nothing changed")
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(dst, from_current=True) as tmp:
+        if "teacher" in parts:
+            _teacher(parts["teacher"], tmp)
+        if "guidance" in parts:
+            _guidance(parts["guidance"], tmp)
+        if "icd" in parts:
+            _icd(parts["icd"], tmp)
+        size = disk_mb(tmp)
+        if size > LIMIT_MB:  # raised inside the block: nothing is swapped in
+            raise SystemExit(f"ship_embedded_flow: error: {size:.1f} MB exceeds {LIMIT_MB} MB; nothing changed")
     return size
 
 

@@ -39,12 +39,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path):
-    """Yield a temporary sibling folder to fill; on success it replaces `final` by a rename."""
+def atomic_directory(final: str | Path, *, from_current: bool = False):
+    """Yield a temporary sibling folder to fill; on success it replaces `final` by a rename. With `from_current`
+    the folder starts as a copy of `final` (where it exists), for an update of some of its parts. An exception in
+    the block (a size check, an interrupt) removes the temporary folder and leaves `final` as it was."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if from_current and final.is_dir():
+        shutil.copytree(final, tmp)
+    else:
+        tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
@@ -56,6 +61,14 @@ def atomic_directory(final: str | Path):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_mb(path: str | Path) -> float:
+    """Size on disk of a file, or of every file under a folder, in MB (0 when it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
 def file_problem(path: str | Path) -> str | None:

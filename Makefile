@@ -34,8 +34,10 @@ browser:
 	  || echo "make test: could not install chromium / chromium-driver with apt-get; the browser test will skip"; \
 	fi
 
+# Two pytest-xdist workers, one file each at a time and one torch thread each (tests/conftest.py): on 2 cores the
+# suite's many small tests overlap instead of waiting on one process's Python overhead.
 test: $(VENV)/.installed-dev browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs two workers) each worker takes one core; alone, the suite takes two.
+torch.set_num_threads(min(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2, torch.get_num_threads()))
 
 
 def run_interrupted(train, cfg, *, after: int, monkeypatch) -> None:

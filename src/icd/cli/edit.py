@@ -53,7 +53,7 @@ def _blocks(args):
 
 
 _PER_EDIT = ("image", "source", "target", "output")  # what one edit names; --batch's lines name them instead
-_SINGLE_ONLY = ("grid", "save_inversion", "inversion")  # options of a single edit (refused with --batch)
+_SINGLE_ONLY = ("grid", "save_inversion", "inversion", "server")  # options of a single edit (refused with --batch)
 
 
 def _flag(dest: str) -> str:
@@ -221,13 +221,49 @@ def cmd_edit(args) -> None:
     """One edit (`icd edit --batch`: `icd.cli.batch`, which dispatches here without --batch)."""
     _check_single(args)
     _check_args(args)
-    image = load_image(args.image)
-    _check_controls(args)
-    editor = load_editor(args)
-    report = edit_one(editor, args, image)
+    image = load_image(args.image)  # a bad file: one line here, before any model or server
+    if args.server:
+        report = _edit_on_server(args)
+    else:
+        _check_controls(args)
+        editor = load_editor(args)
+        report = edit_one(editor, args, image)
     print(json.dumps(report) if args.json else
           f"wrote {args.output}: {report['method']} {report['control']}, {report['nfe']} UNet calls "
           f"({report['nfe_invert']} invert + {report['nfe_edit']} edit), {report['seconds']:.2f} s")
+
+
+def _edit_on_server(args) -> dict:
+    """The edit of `args` (checked) run by the `icd serve` at --server; writes -o (and --grid) from its answer and
+    returns its report. No torch here: this path waits for the server's edit only."""
+    import argparse
+    import io
+
+    from PIL import Image
+
+    from icd.cli import remote  # light: the standard library's HTTP client
+
+    remote.check_url(args.server)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    refused = remote.unsupported(args, defaults)
+    if refused:
+        raise CLIError(f"--server runs what the web page offers: drop {', '.join(refused)} (or edit here, without "
+                       "--server)")
+    answer = remote.post_edit(args.server, remote.form_fields(args, defaults["model"]), Path(args.image))
+    images = {name: np.asarray(Image.open(io.BytesIO(remote.png_bytes(answer[name]))).convert("RGB"))
+              for name in ("source", "reconstruction", "edit")}
+    save_image(images["edit"], args.output)
+    if args.grid:
+        grid = captioned_grid([images["source"], images["reconstruction"], images["edit"]],
+                              [f"source: {args.source}", f"reconstruction ({answer['method']})",
+                               f"edit: {args.target}"], cols=3, scale=4, text_lines=4)
+        save_image(grid, args.grid)
+    report = {k: v for k, v in answer.items() if k not in images and k != "notice"}
+    if answer.get("notice"):
+        print(f"notice: {answer['notice']}", file=sys.stderr)
+    return report | {"output": str(args.output), "server": args.server}
 
 
 def load_editor(args) -> Pipeline:
@@ -344,5 +380,9 @@ def add_arguments(e) -> None:
                    help="reuse a saved inversion (4 NFE per edit): PATH as given to --save-inversion, or either of "
                    "its two files")
     e.add_argument("--grid", default=None, help="also write source | reconstruction | edit")
+    e.add_argument("--server", default=None, metavar="URL",
+                   help="run the edit in a running `icd serve` at URL (e.g. http://127.0.0.1:7860), whose model is "
+                   "loaded already: the command waits for the edit alone; the page's options only (method, steps, "
+                   "seed, guidance, tau, P2P windows, blend, reweight, masactrl, fit; --model names a served model)")
     e.add_argument("-o", "--output", help="the edited image (PNG)")
     add_model_options(e)

@@ -32,7 +32,28 @@ class AdapterMethod(Method):
     def default_tau(self, host: Host, task: str) -> float | None:
         return self.model(host).icd.tau
 
+    def own_generator(self, host: Host) -> bool:
+        """Whether the model's own network decodes (adapters with ``"reverse": "model"``: FLUX.1-schnell)."""
+        icd = self.model(host).icd
+        return icd is not None and not icd.reverse_adapter
+
+    def guidance_default(self, host: Host, task: str) -> float:
+        if self.own_generator(host):
+            return 0.0  # a generator distilled without guidance
+        return super().guidance_default(host, task)
+
+    def settings(self, host: Host, task: str, **kw) -> Settings:
+        if self.own_generator(host) and kw.get("renoise") is None:
+            kw["renoise"] = 0.0  # the generator's own deterministic steps (schnell's Euler), not re-noised jumps
+        st = super().settings(host, task, **kw)
+        if st.guidance and self.own_generator(host):
+            raise ValueError(f"guidance (--guidance) must be 0 here, got {st.guidance:g}: the model's own network "
+                             "decodes (a few-step generator distilled without guidance, e.g. FLUX.1-schnell)")
+        return st
+
     def decoder_eps(self, model: LatentDiffusion, *, guidance, tau: float | None, uncond=None) -> EpsFn:
+        if not model.icd.reverse_adapter:  # the generator itself, one unguided call per step (codes are all 0)
+            return model.eps_fn()
         return model.eps_fn(adapter=lora.REVERSE, guidance=guidance, tau=tau)
 
     def edit_eps(self, model: LatentDiffusion, inversion: Inversion, st: Settings, *, cond_src: Cond,

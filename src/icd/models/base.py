@@ -69,6 +69,7 @@ class ICDSpec:
     boundaries: Boundaries
     tau: float | None
     w_set: tuple[float, ...]
+    reverse_adapter: bool = True  # False: the model's own network decodes (a few-step generator: FLUX.1-schnell)
 
 
 class EpsFn(Protocol):

@@ -103,11 +103,21 @@ class FluxDiffusion(FlowDiffusion):
         return fe.unpack(out, h, w)
 
 
-def schedule_for(image_size: int, vae_factor: int = 8) -> DiscreteFlowSchedule:
-    """The flow schedule at FLUX's dynamic shift e^mu for `image_size`² images ((size / (2 vae_factor))² packed
-    tokens: 4096 for FLUX.1 at 1024², 64 for the embedded model at 64² with its 4x VAE)."""
+def schedule_for(image_size: int, vae_factor: int = 8, scheduler_config: dict | None = None
+                 ) -> DiscreteFlowSchedule:
+    """The flow schedule of the folder's scheduler config: FLUX.1-dev's dynamic shift e^mu for `image_size`² images
+    ((size / (2 vae_factor))² packed tokens: 4096 for FLUX.1 at 1024², 64 for the embedded model at 64² with its 4x
+    VAE; mu on the config's line), or the static ``shift`` of a config without dynamic shifting (FLUX.1-schnell:
+    shift 1, so its 4 steps are s = 1, .75, .5, .25). No config: dynamic, at diffusers' defaults."""
+    config = scheduler_config or {}
+    if not config.get("use_dynamic_shifting", True):
+        return DiscreteFlowSchedule.shifted(float(config.get("shift", 1.0)))
     tokens = (image_size // (vae_factor * fe.PATCH)) ** 2
-    return DiscreteFlowSchedule.shifted(math.exp(flux_mu(tokens)))
+    line = {k: config[k] for k in ("base_shift", "max_shift") if k in config}
+    for ours, theirs in (("base_seq_len", "base_image_seq_len"), ("max_seq_len", "max_image_seq_len")):
+        if theirs in config:
+            line[ours] = int(config[theirs])
+    return DiscreteFlowSchedule.shifted(math.exp(flux_mu(tokens, **line)))
 
 
 def denoiser(path: Path, *, dtype: torch.dtype, subfolder: str = DENOISER) -> FluxTransformer2DModel:
@@ -125,6 +135,8 @@ def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None, subfold
     vocabulary = json.loads(vocabulary_file.read_text()) if vocabulary_file.is_file() else None
     length_file = path / fe.TEXT_LENGTH_FILE
     length = json.loads(length_file.read_text())["max_sequence_length"] if length_file.is_file() else T5_LENGTH
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
     image_size = int(vae.config.sample_size)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return FluxDiffusion(
@@ -133,6 +145,7 @@ def load(path: Path, *, dtype: torch.dtype, name: str, transformer=None, subfold
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, use_safetensors=True),
         text_encoder_2=T5EncoderModel.from_pretrained(path / "text_encoder_2", torch_dtype=dtype,
                                                       use_safetensors=True),
-        vae=vae, unet=transformer, schedule=schedule_for(image_size, vae_factor), name=name, image_size=image_size,
+        vae=vae, unet=transformer, schedule=schedule_for(image_size, vae_factor, scheduler), name=name,
+        image_size=image_size,
         vocabulary=vocabulary, size_multiple=None if vocabulary is not None else SIZE_MULTIPLE,
         max_sequence_length=length)

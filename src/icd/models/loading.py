@@ -247,9 +247,20 @@ def guidance_subfolder(name_or_path: str | Path) -> str:
     its guidance (FLUX.1-dev: nothing to distil) when the folder has no distilled copy."""
     path = resolve_model_path(name_or_path)
     family = family_of_folder(path)
-    if not (path / family.GUIDANCE_SUBFOLDER).is_dir() and _embeds_guidance(path / family.DENOISER):
+    if not (path / family.GUIDANCE_SUBFOLDER).is_dir() and (_embeds_guidance(path / family.DENOISER)
+                                                            or inverts_own_network(path / ADAPTERS_SUBFOLDER)):
         return family.DENOISER
     return family.GUIDANCE_SUBFOLDER
+
+
+def inverts_own_network(adapters: Path) -> bool:
+    """Whether the adapters folder `adapters` holds a forward adapter alone, for the model's own network as the
+    reverse model (``"reverse": "model"``: a few-step generator such as FLUX.1-schnell, no guidance-distilled copy);
+    False when it has none or cannot be read (its loading then says why)."""
+    try:
+        return lora.REVERSE not in lora.adapter_names(read_json(adapters / "adapters.json"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _embeds_guidance(folder: Path) -> bool:
@@ -310,7 +321,10 @@ def load_icd_model(name_or_path: str | Path = EMBEDDED, *, unet: str | Path | No
             raise ModelError(f"--unet takes a guidance-distilled UNet; a flow model reads its distilled transformer "
                              f"from <model>/{family.GUIDANCE_SUBFOLDER}")
         subfolder = guidance_subfolder(path)  # FLUX.1-dev: its own transformer
-        if not (path / subfolder).is_dir() or not _embeds_guidance(path / subfolder):
+        # FLUX.1-schnell with a forward adapter alone: its own transformer decodes, unguided
+        if inverts_own_network(path / ADAPTERS_SUBFOLDER if adapters is None else Path(adapters)):
+            subfolder = family.DENOISER
+        elif not (path / subfolder).is_dir() or not _embeds_guidance(path / subfolder):
             raise ModelError(f"model folder {path} has no guidance-distilled transformer "
                              f"({family.GUIDANCE_SUBFOLDER}/): run `icd train guidance`")
         model = _build_flow(family, path, dtype=dtype, device=device, name=str(name_or_path), subfolder=subfolder)
@@ -361,10 +375,11 @@ def attach_icd(model: LatentDiffusion, path: Path | None, *, adapters: str | Pat
             b = boundaries or Boundaries(**meta["boundaries"])
         except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as e:
             raise ModelError(f"cannot load iCD adapters from {folder}: {_first_line(e)}") from None
-        model.icd = ICDSpec(path=folder, boundaries=b, tau=meta.get("tau"), w_set=tuple(meta.get("w_set", ())))
+        model.icd = ICDSpec(path=folder, boundaries=b, tau=meta.get("tau"), w_set=tuple(meta.get("w_set", ())),
+                            reverse_adapter=lora.REVERSE in lora.adapter_names(meta))
     model = _finish(model, device=device, dtype=dtype)
     if fuse:
-        model.fused = lora.FusedAdapters(model.unet)
+        model.fused = lora.FusedAdapters(model.unet, lora.ADAPTERS if model.icd.reverse_adapter else (lora.FORWARD,))
     return model
 
 

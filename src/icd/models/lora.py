@@ -36,12 +36,25 @@ LORA_TARGETS: tuple[str, ...] = (
 )
 
 
+REVERSES = ("adapter", "model")  # what decodes: the reverse adapter, or the model's own network (`adapter_names`)
+
+
+def adapter_names(meta: dict) -> tuple[str, ...]:
+    """The adapters an ``adapters.json`` has files for: both, or only the forward one when ``"reverse": "model"``
+    says the model's own network is the reverse model (a few-step generator such as FLUX.1-schnell)."""
+    reverse = meta.get("reverse", "adapter")
+    if reverse not in REVERSES:
+        raise ValueError(f"\"reverse\" must be one of {', '.join(REVERSES)}, got {reverse!r}")
+    return ADAPTERS if reverse == "adapter" else (FORWARD,)
+
+
 def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str] = LORA_TARGETS,
                  names: Sequence[str] = ADAPTERS, seed: int = 0) -> None:
     """Add one LoRA adapter per name (same rank/alpha/targets); base weights are frozen."""
     unet.requires_grad_(False)
     for name in names:
-        torch.manual_seed(seed + names.index(name))
+        # F alone draws as it does beside R
+        torch.manual_seed(seed + (ADAPTERS.index(name) if name in ADAPTERS else names.index(name)))
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`")
@@ -92,9 +105,10 @@ def save_adapters(unet, directory: str | Path, metadata: dict, names: Sequence[s
     return files
 
 
-def adapters_meta(directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
+def adapters_meta(directory: str | Path, names: Sequence[str] | None = None) -> dict:
     """The checked ``adapters.json`` of an adapters folder: ValueError naming the file and what is wrong (not a
-    regular file, not UTF-8 JSON, a missing or malformed ``files`` / ``rank`` / ``alpha``, a named file missing)."""
+    regular file, not UTF-8 JSON, a missing or malformed ``files`` / ``rank`` / ``alpha``, a named file missing).
+    names: the adapters it must have (default: those it declares, `adapter_names`)."""
     meta_file = Path(directory) / "adapters.json"
     problem = file_problem(meta_file)  # a FIFO is refused before it is opened: reading it would block
     if problem:
@@ -105,6 +119,11 @@ def adapters_meta(directory: str | Path, names: Sequence[str] = ADAPTERS) -> dic
         raise ValueError(f"{meta_file}: {e}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    if names is None:
+        try:
+            names = adapter_names(meta)
+        except ValueError as e:
+            raise ValueError(f"{meta_file}: {e}") from None
     files = meta.get("files")
     if not isinstance(files, dict) or any(not isinstance(files.get(n), str) for n in names):
         raise ValueError(f"{meta_file}: \"files\" must name the file of each adapter ({', '.join(names)}), "
@@ -119,10 +138,12 @@ def adapters_meta(directory: str | Path, names: Sequence[str] = ADAPTERS) -> dic
     return meta
 
 
-def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) -> dict:
-    """Load adapters saved by `save_adapters` into a UNet that has them (e.g. after `add_adapters`)."""
+def load_adapters(unet, directory: str | Path, names: Sequence[str] | None = None) -> dict:
+    """Load adapters saved by `save_adapters` into a UNet that has them (e.g. after `add_adapters`); names: default
+    those the folder declares (`adapter_names`)."""
     directory = Path(directory)
     meta = adapters_meta(directory, names)
+    names = adapter_names(meta) if names is None else names
     for name in names:
         path = directory / meta["files"][name]
         try:
@@ -145,11 +166,12 @@ def load_adapters(unet, directory: str | Path, names: Sequence[str] = ADAPTERS) 
 
 
 def attach_adapters(unet, directory: str | Path) -> dict:
-    """Add both adapters with the rank, alpha and target modules recorded in ``adapters.json`` (targets: the UNet's
-    `LORA_TARGETS` where it records none) and load their weights."""
+    """Add the folder's adapters (both, or the forward one alone: `adapter_names`) with the rank, alpha and target
+    modules recorded in ``adapters.json`` (targets: the UNet's `LORA_TARGETS` where it records none) and load their
+    weights."""
     meta = adapters_meta(directory)
     add_adapters(unet, rank=int(meta.get("rank", 64)), alpha=int(meta.get("alpha", 8)),
-                 targets=tuple(meta.get("targets", LORA_TARGETS)))
+                 targets=tuple(meta.get("targets", LORA_TARGETS)), names=adapter_names(meta))
     load_adapters(unet, directory)
     unet.requires_grad_(False)
     return meta

@@ -25,7 +25,9 @@ One adapter at a time (``train = "reverse"`` / ``"forward"``; not in the paper):
 (a few-step generator with no forward model, standing in for a distilled generator that already exists, e.g.
 FLUX.1-schnell); "forward" then trains only F, by L_CD^F + lambda_f L_f, against the frozen R of ``init_adapters``
 (the reviewer's question: can a few-step generator that exists be inverted fast? docs/flow.md §8). The other
-adapter gets no optimizer and no loss term.
+adapter gets no optimizer and no loss term. With ``reverse = "model"`` the frozen R is the network itself, with no
+adapter and no guidance (FLUX.1-schnell: its own 4 Euler steps on the boundaries), and only F is saved
+(``"reverse": "model"`` in adapters.json; `icd.models.lora.adapter_names`).
 
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
@@ -102,6 +104,7 @@ class ICDConfig(ScaleConfig, DataConfig, RunConfig):
     ema_decay: float = 0.0  # > 0: keep an EMA of both adapters (`icd.train.scaffold.EMA`) and save it as final
     init_adapters: str = ""  # adapters folder (adapters.json + both files) to start from, e.g. to fine-tune at lower lr
     train: str = "both"  # "both" (eq. 5), "reverse" (R by L_CD^R only) or "forward" (F only, R frozen: init_adapters)
+    reverse: str = "adapter"  # R: the reverse adapter, or "model": the network itself (train = "forward" only; schnell)
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,9 +113,14 @@ class ICDConfig(ScaleConfig, DataConfig, RunConfig):
                               f"got {self.lr_schedule!r}")
         if self.train not in TRAIN:
             raise ConfigError(f"ICDConfig.train must be one of {', '.join(TRAIN)}, got {self.train!r}")
-        if self.train == "forward" and not self.init_adapters:
+        if self.reverse not in lora.REVERSES:
+            raise ConfigError(f"ICDConfig.reverse must be one of {', '.join(lora.REVERSES)}, got {self.reverse!r}")
+        if self.reverse == "model" and (self.train != "forward" or list(self.w_set) != [0.0]):
+            raise ConfigError("ICDConfig: reverse = 'model' (the network itself decodes, unguided) trains F alone: "
+                              "set train = 'forward' and w_set = [0.0]")
+        if self.train == "forward" and self.reverse == "adapter" and not self.init_adapters:
             raise ConfigError("ICDConfig: train = 'forward' trains F against a frozen R: set init_adapters to the "
-                              "folder of the reverse run")
+                              "folder of the reverse run (or reverse = 'model' when the network itself is R)")
         if self.update not in UPDATES:
             raise ConfigError(f"ICDConfig.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if self.update == "sequential" and self.gradient_accumulation > 1:
@@ -156,12 +164,15 @@ def learning_rate(cfg: ICDConfig, step: int) -> float:
     return lr_at(step, cfg) if cfg.lr_schedule == "cosine" else cfg.lr
 
 
-def networks(model: LatentDiffusion, trainable: tuple[str, ...] = lora.ADAPTERS
+def networks(model: LatentDiffusion, trainable: tuple[str, ...] = lora.ADAPTERS, *, reverse: str = "adapter"
              ) -> tuple[GuidedEps, GuidedEps, EpsFn]:
     """The losses' three networks on one UNet, through the one calling convention: teacher(w) (adapters off), R(w)
     and F (unguided). The `trainable` adapters stay trainable whichever is active
-    (`LatentDiffusion.trainable_adapters`)."""
+    (`LatentDiffusion.trainable_adapters`). reverse = "model": R is the network itself, unguided (a few-step
+    generator distilled without guidance, FLUX.1-schnell; its losses run at w = 0 alone)."""
     model.trainable_adapters = trainable
+    if reverse == "model":
+        return (lambda w: model.eps_fn(), lambda w: model.eps_fn(), model.eps_fn(adapter=lora.FORWARD))
     return (lambda w: model.eps_fn(guidance=w), lambda w: model.eps_fn(adapter=lora.REVERSE, guidance=w),
             model.eps_fn(adapter=lora.FORWARD))
 
@@ -211,6 +222,11 @@ def own_latent_start(reverse: GuidedEps, cond: Cond, d: dict, *, boundaries: Bou
     return rows, x, t
 
 
+def adapter_names(cfg: ICDConfig) -> tuple[str, ...]:
+    """The adapters the run's network carries: both, or F alone when the network itself is R."""
+    return lora.ADAPTERS if cfg.reverse == "adapter" else (lora.FORWARD,)
+
+
 def trained_adapters(cfg: ICDConfig) -> tuple[str, ...]:
     """The adapters this run updates (`ICDConfig.train`)."""
     return {"both": lora.ADAPTERS, "reverse": (lora.REVERSE,), "forward": (lora.FORWARD,)}[cfg.train]
@@ -220,7 +236,7 @@ def loss_terms(model: LatentDiffusion, cfg: ICDConfig, batch: Batch) -> list[tup
     """Paper eq. 5 as (adapter it trains, weight, compute) in the order R-CD, F-CD, L_f, L_r; `compute()` returns
     {name: loss}. Terms with a zero weight (or F-CD when `forward_cd` is off) are left out, and so are the terms
     of an adapter the run does not train; a reverse-only run also drops L_r, whose F is untrained."""
-    teacher, reverse, forward = networks(model, trained_adapters(cfg))
+    teacher, reverse, forward = networks(model, trained_adapters(cfg), reverse=cfg.reverse)
     z0, cond, d, b = batch.z0, batch.cond, batch.draws, batch.boundaries
     kw = dict(boundaries=b, schedule=model.schedule, huber_c=cfg.huber_c)
 
@@ -303,7 +319,7 @@ class ICDTrainer(FeedTrainer):
         if cfg.init_adapters:
             _check_init_adapters(cfg)
         super().check()  # the dataset
-        if not (resolve_model_path(cfg.model) / cfg.unet_subfolder).is_dir():
+        if not (resolve_model_path(cfg.model) / cfg.unet_subfolder).is_dir() and cfg.reverse == "adapter":
             raise ConfigError(f"{cfg.model} has no {cfg.unet_subfolder}/ (a guidance-distilled UNet); run "
                               "`icd train guidance` first, or set unet_subfolder")
 
@@ -311,16 +327,17 @@ class ICDTrainer(FeedTrainer):
         cfg = self.cfg
         self.boundaries = cfg.resolved_boundaries()
         self.model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder, device=self.sync.device)
-        if not self.model.guidance_distilled:
+        if not self.model.guidance_distilled and cfg.reverse == "adapter":
             raise ConfigError(f"{cfg.model}/{cfg.unet_subfolder} is not guidance-distilled; run `icd train guidance`")
         self.make_feed(self.model)
 
     def build(self) -> Parts:
         cfg, unet = self.cfg, self.model.unet
-        lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model))
+        lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
+                          names=adapter_names(cfg))
         if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
             try:
-                lora.load_adapters(unet, cfg.init_adapters)
+                lora.load_adapters(unet, cfg.init_adapters, names=adapter_names(cfg))
             except ValueError as e:  # files of another model, or damaged
                 raise ConfigError(f"init_adapters: {e}") from None
         unet.to(self.sync.device)
@@ -351,7 +368,7 @@ class ICDTrainer(FeedTrainer):
     def validate(self, images, captions: list[str], step: int) -> dict:
         return validate_icd(self.model, self.boundaries, images=images, captions=captions,
                             prompts=self.cfg.validation_prompts, w=max(self.cfg.w_set), tau=self.cfg.tau, step=step,
-                            out=self.out)
+                            out=self.out, reverse_adapter=self.cfg.reverse == "adapter")
 
     def export(self) -> Path:
         return save_icd_adapters(self.model, self.cfg, self.boundaries, self.out / "final")
@@ -407,9 +424,9 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
     """Both adapters in their own files plus adapters.json (boundaries, w set, tau, teacher, training config)."""
     metadata = {"method": "icd", "boundaries": boundaries.to_dict(), "w_set": list(cfg.w_set), "tau": cfg.tau,
                 "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
-                "targets": list(lora_targets(cfg.model)), "config": to_dict(cfg)}
+                "targets": list(lora_targets(cfg.model)), "reverse": cfg.reverse, "config": to_dict(cfg)}
     with atomic_directory(directory) as tmp:
-        lora.save_adapters(model.unet, tmp, metadata)
+        lora.save_adapters(model.unet, tmp, metadata, names=adapter_names(cfg))
         if cfg.alpha == RELEASED_ALPHA and model.kind == "vp":  # the released format too (`--lora-forward / ...`)
             save_released(model.unet, tmp / "released", boundaries)
     return directory
@@ -433,6 +450,7 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
     except (KeyError, TypeError, ConfigError) as e:
         raise ModelError(f"checkpoint {checkpoint}: state.json holds no iCD config ({e})") from None
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
-    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model))
+    lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
+                      names=adapter_names(cfg))
     load_checkpoint(checkpoint, modules={"unet": model.unet})
     return save_icd_adapters(model, cfg, cfg.resolved_boundaries(), Path(directory))

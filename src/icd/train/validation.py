@@ -76,20 +76,26 @@ def validate_guidance(student: LatentDiffusion, teacher: LatentDiffusion, *, ima
 
 @torch.no_grad()
 def validate_icd(model: LatentDiffusion, boundaries: Boundaries, *, images: np.ndarray, captions: list[str],
-                 prompts: tuple[str, ...], w: float, tau: float, step: int, out: Path) -> dict:
-    """Reconstruction PSNR of forward + reverse inversion and a sample grid (module docstring)."""
+                 prompts: tuple[str, ...], w: float, tau: float, step: int, out: Path,
+                 reverse_adapter: bool = True) -> dict:
+    """Reconstruction PSNR of forward + reverse inversion and a sample grid (module docstring). reverse_adapter
+    False: the model's own network decodes, unguided (ICDConfig.reverse = "model")."""
+
+    def reverse(guidance: float, tau: float | None = None):
+        if not reverse_adapter:
+            return model.eps_fn()
+        return model.eps_fn(adapter=lora.REVERSE, guidance=guidance, tau=tau)
+
     z0 = model.encode_images(images).to(model.dtype)
     cond = model.encode_prompt(captions)
     noise = initial_noise(z0.shape[1:], range(SEED, SEED + len(z0)), z0.device).to(model.dtype)
     latent = icd_invert(model.eps_fn(adapter=lora.FORWARD), z0, cond, boundaries, schedule=model.schedule,
                         noise=noise)[1][-1]
-    recon = to_uint8(model.decode_latents(icd_decode(model.eps_fn(adapter=lora.REVERSE, guidance=0.0), latent, cond,
-                                                     boundaries, schedule=model.schedule)))
+    recon = to_uint8(model.decode_latents(icd_decode(reverse(0.0), latent, cond, boundaries, schedule=model.schedule)))
     texts = _prompts(captions, prompts)
     start = initial_noise(z0.shape[1:], range(SEED, SEED + len(texts)), z0.device).to(model.dtype)
-    samples = to_uint8(model.decode_latents(icd_decode(model.eps_fn(adapter=lora.REVERSE, guidance=w, tau=tau), start,
-                                                       model.encode_prompt(texts), boundaries,
-                                                       schedule=model.schedule)))
+    samples = to_uint8(model.decode_latents(icd_decode(reverse(w, tau), start, model.encode_prompt(texts),
+                                                       boundaries, schedule=model.schedule)))
     rows = [images, recon] + ([samples] if len(texts) == len(images) else [])
     save_image(grid(rows), out / "validation" / f"step-{step:06d}.png")
     if len(texts) != len(images):

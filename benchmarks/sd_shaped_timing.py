@@ -105,7 +105,8 @@ from icd.models.tiny import scheduler_config
 from icd.pipeline import Pipeline
 from icd.runtime import Precision, ProcessGroup, resolve_dtype
 from icd.schedule import NoiseSchedule
-from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
+from icd.train.icd import ICDConfig
+from icd.train.icd_step import Batch, adapter_optimizers, batch_draws, training_step
 
 FAMILIES = {"sd15": sd15, "sdxl": sdxl}
 NTI_INNER = inspect.signature(null_text_optimize).parameters["inner_steps"].default  # "up to 10" (the paper's)

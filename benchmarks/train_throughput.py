@@ -1,5 +1,5 @@
 """Training throughput of both stages on the full-size architecture with random weights: guidance distillation
-(`icd.train.guidance.guidance_step`) and iCD (`icd.train.icd.training_step`), each at the paper's per-device batch,
+(`icd.train.guidance.guidance_step`) and iCD (`icd.train.icd_step.training_step`), each at the paper's per-device batch,
 with and without gradient checkpointing, and the GPU-hours the paper's recipe would take at that speed.
 
 Every iteration is what one process of `icd train` runs per step: the VAE encodes the batch's pixels and the text
@@ -37,7 +37,8 @@ from icd.io import write_text_atomic
 from icd.models import lora, sd15, sdxl
 from icd.runtime import Precision, ProcessGroup
 from icd.train import guidance as gtrain
-from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
+from icd.train.icd import ICDConfig
+from icd.train.icd_step import Batch, adapter_optimizers, batch_draws, training_step
 
 PAPER = {"sd15": {"global_batch": 512, "gpus": 8}, "sdxl": {"global_batch": 128, "gpus": 8}}
 

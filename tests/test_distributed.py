@@ -59,6 +59,38 @@ def test_two_processes_match_one(tmp_path, random_distilled_dir):
     shutil.rmtree(tmp_path / "multi", ignore_errors=True)
 
 
+def test_two_sharded_processes_match_one(tmp_path, random_distilled_dir):
+    """fsdp = true: the frozen UNet sharded over two processes (FSDP2 on gloo, `icd.runtime.shard_frozen`), the LoRA
+    adapters whole: the same adapters as one process, every process validating, a LoRA-only checkpoint."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file() or not torch.distributed.is_available():
+        pytest.skip("torchrun / torch.distributed not available")
+    cfg_path = tmp_path / "icd.toml"
+    cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir)
+                        + "fsdp = true\nvalidate_every = 2\nn_validation = 2\n")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "icd.cli", "train", "icd", "--config",
+           str(cfg_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": str(torchrun.parent), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fsdp: the frozen network sharded over 2 processes" in res.stderr, res.stderr[-2000:]
+    threads = torch.get_num_threads()
+    try:
+        train_icd(ICDConfig(out_dir=str(tmp_path / "single"), model=str(random_distilled_dir), steps=2, batch_size=4,
+                            n_images=8, rank=4, lr=1e-3, checkpoint_every=1, log_every=1, threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    for name in lora.ADAPTERS:  # as test_two_processes_match_one
+        a = load_file(str(tmp_path / "multi" / "final" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "single" / "final" / f"{name}.safetensors"))
+        diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diffs.max() <= 2e-3 and diffs.mean() < 1e-6, (float(diffs.max()), float(diffs.mean()))
+    saved = load_file(str(tmp_path / "multi" / "step-000002" / "model.unet.safetensors"))
+    assert saved and all(".lora_" in k for k in saved)  # the adapters alone, whole
+    rows = (tmp_path / "multi" / "validation.csv").read_text().strip().splitlines()
+    assert len(rows) == 2, rows  # header + one row: written once, by the main process
+
+
 def test_two_processes_match_one_on_real_data(tmp_path):
     """The guidance stage on an image folder with a tiny SD1.5-shaped pipeline: the data stream splits each global
     batch by rows, so two processes train on exactly the rows one process does."""

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from icd.models import lora
 from icd.models.loading import load_model
 from icd.train.config import ConfigError
-from icd.train.icd import ICDConfig, loss_terms, train_icd
+from icd.train.icd import ICDConfig, train_icd
+from icd.train.icd_step import loss_terms
 
 
 def _weights(folder) -> dict[str, dict[str, torch.Tensor]]:

@@ -5,16 +5,8 @@ from safetensors.torch import load_file
 from conftest import run_interrupted
 from icd.models import lora
 from icd.models.loading import load_model
-from icd.train.icd import (
-    Batch,
-    ICDConfig,
-    adapter_objectives,
-    batch_draws,
-    icd_losses,
-    learning_rate,
-    own_latent_start,
-    train_icd,
-)
+from icd.train.icd import ICDConfig, learning_rate, train_icd
+from icd.train.icd_step import Batch, adapter_objectives, batch_draws, icd_losses, own_latent_start
 
 
 def _cfg(tmp_path, model_dir, out="icd", **kw):

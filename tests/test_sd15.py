@@ -11,7 +11,8 @@ from icd.models import lora, sd15
 from icd.models.base import Cond
 from icd.pipeline import Pipeline
 from icd.runtime import Precision, ProcessGroup
-from icd.train.icd import Batch, ICDConfig, adapter_optimizers, batch_draws, training_step
+from icd.train.icd import ICDConfig
+from icd.train.icd_step import Batch, adapter_optimizers, batch_draws, training_step
 
 VOCAB = world.vocabulary()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import sys
@@ -9,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
-from icd.cli import catalog
+from icd.cli import catalog, remote
 from icd.cli.common import (
     CLIError,
     add_model_options,
@@ -236,13 +239,6 @@ def cmd_edit(args) -> None:
 def _edit_on_server(args) -> dict:
     """The edit of `args` (checked) run by the `icd serve` at --server; writes -o (and --grid) from its answer and
     returns its report. No torch here: this path waits for the server's edit only."""
-    import argparse
-    import io
-
-    from PIL import Image
-
-    from icd.cli import remote  # light: the standard library's HTTP client
-
     remote.check_url(args.server)
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -177,6 +177,33 @@ def attach_adapters(unet, directory: str | Path) -> dict:
     return meta
 
 
+class AdapterWeights(torch.nn.Module):
+    """The LoRA weights of `unet`'s adapters `names` as one checkpointable module (a training run's checkpoint holds
+    them alone, never the frozen network: a FLUX.1 transformer would add 48 GB per checkpoint, and a sharded one
+    cannot be saved whole by one process). Its state dict is those parameters under the network's own names; loading
+    copies into them in place, and takes a whole-network state dict too (checkpoints written before: its other
+    entries are ignored)."""
+
+    def __init__(self, unet, names: Sequence[str] = ADAPTERS):
+        super().__init__()
+        wanted = tuple(f".{name}.weight" for name in names)
+        # a plain dict, not a submodule: the parameters stay the network's (no second registration, no copy)
+        self.__dict__["params"] = {n: p for n, p in unet.named_parameters() if ".lora_" in n and n.endswith(wanted)}
+        if not self.params:
+            raise ValueError(f"the network carries no LoRA weights of {', '.join(names)}")
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> None:
+        missing = [n for n in self.params if n not in state]
+        if missing:
+            raise RuntimeError(f"the checkpoint lacks {len(missing)} LoRA weights, e.g. {missing[:2]}")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n])
+
+
 class FusedAdapters:
     """Inference with each adapter folded into the weights it modifies: W_a = W + scale_a * B_a A_a.
 

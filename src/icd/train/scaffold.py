@@ -174,6 +174,7 @@ class Trainer:
     name = "run"  # the progress bar's "train NAME"
     columns: tuple[str, ...] = ("loss",)  # log.csv columns; the first is the objective that is back-propagated
     throughput = False  # an images_per_s column (global batch / step time)
+    validate_everywhere = False  # True: every process validates (a sharded network's calls); only the main one writes
 
     def __init__(self, cfg):
         self.cfg, self.out = cfg, Path(cfg.out_dir)
@@ -311,7 +312,7 @@ def run_training(trainer: Trainer, *, resume: bool = True) -> Any:
                       images_per_step=cfg.batch_size if trainer.throughput else 0, tracker=tracker, identity=identity)
     if hasattr(cfg, "gradient_accumulation"):
         log.info("train %s: %s", trainer.name, describe_batch(cfg, sync, precision.mode))
-    validate = trainer.validator() if sync.is_main else None
+    validate = trainer.validator() if sync.is_main or trainer.validate_everywhere else None
     every = getattr(cfg, "validate_every", 0)
     with run:
         while not run.done:

@@ -76,10 +76,11 @@ def validate_guidance(student: LatentDiffusion, teacher: LatentDiffusion, *, ima
 
 @torch.no_grad()
 def validate_icd(model: LatentDiffusion, boundaries: Boundaries, *, images: np.ndarray, captions: list[str],
-                 prompts: tuple[str, ...], w: float, tau: float, step: int, out: Path,
+                 prompts: tuple[str, ...], w: float, tau: float, step: int, out: Path | None,
                  reverse_adapter: bool = True) -> dict:
-    """Reconstruction PSNR of forward + reverse inversion and a sample grid (module docstring). reverse_adapter
-    False: the model's own network decodes, unguided (ICDConfig.reverse = "model")."""
+    """Reconstruction PSNR of forward + reverse inversion and a sample grid (module docstring); `out` None computes
+    the row and writes nothing (a sharded run's other processes). reverse_adapter False: the model's own network
+    decodes, unguided (ICDConfig.reverse = "model")."""
 
     def reverse(guidance: float, tau: float | None = None):
         if not reverse_adapter:
@@ -96,10 +97,12 @@ def validate_icd(model: LatentDiffusion, boundaries: Boundaries, *, images: np.n
     start = initial_noise(z0.shape[1:], range(SEED, SEED + len(texts)), z0.device).to(model.dtype)
     samples = to_uint8(model.decode_latents(icd_decode(reverse(w, tau), start, model.encode_prompt(texts),
                                                        boundaries, schedule=model.schedule)))
+    row = {"step": step, "psnr": round(float(psnr(recon, images).mean()), 3)}
+    if out is None:
+        return row
     rows = [images, recon] + ([samples] if len(texts) == len(images) else [])
     save_image(grid(rows), out / "validation" / f"step-{step:06d}.png")
     if len(texts) != len(images):
         save_image(grid([samples]), out / "validation" / f"step-{step:06d}-samples.png")
-    row = {"step": step, "psnr": round(float(psnr(recon, images).mean()), 3)}
     _append_row(out / "validation.csv", row)
     return row

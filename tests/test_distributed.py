@@ -26,65 +26,59 @@ log_every = 1
 """
 
 
-def test_two_processes_match_one(tmp_path, random_distilled_dir):
+def _two_processes(cfg_path: Path) -> str:
+    """`icd train icd --config cfg_path` in two torchrun CPU processes (gloo); their stderr."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file() or not torch.distributed.is_available():
         pytest.skip("torchrun / torch.distributed not available")
-    cfg_path = tmp_path / "icd.toml"
-    cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir))
     # --standalone: torchrun picks a free rendezvous port, so back-to-back runs never collide on 29500
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "icd.cli", "train", "icd", "--config",
            str(cfg_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={"OMP_NUM_THREADS": "1", "PATH": str(torchrun.parent), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
+    return res.stderr
+
+
+def _equals_one_process(multi: Path, single: Path, model: Path) -> None:
+    """A one-process run of TOML's config into `single` trains the adapters `multi` holds."""
     # The reference runs one thread, as each torchrun rank does (OMP_NUM_THREADS=1): with the load-following
     # default thread count its float summation order changed with whatever else ran on the machine, and the mean
     # difference went from ~1e-7 to 6e-6 beside a busy process.
     threads = torch.get_num_threads()
     try:
-        train_icd(ICDConfig(out_dir=str(tmp_path / "single"), model=str(random_distilled_dir), steps=2, batch_size=4,
-                            n_images=8, rank=4, lr=1e-3, checkpoint_every=1, log_every=1, threads=1))
+        train_icd(ICDConfig(out_dir=str(single), model=str(model), steps=2, batch_size=4, n_images=8, rank=4, lr=1e-3,
+                            checkpoint_every=1, log_every=1, threads=1))
     finally:
         torch.set_num_threads(threads)
     # Equal up to float summation order; Adam's first steps (update ~ lr * sign(grad)) can amplify that noise on
     # near-zero gradients, so a few elements may differ by up to 2 lr, but the average difference must be tiny.
     # Each process sees half of the global batch, so only the averaged gradients make the two runs agree.
     for name in lora.ADAPTERS:
-        a = load_file(str(tmp_path / "multi" / "final" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "single" / "final" / f"{name}.safetensors"))
+        a = load_file(str(multi / "final" / f"{name}.safetensors"))
+        b = load_file(str(single / "final" / f"{name}.safetensors"))
         diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
         print(f"{name}: max {float(diffs.max()):.3g} mean {float(diffs.mean()):.3g}")
         assert diffs.max() <= 2e-3 and diffs.mean() < 1e-6, (float(diffs.max()), float(diffs.mean()))
+
+
+def test_two_processes_match_one(tmp_path, random_distilled_dir):
+    cfg_path = tmp_path / "icd.toml"
+    cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir))
+    _two_processes(cfg_path)
+    _equals_one_process(tmp_path / "multi", tmp_path / "single", random_distilled_dir)
     shutil.rmtree(tmp_path / "multi", ignore_errors=True)
 
 
 def test_two_sharded_processes_match_one(tmp_path, random_distilled_dir):
     """fsdp = true: the frozen UNet sharded over two processes (FSDP2 on gloo, `icd.runtime.shard_frozen`), the LoRA
     adapters whole: the same adapters as one process, every process validating, a LoRA-only checkpoint."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.is_file() or not torch.distributed.is_available():
-        pytest.skip("torchrun / torch.distributed not available")
     cfg_path = tmp_path / "icd.toml"
     cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir)
                         + "fsdp = true\nvalidate_every = 2\nn_validation = 2\n")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "icd.cli", "train", "icd", "--config",
-           str(cfg_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={"OMP_NUM_THREADS": "1", "PATH": str(torchrun.parent), "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "fsdp: the frozen network sharded over 2 processes" in res.stderr, res.stderr[-2000:]
-    threads = torch.get_num_threads()
-    try:
-        train_icd(ICDConfig(out_dir=str(tmp_path / "single"), model=str(random_distilled_dir), steps=2, batch_size=4,
-                            n_images=8, rank=4, lr=1e-3, checkpoint_every=1, log_every=1, threads=1))
-    finally:
-        torch.set_num_threads(threads)
-    for name in lora.ADAPTERS:  # as test_two_processes_match_one
-        a = load_file(str(tmp_path / "multi" / "final" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "single" / "final" / f"{name}.safetensors"))
-        diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-        assert diffs.max() <= 2e-3 and diffs.mean() < 1e-6, (float(diffs.max()), float(diffs.mean()))
+    stderr = _two_processes(cfg_path)
+    assert "fsdp: the frozen network sharded over 2 processes" in stderr, stderr[-2000:]
+    _equals_one_process(tmp_path / "multi", tmp_path / "single", random_distilled_dir)
     saved = load_file(str(tmp_path / "multi" / "step-000002" / "model.unet.safetensors"))
     assert saved and all(".lora_" in k for k in saved)  # the adapters alone, whole
     rows = (tmp_path / "multi" / "validation.csv").read_text().strip().splitlines()

@@ -40,15 +40,15 @@ def _two_processes(cfg_path: Path) -> str:
     return res.stderr
 
 
-def _equals_one_process(multi: Path, single: Path, model: Path) -> None:
-    """A one-process run of TOML's config into `single` trains the adapters `multi` holds."""
+def _equals_one_process(multi: Path, single: Path, model: Path, **extra) -> None:
+    """A one-process run of TOML's config (plus `extra` fields) into `single` trains the adapters `multi` holds."""
     # The reference runs one thread, as each torchrun rank does (OMP_NUM_THREADS=1): with the load-following
     # default thread count its float summation order changed with whatever else ran on the machine, and the mean
     # difference went from ~1e-7 to 6e-6 beside a busy process.
     threads = torch.get_num_threads()
     try:
         train_icd(ICDConfig(out_dir=str(single), model=str(model), steps=2, batch_size=4, n_images=8, rank=4, lr=1e-3,
-                            checkpoint_every=1, log_every=1, threads=1))
+                            checkpoint_every=1, log_every=1, threads=1, **extra))
     finally:
         torch.set_num_threads(threads)
     # Equal up to float summation order; Adam's first steps (update ~ lr * sign(grad)) can amplify that noise on
@@ -83,6 +83,21 @@ def test_two_sharded_processes_match_one(tmp_path, random_distilled_dir):
     assert saved and all(".lora_" in k for k in saved)  # the adapters alone, whole
     rows = (tmp_path / "multi" / "validation.csv").read_text().strip().splitlines()
     assert len(rows) == 2, rows  # header + one row: written once, by the main process
+
+
+def test_two_sharded_processes_match_one_on_a_flux_transformer(tmp_path, tiny_flux_folder):
+    """The same on FLUX's layout (double- and single-stream blocks are the units; the distilled transformer)."""
+    from icd.models import flux
+    from icd.train.guidance import GuidanceConfig, train_guidance
+
+    distilled = train_guidance(GuidanceConfig(out_dir=str(tmp_path / "G"), model=str(tiny_flux_folder), steps=1,
+                                              batch_size=2, n_images=4, checkpoint_every=1, log_every=1, threads=1))
+    cfg_path = tmp_path / "icd.toml"
+    cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=distilled)
+                        + f"fsdp = true\nunet_subfolder = \"{flux.GUIDANCE_SUBFOLDER}\"\n")
+    stderr = _two_processes(cfg_path)
+    assert "fsdp: the frozen network sharded over 2 processes in 3 units" in stderr, stderr[-2000:]  # 1 + 1 blocks
+    _equals_one_process(tmp_path / "multi", tmp_path / "single", distilled, unet_subfolder=flux.GUIDANCE_SUBFOLDER)
 
 
 def test_two_processes_match_one_on_real_data(tmp_path):

@@ -1,10 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from icd.guidance import dynamic_guidance, guidance_embedding
 from icd.models.base import Cond
 from icd.samplers import ddim_loop
-from icd.schedule import NoiseSchedule, ddim_grid
+from icd.schedule import DiscreteFlowSchedule, NoiseSchedule, ddim_grid
 from icd.solver import cfg_combine, ddim_jump, renoised_jump
 
 NO_COND = Cond(tokens=torch.zeros(1, 1, 1))  # the oracles below ignore the conditioning
@@ -127,3 +129,22 @@ def test_renoised_jump_interpolates_between_ddim_and_fresh_noise():
         torch.testing.assert_close(renoised_jump(x, eps, 779, 0, schedule=s, gamma=gamma, z=z), x0)
     with pytest.raises(ValueError, match="gamma"):
         renoised_jump(x, eps, 779, 519, schedule=s, gamma=1.5, z=z)
+
+
+@pytest.mark.parametrize("schedule", [NoiseSchedule.scaled_linear(),
+                                      NoiseSchedule.scaled_linear().configured(),
+                                      replace(NoiseSchedule.scaled_linear(), set_alpha_to_one=False).configured(),
+                                      DiscreteFlowSchedule.shifted(3.0)], ids=["vp", "vp-config", "vp-abar0", "flow"])
+@pytest.mark.parametrize("ends", [(999, 749), (259, 0), (0, 259), (19, 19), (500, 999)])
+def test_a_loops_jump_on_host_coefficients_equals_the_tensor_jump(schedule, ends):
+    """Integer times (a sampling loop's) take `schedule.coefficients`, host floats from a table built once; the
+    result is bit-identical to the tensor path's, hard-zero end points included."""
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t_from, t_to = ends
+    host = ddim_jump(x, e, t_from, t_to, schedule=schedule)
+    tensor = ddim_jump(x, e, torch.tensor(t_from), torch.tensor(t_to), schedule=schedule)
+    assert torch.equal(host, tensor)
+    for t in ends:
+        a, s = schedule.alpha_sigma(t)
+        assert schedule.coefficients(t) == (float(a), float(s))

@@ -19,6 +19,7 @@ The schedule is data (a float64 tensor), not scheduler state: every function tak
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -88,6 +89,17 @@ class NoiseSchedule:
             alpha = torch.where(zero, torch.ones_like(alpha), alpha)
             sigma = torch.where(zero, torch.zeros_like(sigma), sigma)
         return alpha, sigma
+
+    def coefficients(self, t: int, *, hard_zero: bool = True) -> tuple[float, float]:
+        """`alpha_sigma` of one integer time as host floats (float64), from a table built once: a sampling loop's
+        jumps then run no tensor operation and no host read for their coefficients."""
+        if hard_zero and t == 0 and (self.set_alpha_to_one or not self.follow_config):
+            return 1.0, 0.0
+        return self._host_table[t]
+
+    @cached_property
+    def _host_table(self) -> list[tuple[float, float]]:
+        return list(zip(self.abar.sqrt().tolist(), (1.0 - self.abar).sqrt().tolist()))
 
     def grid(self, num_steps: int) -> list[int]:
         """The ascending n-step sampling grid of this schedule: DDIM's (`ddim_grid`)."""
@@ -214,6 +226,17 @@ class DiscreteFlowSchedule:
         if hard_zero:
             s = torch.where(t == 0, torch.zeros_like(s), s)
         return 1.0 - s, s
+
+    def coefficients(self, t: int, *, hard_zero: bool = True) -> tuple[float, float]:
+        """`alpha_sigma` of one integer time as host floats (float64; `NoiseSchedule.coefficients`)."""
+        if hard_zero and t == 0:
+            return 1.0, 0.0
+        s = self._host_sigmas[t]
+        return 1.0 - s, s
+
+    @cached_property
+    def _host_sigmas(self) -> list[float]:
+        return self.sigmas.tolist()
 
     def snr(self, t: torch.Tensor | int) -> torch.Tensor:
         s = self.noise_level(t)

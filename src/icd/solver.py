@@ -32,6 +32,10 @@ def ddim_jump(
     """
     dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)
     x, e = x_t.to(dtype), eps.to(dtype)
+    if isinstance(t_from, int) and isinstance(t_to, int):  # a loop's jump: host coefficients, no tensor op
+        a_t, s_t = schedule.coefficients(t_from, hard_zero=hard_zero)
+        a_s, s_s = schedule.coefficients(t_to, hard_zero=hard_zero)
+        return (a_s * ((x - s_t * e) / a_t) + s_s * e).to(x_t.dtype)
     a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=hard_zero)
     a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=hard_zero)
     x0 = eps_to_x0(x, e, a_t, s_t)

@@ -61,17 +61,18 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     if len(src) != len(tgt):
         raise AlignmentError(f"word replace needs prompts with the same number of words ({len(src)} vs {len(tgt)})")
     length, start = tokenizer.model_max_length, prefix(tokenizer)
-    mapper = torch.zeros(length, length)
-    mapper[range(start), range(start)] = 1.0
+    rows = [[0.0] * length for _ in range(length)]  # filled on the host, one tensor at the end (no op per entry)
+    for i in range(start):
+        rows[i][i] = 1.0
     for s, t in zip(src, tgt):
         for j in t:
             for i in s:
-                mapper[i, j] = 1.0 / len(s)
+                rows[i][j] = 1.0 / len(s)
     n_src = src[-1].stop if src else start
     n_tgt = tgt[-1].stop if tgt else start
     for i, j in _tail(n_src, n_tgt, length):
-        mapper[i, j] = 1.0
-    return mapper
+        rows[i][j] = 1.0
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _global_alignment(a: Sequence[int], b: Sequence[int], *, gap: int = -1, match: int = 1, mismatch: int = -1

@@ -363,8 +363,10 @@ class Method:
         sources = list(inversion.prompts)
         targets, source_of = flatten_targets(target_prompts, len(sources))
         check_prompts(model, targets)
-        return EditInputs(controls, model, st, sources, targets, source_of, model.encode_prompt(sources),
-                          model.encode_prompt(targets))
+        cond = model.encode_prompt(sources + targets)  # one text-encoder call for the whole batch
+        rows = torch.arange(len(sources) + len(targets))
+        return EditInputs(controls, model, st, sources, targets, source_of, cond.index(rows[:len(sources)]),
+                          cond.index(rows[len(sources):]))
 
     def edit(self, host: Host, inversion: Inversion, target_prompts, controls, *, should_stop: StopFn | None
              ) -> tuple[np.ndarray, np.ndarray, Settings]:

@@ -72,12 +72,16 @@ def test_two_processes_match_one(tmp_path, random_distilled_dir):
 
 def test_two_sharded_processes_match_one(tmp_path, random_distilled_dir):
     """fsdp = true: the frozen UNet sharded over two processes (FSDP2 on gloo, `icd.runtime.shard_frozen`), the LoRA
-    adapters whole: the same adapters as one process, every process validating, a LoRA-only checkpoint."""
+    adapters whole: the same adapters as one process, after a stop at step 1 and a resume (exact resume), every
+    process validating, a LoRA-only checkpoint."""
     cfg_path = tmp_path / "icd.toml"
-    cfg_path.write_text(TOML.format(out=tmp_path / "multi", model=random_distilled_dir)
-                        + "fsdp = true\nvalidate_every = 2\nn_validation = 2\n")
-    stderr = _two_processes(cfg_path)
+    text = TOML.format(out=tmp_path / "multi", model=random_distilled_dir) + "fsdp = true\nn_validation = 2\n"
+    cfg_path.write_text(text.replace("steps = 2", "steps = 1"))
+    stderr = _two_processes(cfg_path)  # stops after step 1 (a checkpoint and final/)
     assert "fsdp: the frozen network sharded over 2 processes" in stderr, stderr[-2000:]
+    cfg_path.write_text(text + "validate_every = 2\n")
+    stderr = _two_processes(cfg_path)  # the same run to step 2, resumed from step 1
+    assert "resumed from" in stderr and "(step 1)" in stderr, stderr[-2000:]
     _equals_one_process(tmp_path / "multi", tmp_path / "single", random_distilled_dir)
     saved = load_file(str(tmp_path / "multi" / "step-000002" / "model.unet.safetensors"))
     assert saved and all(".lora_" in k for k in saved)  # the adapters alone, whole

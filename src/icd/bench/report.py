@@ -94,6 +94,8 @@ def plots(results: dict, out: Path) -> list[Path]:
     for n in names:  # ddim1, ddim2, ... form one curve (the step ablation); other methods are single points
         m = stepped.fullmatch(n)
         families.setdefault(m.group(1) if m else n, []).append(n)
+    if len(families) > len(plt.rcParams["axes.prop_cycle"]):  # more series than default colours: none repeats
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for family, members in families.items():
         members = sorted(members, key=lambda n: methods[n]["nfe"])
         xs, ys = [methods[n]["nfe"] for n in members], [scale * methods[n][key] for n in members]

@@ -115,8 +115,11 @@ class NoiseSchedule:
         return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
 
 
-def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficient [B] or scalar -> broadcastable to `like` ([B, ...]) in like's dtype."""
+def _bcast(coef: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Per-sample coefficient [B] or scalar -> broadcastable to `like` ([B, ...]) in like's dtype (a host float, as
+    `coefficients` gives, is used as it is)."""
+    if isinstance(coef, float):
+        return coef
     coef = coef.to(dtype=like.dtype, device=like.device)
     return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim else coef
 

@@ -8,7 +8,8 @@ import torch
 from icd.schedule import NoiseSchedule, _bcast, _flow_sigma
 
 
-def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float, sigma_t: torch.Tensor | float
+              ) -> torch.Tensor:
     """x0_hat = (x_t - sigma_t eps) / alpha_t."""
     return (x_t - _bcast(sigma_t, x_t) * eps) / _bcast(alpha_t, x_t)
 
@@ -32,12 +33,10 @@ def ddim_jump(
     """
     dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)
     x, e = x_t.to(dtype), eps.to(dtype)
-    if isinstance(t_from, int) and isinstance(t_to, int):  # a loop's jump: host coefficients, no tensor op
-        a_t, s_t = schedule.coefficients(t_from, hard_zero=hard_zero)
-        a_s, s_s = schedule.coefficients(t_to, hard_zero=hard_zero)
-        return (a_s * ((x - s_t * e) / a_t) + s_s * e).to(x_t.dtype)
-    a_t, s_t = schedule.alpha_sigma(t_from, hard_zero=hard_zero)
-    a_s, s_s = schedule.alpha_sigma(t_to, hard_zero=hard_zero)
+    # a loop's integer times take host floats (no tensor op, no host read); per-row times take tensors
+    coefficients = schedule.coefficients if isinstance(t_from, int) and isinstance(t_to, int) else schedule.alpha_sigma
+    a_t, s_t = coefficients(t_from, hard_zero=hard_zero)
+    a_s, s_s = coefficients(t_to, hard_zero=hard_zero)
     x0 = eps_to_x0(x, e, a_t, s_t)
     return (_bcast(a_s, x) * x0 + _bcast(s_s, x) * e).to(x_t.dtype)
 

@@ -356,6 +356,7 @@ def attach_icd(model: LatentDiffusion, path: Path | None, *, adapters: str | Pat
         raise ModelError("pass either --adapters or --lora-forward / --lora-reverse, not both")
     family = family_of(model)
     if lora_forward is not None:
+        names = lora.ADAPTERS  # the released files are a pair
         try:
             b = load_released(model.unet, lora_forward, lora_reverse, boundaries=boundaries)
         except ReleasedLoraError as e:
@@ -372,14 +373,15 @@ def attach_icd(model: LatentDiffusion, path: Path | None, *, adapters: str | Pat
             return _finish(model, device=device, dtype=dtype)
         try:
             meta = lora.attach_adapters(model.unet, folder)
+            names = lora.adapter_names(meta)
             b = boundaries or Boundaries(**meta["boundaries"])
         except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as e:
             raise ModelError(f"cannot load iCD adapters from {folder}: {_first_line(e)}") from None
         model.icd = ICDSpec(path=folder, boundaries=b, tau=meta.get("tau"), w_set=tuple(meta.get("w_set", ())),
-                            reverse_adapter=lora.REVERSE in lora.adapter_names(meta))
+                            reverse_adapter=lora.REVERSE in names)
     model = _finish(model, device=device, dtype=dtype)
     if fuse:
-        model.fused = lora.FusedAdapters(model.unet, lora.ADAPTERS if model.icd.reverse_adapter else (lora.FORWARD,))
+        model.fused = lora.FusedAdapters(model.unet, names)
     return model
 
 

@@ -39,13 +39,17 @@ LORA_TARGETS: tuple[str, ...] = (
 REVERSES = ("adapter", "model")  # what decodes: the reverse adapter, or the model's own network (`adapter_names`)
 
 
-def adapter_names(meta: dict) -> tuple[str, ...]:
-    """The adapters an ``adapters.json`` has files for: both, or only the forward one when ``"reverse": "model"``
-    says the model's own network is the reverse model (a few-step generator such as FLUX.1-schnell)."""
-    reverse = meta.get("reverse", "adapter")
+def names_for(reverse: str) -> tuple[str, ...]:
+    """The adapters a network carries when `reverse` decodes: both, or only the forward one for ``"model"`` (the
+    model's own network is the reverse model: a few-step generator such as FLUX.1-schnell)."""
     if reverse not in REVERSES:
         raise ValueError(f"\"reverse\" must be one of {', '.join(REVERSES)}, got {reverse!r}")
     return ADAPTERS if reverse == "adapter" else (FORWARD,)
+
+
+def adapter_names(meta: dict) -> tuple[str, ...]:
+    """The adapters an ``adapters.json`` has files for (`names_for` its ``"reverse"``, default ``"adapter"``)."""
+    return names_for(meta.get("reverse", "adapter"))
 
 
 def add_adapters(unet, *, rank: int = 64, alpha: int = 8, targets: Sequence[str] = LORA_TARGETS,
@@ -67,9 +71,15 @@ def has_adapters(unet) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
+def named_lora_parameters(unet, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """The LoRA A and B matrices of the adapters `names`, under the network's own parameter names."""
+    wanted = tuple(f".{name}.weight" for name in names)
+    return {n: p for n, p in unet.named_parameters() if ".lora_" in n and n.endswith(wanted)}
+
+
 def lora_parameters(unet, name: str) -> list[torch.nn.Parameter]:
     """The parameters of adapter `name` (LoRA A and B matrices)."""
-    return [p for n, p in unet.named_parameters() if ".lora_" in n and n.endswith(f".{name}.weight")]
+    return list(named_lora_parameters(unet, (name,)).values())
 
 
 def set_trainable(unet, names: Sequence[str]) -> None:
@@ -186,9 +196,8 @@ class AdapterWeights(torch.nn.Module):
 
     def __init__(self, unet, names: Sequence[str] = ADAPTERS):
         super().__init__()
-        wanted = tuple(f".{name}.weight" for name in names)
         # a plain dict, not a submodule: the parameters stay the network's (no second registration, no copy)
-        self.__dict__["params"] = {n: p for n, p in unet.named_parameters() if ".lora_" in n and n.endswith(wanted)}
+        self.__dict__["params"] = named_lora_parameters(unet, names)
         if not self.params:
             raise ValueError(f"the network carries no LoRA weights of {', '.join(names)}")
 

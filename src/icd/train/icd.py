@@ -27,7 +27,7 @@ FLUX.1-schnell); "forward" then trains only F, by L_CD^F + lambda_f L_f, against
 (the reviewer's question: can a few-step generator that exists be inverted fast? docs/flow.md §8). The other
 adapter gets no optimizer and no loss term. With ``reverse = "model"`` the frozen R is the network itself, with no
 adapter and no guidance (FLUX.1-schnell: its own 4 Euler steps on the boundaries), and only F is saved
-(``"reverse": "model"`` in adapters.json; `icd.models.lora.adapter_names`).
+(``"reverse": "model"`` in adapters.json; `icd.models.lora.names_for`).
 
 Several processes (``accelerate launch``): each process takes rows ``rank::world`` of the same global batch, and
 LoRA gradients are averaged across processes before clipping, so the update equals a single-process step on the
@@ -52,7 +52,7 @@ from icd.runtime import shard_frozen
 from icd.train.checkpoint import checkpoint_problem, load_checkpoint
 from icd.train.config import ConfigError, from_dict, to_dict
 from icd.train.icd_config import ICDConfig
-from icd.train.icd_step import Batch, adapter_names, adapter_objectives, adapter_optimizers, batch_draws, training_step
+from icd.train.icd_step import Batch, adapter_objectives, adapter_optimizers, batch_draws, training_step
 from icd.train.runner import lr_at
 from icd.train.scaffold import EMA, FeedTrainer, Parts, Update, run_training
 from icd.train.validation import validate_icd
@@ -113,17 +113,17 @@ class ICDTrainer(FeedTrainer):
     def build(self) -> Parts:
         cfg, unet = self.cfg, self.model.unet
         lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
-                          names=adapter_names(cfg))
+                          names=lora.names_for(cfg.reverse))
         if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
             try:
-                lora.load_adapters(unet, cfg.init_adapters, names=adapter_names(cfg))
+                lora.load_adapters(unet, cfg.init_adapters, names=lora.names_for(cfg.reverse))
             except ValueError as e:  # files of another model, or damaged
                 raise ConfigError(f"init_adapters: {e}") from None
         unet.to(self.sync.device)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
-        weights = lora.AdapterWeights(unet, adapter_names(cfg))
+        weights = lora.AdapterWeights(unet, lora.names_for(cfg.reverse))
         if cfg.fsdp and self.sync.world > 1:
             units = shard_frozen(unet, self.sync, keep=list(weights.params.values()))
             self.validate_everywhere = True  # a sharded network's calls are collectives: every process validates
@@ -170,7 +170,7 @@ def save_icd_adapters(model: LatentDiffusion, cfg: ICDConfig, boundaries: Bounda
                 "teacher": cfg.model, "unet_subfolder": cfg.unet_subfolder, "rank": cfg.rank, "alpha": cfg.alpha,
                 "targets": list(lora_targets(cfg.model)), "reverse": cfg.reverse, "config": to_dict(cfg)}
     with atomic_directory(directory) as tmp:
-        lora.save_adapters(model.unet, tmp, metadata, names=adapter_names(cfg))
+        lora.save_adapters(model.unet, tmp, metadata, names=lora.names_for(cfg.reverse))
         if cfg.alpha == RELEASED_ALPHA and model.kind == "vp":  # the released format too (`--lora-forward / ...`)
             save_released(model.unet, tmp / "released", boundaries)
     return directory
@@ -195,6 +195,6 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
         raise ModelError(f"checkpoint {checkpoint}: state.json holds no iCD config ({e})") from None
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
-                      names=adapter_names(cfg))
-    load_checkpoint(checkpoint, modules={"unet": lora.AdapterWeights(model.unet, adapter_names(cfg))})
+                      names=lora.names_for(cfg.reverse))
+    load_checkpoint(checkpoint, modules={"unet": lora.AdapterWeights(model.unet, lora.names_for(cfg.reverse))})
     return save_icd_adapters(model, cfg, cfg.resolved_boundaries(), Path(directory))

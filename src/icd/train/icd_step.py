@@ -86,11 +86,6 @@ def own_latent_start(reverse: GuidedEps, cond: Cond, d: dict, *, boundaries: Bou
     return rows, x, t
 
 
-def adapter_names(cfg: ICDConfig) -> tuple[str, ...]:
-    """The adapters the run's network carries: both, or F alone when the network itself is R."""
-    return lora.ADAPTERS if cfg.reverse == "adapter" else (lora.FORWARD,)
-
-
 def trained_adapters(cfg: ICDConfig) -> tuple[str, ...]:
     """The adapters this run updates (`ICDConfig.train`)."""
     return {"both": lora.ADAPTERS, "reverse": (lora.REVERSE,), "forward": (lora.FORWARD,)}[cfg.train]

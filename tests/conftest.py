@@ -1,4 +1,12 @@
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +53,45 @@ def tiny_guidance_and_icd(model_dir, root, *, subfolder: str):
                               rank=4, checkpoint_every=2, **tiny))
     shutil.copytree(run, out / "icd")
     return distilled, out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def icd_serve(args: list[str], log: Path, *, wait_s: float, ready: str = "/"):
+    """`icd serve --port P ARGS` in its own process, its output in `log`; yields its URL once GET `ready` answers,
+    fails the test if it exits or does not answer within `wait_s`, and stops it afterwards."""
+    pytest.importorskip("fastapi", reason="the web extra is not installed (pip install -e '.[web]')")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "icd.cli", "serve", "--port", str(port), *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"icd serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url + ready, timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.perf_counter() - t0 < wait_s, f"no answer within {wait_s} s:\n{log.read_text()}"
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pytest_collection_modifyitems(config, items):

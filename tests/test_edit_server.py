@@ -3,17 +3,14 @@ writes the same PNG as a local edit, and refuses what the page cannot take in on
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port, icd_serve
 from icd import world
 from icd.cli import main
 
@@ -44,40 +41,11 @@ def _probe(argv: list[str]) -> dict:
     return json.loads(done.stdout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("fastapi", reason="the web extra is not installed (pip install -e '.[web]')")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "icd.cli", "serve", "--port", str(port), "--model",
-                                 "embedded", "--threads", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url, t0 = f"http://127.0.0.1:{port}", time.perf_counter()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"icd serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/api/config", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.perf_counter() - t0 < WAIT_S, f"no server within {WAIT_S} s:\n{log.read_text()}"
-                time.sleep(0.25)
+    with icd_serve(["--model", "embedded", "--threads", "1"], tmp_path_factory.mktemp("serve") / "serve.log",
+                   wait_s=WAIT_S, ready="/api/config") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +96,7 @@ def test_options_the_page_lacks_are_refused_before_any_request(case, tmp_path, e
 
 
 def test_no_server_and_a_bad_url_are_one_line_errors(case, tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     r = _probe(_edit(case, tmp_path / "e.png", "--server", f"http://127.0.0.1:{port}"))
     assert r["code"] == 2 and f"no icd serve answers at http://127.0.0.1:{port}" in r["err"], r
     r = _probe(_edit(case, tmp_path / "e.png", "--server", "127.0.0.1:7860"))

@@ -13,10 +13,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import icd_serve
 from icd import world
 from icd.metrics import psnr
 from icd.requests import blend_words, parse_reweight
@@ -84,43 +82,14 @@ def test_form_field_parsers():
 
 # ------------------------------------------------------------------------------------------- the server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("fastapi", reason="the web extra is not installed (pip install -e '.[web]')")
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "icd.cli", "serve", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"icd serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/", timeout=2) as r:
-                    assert r.status == 200 and b"<html" in r.read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.perf_counter() - t0 < WAIT_S, f"no page within {WAIT_S} s:\n{log.read_text()}"
-                time.sleep(0.25)
-        assert f"http://127.0.0.1:{port}/" in log.read_text()  # it says the URL on start
+    with icd_serve([], log, wait_s=WAIT_S) as url:
+        with urllib.request.urlopen(url + "/", timeout=WAIT_S) as r:
+            assert r.status == 200 and b"<html" in r.read()
+        assert f"{url}/" in log.read_text()  # it says the URL on start
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -236,7 +236,8 @@ class FusedAdapters:
         self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
         if not self.layers:
             raise ValueError("this UNet carries no LoRA adapters to fuse")
-        base = [layer.get_base_layer().weight.data for layer in self.layers]
+        self._params = [layer.get_base_layer().weight for layer in self.layers]  # found once: a swap only points
+        base = [p.data for p in self._params]
         self.weights: dict[str | None, list[torch.Tensor]] = {None: base}
         with torch.no_grad():
             for name in names:
@@ -267,8 +268,8 @@ class FusedAdapters:
             layer.__dict__.pop("forward", None)
 
     def _point(self, name: str | None) -> None:
-        for layer, w in zip(self.layers, self.weights[name]):
-            layer.get_base_layer().weight.data = w
+        for p, w in zip(self._params, self.weights[name]):
+            p.data = w
         self.active = name
         self.swaps += 1
 

@@ -64,11 +64,9 @@ def _guidance(src: Path, dst: Path) -> None:
 def _icd(src: Path, dst: Path, rank: int | None = None) -> None:
     from icd.models.lora import copy_adapters
 
-    out = dst / "icd"
-    shutil.rmtree(out, ignore_errors=True)
-    meta = copy_adapters(src, out, rank=rank, dtype=torch.float16)  # rank: SVD-truncated, alpha / rank unchanged
-    meta["teacher"] = "embedded"  # the shipped adapters sit on the shipped unet_guidance/
-    (out / "adapters.json").write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(dst / "icd", ignore_errors=True)
+    # rank: SVD-truncated, alpha / rank unchanged; the shipped adapters sit on the shipped unet_guidance/
+    copy_adapters(src, dst / "icd", rank=rank, dtype=torch.float16, metadata={"teacher": "embedded"})
 
 
 def main() -> int:

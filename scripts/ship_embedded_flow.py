@@ -16,7 +16,6 @@ total size is checked (<= 30 MB); over the limit nothing changes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -61,11 +60,9 @@ def _guidance(src: Path, dst: Path) -> None:
 def _icd(src: Path, dst: Path) -> None:
     from icd.models.lora import copy_adapters
 
-    out = dst / "icd"
-    shutil.rmtree(out, ignore_errors=True)
-    meta = copy_adapters(src, out, dtype=torch.float16)
-    meta["teacher"] = "embedded-flow"  # the shipped adapters sit on the shipped transformer_guidance/
-    (out / "adapters.json").write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(dst / "icd", ignore_errors=True)
+    # the shipped adapters sit on the shipped transformer_guidance/
+    copy_adapters(src, dst / "icd", dtype=torch.float16, metadata={"teacher": "embedded-flow"})
 
 
 def ship(parts: dict[str, Path], dst: Path = DEST) -> float:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -117,8 +119,10 @@ def test_truncate_rank_keeps_low_rank_products_and_the_best_approximation():
 
 
 def test_truncated_adapter_copies_load_at_the_new_rank(random_icd_dir, tmp_path):
-    meta = lora.copy_adapters(random_icd_dir / "icd", tmp_path / "cut", rank=2, dtype=torch.float16)
+    meta = lora.copy_adapters(random_icd_dir / "icd", tmp_path / "cut", rank=2, dtype=torch.float16,
+                              metadata={"teacher": "elsewhere"})
     assert (meta["rank"], meta["alpha"], meta["trained_rank"], meta["trained_alpha"]) == (2, 4, 4, 8)
+    assert meta["teacher"] == "elsewhere" == json.loads((tmp_path / "cut" / "adapters.json").read_text())["teacher"]
     unet = tiny.build_unet()
     assert lora.attach_adapters(unet, tmp_path / "cut")["rank"] == 2
     assert all(p.shape[0] == 2 for n, p in unet.named_parameters() if ".lora_A." in n)

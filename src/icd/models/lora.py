@@ -333,14 +333,16 @@ def truncated_metadata(meta: dict, rank: int) -> dict:
 
 
 def copy_adapters(src: str | Path, dst: str | Path, *, rank: int | None = None,
-                  dtype: torch.dtype | None = None) -> dict:
+                  dtype: torch.dtype | None = None, metadata: dict | None = None) -> dict:
     """Copy the adapters folder `src` to `dst`, both adapters cut to `rank` (`truncate_rank`; ``adapters.json`` then
-    records the new rank, alpha scaled with it and the trained rank and alpha) and cast to `dtype` where given.
-    Returns the written metadata."""
+    records the new rank, alpha scaled with it and the trained rank and alpha) and cast to `dtype` where given;
+    `metadata` entries replace the source's (a shipped copy records the ``teacher`` it sits on). Returns the written
+    metadata."""
     src, dst = Path(src), Path(dst)
     meta = json.loads((src / "adapters.json").read_text())
     if rank is not None:
         meta = truncated_metadata(meta, rank)
+    meta |= metadata or {}
     dst.mkdir(parents=True, exist_ok=True)
     for name, file in meta["files"].items():
         state = load_file(str(src / file))

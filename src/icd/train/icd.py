@@ -112,18 +112,19 @@ class ICDTrainer(FeedTrainer):
 
     def build(self) -> Parts:
         cfg, unet = self.cfg, self.model.unet
+        names = lora.names_for(cfg.reverse)
         lora.add_adapters(unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
-                          names=lora.names_for(cfg.reverse))
+                          names=names)
         if cfg.init_adapters:  # weights only: the optimizer, step count and draws start afresh
             try:
-                lora.load_adapters(unet, cfg.init_adapters, names=lora.names_for(cfg.reverse))
+                lora.load_adapters(unet, cfg.init_adapters, names=names)
             except ValueError as e:  # files of another model, or damaged
                 raise ConfigError(f"init_adapters: {e}") from None
         unet.to(self.sync.device)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers checkpoints only in training mode (no dropout in these UNets)
-        weights = lora.AdapterWeights(unet, lora.names_for(cfg.reverse))
+        weights = lora.AdapterWeights(unet, names)
         if cfg.fsdp and self.sync.world > 1:
             units = shard_frozen(unet, self.sync, keep=list(weights.params.values()))
             self.validate_everywhere = True  # a sharded network's calls are collectives: every process validates
@@ -194,7 +195,8 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path) -> Path:
     except (KeyError, TypeError, ConfigError) as e:
         raise ModelError(f"checkpoint {checkpoint}: state.json holds no iCD config ({e})") from None
     model = load_model(cfg.model, unet_subfolder=cfg.unet_subfolder)
+    names = lora.names_for(cfg.reverse)
     lora.add_adapters(model.unet, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, targets=lora_targets(cfg.model),
-                      names=lora.names_for(cfg.reverse))
-    load_checkpoint(checkpoint, modules={"unet": lora.AdapterWeights(model.unet, lora.names_for(cfg.reverse))})
+                      names=names)
+    load_checkpoint(checkpoint, modules={"unet": lora.AdapterWeights(model.unet, names)})
     return save_icd_adapters(model, cfg, cfg.resolved_boundaries(), Path(directory))
